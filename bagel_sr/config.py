@@ -1,0 +1,155 @@
+"""Every pixel-loss setting in one dataclass: its default, its CLI flag (``--pixel_loss_<field>``) and its validation.
+
+The dataclass is usable directly (``PixelLossConfig(weight=0.05)``) and its flags are parsed with
+``transformers.HfArgumentParser`` through :func:`pixel_loss_arguments_class`, which is how the flags join a
+BAGEL training script's ``TrainingArguments``.
+"""
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+FLAG_PREFIX = "pixel_loss_"
+LOSS_TYPES = ("l2", "l1", "charbonnier")
+SCHEDULES = ("hard", "ramp")
+DECODE_DTYPES = ("autocast", "fp32")
+
+#: The conservative defaults the wrapper injects unless the user gave them.
+CONSERVATIVE_DEFAULTS = {"weight": 0.05, "loss_type": "l2", "max_t": 0.3, "paired_only": True}
+
+
+@dataclass
+class PixelLossConfig:
+    """Settings of the pixel-fidelity term ``L = L_flow + weight * L_pix``.
+
+    ``weight`` 0 means off: no hooks, no decode, the stock model bit for bit.
+    """
+
+    weight: float = field(default=0.0, metadata={"help": "Weight lambda of the pixel term (0 = off)."})
+    loss_type: str = field(default="l2", metadata={"help": f"Pixel loss: one of {', '.join(LOSS_TYPES)} (flag --pixel_loss_type)."})
+    charbonnier_eps: float = field(default=1e-3, metadata={"help": "Epsilon of the Charbonnier loss."})
+    max_t: float = field(default=0.3, metadata={"help": "Largest flow time t (0 = clean, 1 = noise) that gets the term, in (0, 1]."})
+    schedule: str = field(
+        default="hard",
+        metadata={"help": "Weight over t: 'hard' (1 for t <= max_t) or 'ramp' (max(0, (max_t - t) / max_t))."},
+    )
+    paired_only: bool = field(
+        default=True,
+        metadata={"help": "Only targets whose sample holds a clean VAE condition image before them."},
+    )
+    max_images: int = field(default=4, metadata={"help": "At most this many images decoded per micro-batch (0 = no limit)."})
+    crop: int = field(
+        default=0,
+        metadata={"help": "Random latent crop side in latent pixels (0 = whole image); the loss uses the inner window."},
+    )
+    crop_margin: int = field(default=4, metadata={"help": "Latent pixels decoded around the crop and then discarded."})
+    checkpointing: bool = field(default=True, metadata={"help": "Activation checkpointing of the VAE decoder per block."})
+    decode_dtype: str = field(
+        default="autocast",
+        metadata={"help": f"Decode under the loop's autocast ('autocast') or in float32 ('fp32')."},
+    )
+    datasets: Optional[str] = field(
+        default=None,
+        metadata={"help": "Comma-separated dataset names (from batch_data_indexes) that get the term; unset = all."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the image choice and crops (combined with rank and step)."})
+    warmup_steps: int = field(default=0, metadata={"help": "Ramp the weight linearly from 0 over this many optimizer steps."})
+    log_grad_norms_every: int = field(
+        default=0,
+        metadata={"help": "Every N steps log the gradient norms of the flow and weighted pixel terms on llm2vae (0 = never)."},
+    )
+    adaptive_weight: bool = field(
+        default=False,
+        metadata={"help": "Scale the weight by ||grad L_flow|| / ||grad L_pix|| on llm2vae (detached, clamped)."},
+    )
+    adaptive_weight_max: float = field(default=10.0, metadata={"help": "Clamp of the adaptive factor."})
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- validation -------------------------------------------------------------------------------------------
+    def validate(self) -> "PixelLossConfig":
+        """Raise ``ValueError`` naming the flag, the value and what is allowed."""
+        _check(self.weight >= 0 and _finite(self.weight), "weight", self.weight, "a finite number >= 0 (0 turns it off)")
+        _check(self.loss_type in LOSS_TYPES, "loss_type", self.loss_type, f"one of {LOSS_TYPES}")
+        _check(self.charbonnier_eps > 0, "charbonnier_eps", self.charbonnier_eps, "a number > 0")
+        _check(0 < self.max_t <= 1, "max_t", self.max_t, "a number in (0, 1]")
+        _check(self.schedule in SCHEDULES, "schedule", self.schedule, f"one of {SCHEDULES}")
+        _check(self.max_images >= 0, "max_images", self.max_images, "an integer >= 0 (0 = no limit)")
+        _check(self.crop >= 0, "crop", self.crop, "an integer >= 0 (0 = whole image)")
+        _check(self.crop_margin >= 0, "crop_margin", self.crop_margin, "an integer >= 0")
+        _check(self.decode_dtype in DECODE_DTYPES, "decode_dtype", self.decode_dtype, f"one of {DECODE_DTYPES}")
+        _check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "an integer >= 0")
+        _check(self.log_grad_norms_every >= 0, "log_grad_norms_every", self.log_grad_norms_every, "an integer >= 0")
+        _check(self.adaptive_weight_max > 0, "adaptive_weight_max", self.adaptive_weight_max, "a number > 0")
+        return self
+
+    # -- conveniences -----------------------------------------------------------------------------------------
+    @property
+    def enabled(self) -> bool:
+        return self.weight > 0
+
+    @property
+    def dataset_names(self) -> Optional[frozenset]:
+        if self.datasets is None or str(self.datasets).strip() == "":
+            return None
+        return frozenset(name.strip() for name in str(self.datasets).split(",") if name.strip())
+
+    def to_flags(self) -> dict:
+        """``{"pixel_loss_weight": 0.05, "pixel_loss_type": "l2", ...}``: the settings under their flag names."""
+        return {flag_name(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_namespace(cls, args: Any) -> "PixelLossConfig":
+        """Build from any object carrying ``pixel_loss_<field>`` attributes (e.g. parsed TrainingArguments)."""
+        values = {}
+        for f in dataclasses.fields(cls):
+            name = flag_name(f.name)
+            if hasattr(args, name):
+                values[f.name] = getattr(args, name)
+        return cls(**values)
+
+    def describe(self) -> str:
+        """One line per setting, for the start-up banner."""
+        return "\n".join(f"  --{k} {v}" for k, v in self.to_flags().items())
+
+
+def _finite(x: float) -> bool:
+    return x == x and x not in (float("inf"), float("-inf"))
+
+
+def flag_name(field_name: str) -> str:
+    """The CLI flag (without ``--``) of a field: ``pixel_loss_<field>``; ``loss_type`` is ``pixel_loss_type``."""
+    return FLAG_PREFIX + ("type" if field_name == "loss_type" else field_name)
+
+
+def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"--{flag_name(name)}: got {value!r}; allowed: {allowed}.")
+
+
+def pixel_loss_fields() -> list:
+    """``(name, type, dataclasses.field)`` triples of the ``pixel_loss_*`` flags, for ``make_dataclass``."""
+    out = []
+    for f in dataclasses.fields(PixelLossConfig):
+        out.append((flag_name(f.name), f.type, field(default=f.default, metadata=dict(f.metadata))))
+    return out
+
+
+def pixel_loss_arguments_class(base: Optional[type] = None, name: str = "PixelLossArguments") -> type:
+    """A dataclass holding the ``pixel_loss_*`` flags, subclassing ``base`` (e.g. a script's TrainingArguments).
+
+    Validation runs in ``__post_init__`` (after the base's), so ``HfArgumentParser`` rejects bad values.
+    """
+    bases = (base,) if base is not None else ()
+
+    def __post_init__(self):
+        parent = getattr(super(cls, self), "__post_init__", None)
+        if parent is not None:
+            parent()
+        PixelLossConfig.from_namespace(self)
+
+    cls = dataclasses.make_dataclass(name, pixel_loss_fields(), bases=bases, namespace={"__post_init__": __post_init__})
+    if base is not None:
+        cls.__module__ = base.__module__
+        cls.__qualname__ = base.__qualname__
+    return cls

@@ -1,0 +1,125 @@
+"""The wrapper's logic: find the checkout, patch its training script, run its own ``main()``.
+
+``python train/main_sr_pixel_loss.py [--bagel_root PATH] [--bagel_train_script PATH] [--bagel_sr_datasets YAML[,YAML]]
+<the checkout's own flags> [--pixel_loss_* ...]``.  Without a checkout (no flag, no ``BAGEL_ROOT``) it runs the
+embedded default experiment (``bagel_sr.embedded``) with the same ``--pixel_loss_*`` flags.
+"""
+import os
+import sys
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from bagel_sr.config import CONSERVATIVE_DEFAULTS, flag_name
+
+WRAPPER_FLAGS = {
+    "bagel_root": "Path of the BAGEL checkout (or set BAGEL_ROOT). Without one, the embedded default runs.",
+    "bagel_train_script": "Training script inside the checkout (default: train/main.py, else train/pretrain_unified_navit.py).",
+    "bagel_sr_datasets": "Comma-separated dataset YAMLs written by `python -m bagel_sr.data build`, registered into "
+    "the checkout's DATASET_INFO at run time.",
+}
+
+HOW_TO_POINT = (
+    "To train a real BAGEL, point at your checkout: --bagel_root PATH (or BAGEL_ROOT=PATH) followed by the "
+    "checkout's own training flags, e.g.\n"
+    "  torchrun --nproc_per_node 8 train/main_sr_pixel_loss.py --bagel_root ~/Bagel --model_path hf/BAGEL-7B-MoT "
+    "--finetune_from_hf True --resume_model_only True --finetune_from_ema True --dataset_config_file my_sr.yaml ...\n"
+)
+
+
+@dataclass
+class WrapperArgs:
+    bagel_root: Optional[str] = None
+    bagel_train_script: Optional[str] = None
+    bagel_sr_datasets: Optional[str] = None
+    help: bool = False
+
+
+def split_wrapper_args(argv: Sequence[str]) -> Tuple[WrapperArgs, List[str]]:
+    """Take the wrapper's own flags (``--flag value`` or ``--flag=value``) out of ``argv``; the rest is the script's."""
+    out, rest, i = WrapperArgs(), [], 0
+    argv = list(argv)
+    while i < len(argv):
+        arg = argv[i]
+        name, _, inline = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if name in WRAPPER_FLAGS:
+            if inline:
+                value = inline
+            elif i + 1 < len(argv):
+                value, i = argv[i + 1], i + 1
+            else:
+                raise SystemExit(f"--{name} needs a value: {WRAPPER_FLAGS[name]}")
+            setattr(out, name, value)
+        else:
+            if arg in ("-h", "--help"):
+                out.help = True
+            rest.append(arg)
+        i += 1
+    return out, rest
+
+
+def inject_defaults(argv: Sequence[str]) -> List[str]:
+    """Append the conservative ``--pixel_loss_*`` defaults the user did not give."""
+    argv = list(argv)
+    given = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+    for field_name, value in CONSERVATIVE_DEFAULTS.items():
+        flag = flag_name(field_name)
+        if flag not in given:
+            argv += [f"--{flag}", str(value)]
+    return argv
+
+
+def wrapper_help() -> str:
+    lines = ["bagel-sr wrapper flags (taken before the checkout's parser sees the rest):"]
+    lines += [f"  --{k}  {v}" for k, v in WRAPPER_FLAGS.items()]
+    lines.append("Injected unless given: " + " ".join(f"--{flag_name(k)} {v}" for k, v in CONSERVATIVE_DEFAULTS.items()))
+    return "\n".join(lines)
+
+
+def prepare_checkout(root: str, script: Optional[str] = None, dataset_yamls: Optional[str] = None):
+    """Import the checkout's training script with CPU compatibility where needed, apply the patches.
+
+    Returns ``(train_module, state)``; ``state.restore()`` undoes the training patches.
+    """
+    from bagel_sr.patches import checkout, cpu
+    from bagel_sr.patches.training import apply_pixel_loss_training
+
+    root_path = checkout.find_checkout(root)
+    checkout.add_to_sys_path(root_path)
+    cpu.install_flash_attn_stand_in()  # only acts where flash_attn is not installed
+    if not torch.cuda.is_available():
+        cpu.allow_cpu_sdpa()
+    module = checkout.import_training_module(root_path, script)
+    state = apply_pixel_loss_training(module)
+    if dataset_yamls:
+        from bagel_sr.patches.datasets import register_built_datasets
+
+        state.undo.append(register_built_datasets([p for p in dataset_yamls.split(",") if p.strip()]))
+    return module, state
+
+
+def print_checkout_help(module) -> None:
+    """The patched script's flags (``--pixel_loss_*`` included), without running its ``main()``."""
+    parser = module.HfArgumentParser((module.ModelArguments, module.DataArguments, module.TrainingArguments))
+    print(wrapper_help() + "\n")
+    parser.print_help()
+
+
+def main(argv: Optional[Sequence[str]] = None):
+    wargs, rest = split_wrapper_args(sys.argv[1:] if argv is None else argv)
+    root = wargs.bagel_root or os.environ.get("BAGEL_ROOT")
+    if not root:
+        from bagel_sr.embedded import experiment
+
+        print("bagel-sr: no BAGEL checkout given; running the embedded default (a small BAGEL-shaped model on CPU).\n"
+              + HOW_TO_POINT, flush=True)
+        if wargs.help:
+            print(wrapper_help() + "\n")
+        return experiment.main(inject_defaults(rest))
+    module, state = prepare_checkout(root, wargs.bagel_train_script, wargs.bagel_sr_datasets)
+    if wargs.help:
+        print_checkout_help(module)
+        return None
+    sys.argv = [str(module.__file__)] + inject_defaults(rest)
+    return module.main()
