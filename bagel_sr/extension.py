@@ -148,7 +148,8 @@ def pixel_term(
     """``(pixel, count)``: the unweighted, rank-normalised pixel term (0-dim, differentiable) and the local count."""
     config, vae = state.config, state.vae
     v_hat = capture.v_hat
-    images = packing.describe_vae_images(shapes, packed_vae_token_indexes, capture.t, sample_lens)
+    t_all = capture.t.detach().reshape(-1).float()  # (N_vae_tokens,), whatever shape time_embedder takes
+    images = packing.describe_vae_images(shapes, packed_vae_token_indexes, t_all, sample_lens)
     generator = _generator(config, state.calls)
     chosen = select_eligible(images, config, packing.dataset_of_samples(batch_data_indexes), generator)
 
@@ -158,7 +159,7 @@ def pixel_term(
     for img in chosen:
         rows = slice(img.token_start, img.token_start + img.num_tokens)
         z_t = capture.z_t[rows].detach().float()
-        t = capture.t[rows].detach().float()[:, None]
+        t = t_all[rows][:, None]
         v = v_hat[img.target_start : img.target_start + img.num_tokens].float()
         z0_hat = packing.unpatchify(flow.z0_from_velocity(z_t, t, v), img.h, img.w, p, c)
         gt = padded_images[img.index, :, : img.h * down, : img.w * down]

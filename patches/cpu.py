@@ -1,0 +1,264 @@
+"""Run a BAGEL checkout on a CPU (tests, smoke runs): small, named, reversible runtime patches.
+
+What each ``apply``/``install`` function replaces:
+
+- ``install_flash_attn_stand_in()``: adds a module ``flash_attn`` to ``sys.modules`` (only when flash-attn is not
+  installed) whose ``flash_attn_varlen_func`` is plain torch. BAGEL imports it at import time in
+  ``modeling/bagel/qwen2_navit.py`` and ``modeling/bagel/siglip_navit.py``.
+- ``allow_cpu_sdpa(module)``: replaces the module-level name ``sdpa_kernel`` of BAGEL's
+  ``modeling.bagel.qwen2_navit`` with a wrapper that also allows ``SDPBackend.MATH``: the training attention asks
+  for EFFICIENT_ATTENTION only, for which a CPU has no kernel.
+- ``apply_cpu_compat()``: both of the above.
+
+What the patches do *not* do, and callers must (see ``tests/bagel_tiny.py``): on a CPU the model must be cast to
+bf16 (``model.to(torch.bfloat16)``, as FSDP's bf16 params are on a GPU) *and* its forward run under
+``torch.autocast("cpu", dtype=torch.bfloat16)``. Without autocast the timestep embedder's fp32 sinusoidal
+frequencies (and fp32 noised latents) meet bf16 linear weights ("mat1 and mat2 must have the same dtype"); with an
+fp32 model under autocast the MoT attention writes bf16 projections into fp32 buffers ("Index put requires the
+source and destination dtypes match"). No patch of the checkout is needed beyond the two below.
+
+Every function returns an undo callable; calling a patch again while it is active changes nothing and returns a
+no-op undo (the first caller owns the patch).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.machinery
+import importlib.util
+import sys
+from types import ModuleType
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
+
+Undo = Callable[[], None]
+
+FLASH_ATTN_MODULE = "flash_attn"
+QWEN2_NAVIT_MODULE = "modeling.bagel.qwen2_navit"
+_WRAPPED_ATTR = "__bagel_sr_original__"  # set on our sdpa_kernel wrapper: the function it replaced
+_STAND_IN_ATTR = "__bagel_sr_stand_in__"  # set on our flash_attn stand-in module
+
+
+def _noop() -> None:
+    pass
+
+
+# ---------------------------------------------------------------------------------------------- flash_attn stand-in
+
+def _varlen_mask(len_q: int, len_k: int, causal: bool, device: torch.device) -> torch.Tensor | None:
+    """Boolean (len_q, len_k) mask, True = may attend, or None for full attention.
+
+    Causal masks are aligned to the bottom right like flash-attn >= 2.1: query i sees keys j <= i + len_k - len_q.
+    """
+    if not causal:
+        return None
+    offset = len_k - len_q
+    q_pos = torch.arange(len_q, device=device)[:, None]
+    k_pos = torch.arange(len_k, device=device)[None, :]
+    return k_pos <= q_pos + offset
+
+
+def flash_attn_varlen_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    **kw,
+) -> torch.Tensor:
+    """Plain-torch stand-in for ``flash_attn.flash_attn_varlen_func`` (same layout, slower).
+
+    q: (total_q, H, D); k, v: (total_k, H_kv, D) with H % H_kv == 0 (GQA: query head h reads kv head
+    h // (H / H_kv)); cu_seqlens_*: (B + 1,) int offsets of the packed sequences. Returns (total_q, H, D) in q's
+    dtype. ``max_seqlen_*`` are accepted for compatibility and unused. Query rows that see no key (causal with
+    len_q > len_k) return zeros, as flash-attn does.
+    """
+    _check_unsupported(kw)
+    heads, kv_heads = q.shape[1], k.shape[1]
+    if heads % kv_heads:
+        raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
+    if kv_heads != heads:
+        k = k.repeat_interleave(heads // kv_heads, dim=1)
+        v = v.repeat_interleave(heads // kv_heads, dim=1)
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outputs = []
+    for (q0, q1), (k0, k1) in zip(zip(bounds_q, bounds_q[1:]), zip(bounds_k, bounds_k[1:])):
+        outputs.append(_attend_one(q[q0:q1], k[k0:k1], v[k0:k1], causal, dropout_p, softmax_scale))
+    return torch.cat(outputs, dim=0) if outputs else q.new_zeros(q.shape)
+
+
+def _attend_one(q, k, v, causal: bool, dropout_p: float, scale: float | None) -> torch.Tensor:
+    """Attention of one sequence; q: (Lq, H, D), k, v: (Lk, H, D) -> (Lq, H, D)."""
+    len_q, len_k = q.shape[0], k.shape[0]
+    if len_q == 0:
+        return q
+    mask = _varlen_mask(len_q, len_k, causal, q.device)
+    blind = None
+    if mask is not None:
+        blind = ~mask.any(dim=1)  # rows with no visible key: give them one, zero them afterwards
+        mask = mask | blind[:, None]
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+        attn_mask=mask, dropout_p=dropout_p, scale=scale,
+    ).transpose(0, 1)
+    if blind is not None and bool(blind.any()):
+        out = out.masked_fill(blind[:, None, None], 0.0)
+    return out
+
+
+def _check_unsupported(kw: dict) -> None:
+    """Refuse flash-attn options the stand-in does not implement instead of silently ignoring them."""
+    window = kw.pop("window_size", (-1, -1))
+    if tuple(window) != (-1, -1):
+        raise NotImplementedError("flash_attn stand-in: window_size (local attention) is not supported")
+    if kw.pop("alibi_slopes", None) is not None:
+        raise NotImplementedError("flash_attn stand-in: alibi_slopes is not supported")
+    if kw.pop("return_attn_probs", False):
+        raise NotImplementedError("flash_attn stand-in: return_attn_probs is not supported")
+    if float(kw.pop("softcap", 0.0)) != 0.0:
+        raise NotImplementedError("flash_attn stand-in: softcap is not supported")
+    kw.pop("deterministic", None)
+    kw.pop("block_table", None)
+    if kw:
+        raise TypeError(f"flash_attn stand-in: unexpected arguments {sorted(kw)}")
+
+
+def _make_stand_in() -> ModuleType:
+    """A ``flash_attn`` module with a real ``__spec__`` (transformers' probe calls find_spec on it)."""
+    module = ModuleType(FLASH_ATTN_MODULE, "CPU stand-in for flash-attn, installed by bagel_sr.patches.cpu.")
+    module.__spec__ = importlib.machinery.ModuleSpec(FLASH_ATTN_MODULE, loader=None, origin="bagel_sr.patches.cpu")
+    module.__version__ = "0.0.0"  # importlib.metadata knows no such distribution: transformers reports it absent
+    module.flash_attn_varlen_func = flash_attn_varlen_func
+    setattr(module, _STAND_IN_ATTR, True)
+    return module
+
+
+def is_stand_in_installed() -> bool:
+    """True if ``sys.modules['flash_attn']`` is our stand-in."""
+    return getattr(sys.modules.get(FLASH_ATTN_MODULE), _STAND_IN_ATTR, False)
+
+
+def install_flash_attn_stand_in() -> Undo:
+    """Register the plain-torch ``flash_attn`` in ``sys.modules`` if flash-attn is not installed.
+
+    Replaces: ``sys.modules['flash_attn']`` (absent before). No-op when real flash-attn is importable or the
+    stand-in is already installed. Returns an undo that removes it.
+    """
+    if is_stand_in_installed() or importlib.util.find_spec(FLASH_ATTN_MODULE) is not None:
+        return _noop
+    stand_in = _make_stand_in()
+    sys.modules[FLASH_ATTN_MODULE] = stand_in
+
+    def undo() -> None:
+        if sys.modules.get(FLASH_ATTN_MODULE) is stand_in:
+            del sys.modules[FLASH_ATTN_MODULE]
+
+    return undo
+
+
+# --------------------------------------------------------------------------------------------------- sdpa on CPU
+
+def _with_math(backends: SDPBackend | Iterable[SDPBackend]) -> list[SDPBackend]:
+    """The requested backends, in order, followed by MATH if it was not among them."""
+    chosen = [backends] if isinstance(backends, SDPBackend) else list(backends)
+    return chosen if SDPBackend.MATH in chosen else chosen + [SDPBackend.MATH]
+
+
+def _math_allowing(original: Callable) -> Callable:
+    """Wrap a ``torch.nn.attention.sdpa_kernel``-like context factory so that MATH is always allowed."""
+
+    def sdpa_kernel(backends, *args, **kwargs):
+        return original(_with_math(backends), *args, **kwargs)
+
+    sdpa_kernel.__doc__ = "bagel_sr CPU patch: torch's sdpa_kernel with SDPBackend.MATH added to the backends."
+    setattr(sdpa_kernel, _WRAPPED_ATTR, original)
+    return sdpa_kernel
+
+
+def allow_cpu_sdpa(module: ModuleType | None = None) -> Undo:
+    """Replace ``module.sdpa_kernel`` (default: BAGEL's ``modeling.bagel.qwen2_navit``) with a wrapper that adds
+    ``SDPBackend.MATH`` after the requested backends. Returns an undo restoring the original."""
+    if module is None:
+        module = _import_qwen2_navit()
+    current = getattr(module, "sdpa_kernel", None)
+    if current is None:
+        raise RuntimeError(
+            f"CPU patch: {module.__name__} has no module-level name 'sdpa_kernel'. BAGEL_CONTRACT: the training "
+            "attention of modeling/bagel/qwen2_navit.py runs inside `sdpa_kernel(backends=[...])` imported from "
+            "torch.nn.attention; this checkout differs, so the CPU patch cannot allow the MATH backend."
+        )
+    if hasattr(current, _WRAPPED_ATTR):
+        return _noop
+    wrapper = _math_allowing(current)
+    module.sdpa_kernel = wrapper
+
+    def undo() -> None:
+        if getattr(module, "sdpa_kernel", None) is wrapper:
+            module.sdpa_kernel = current
+
+    return undo
+
+
+def _import_qwen2_navit() -> ModuleType:
+    try:
+        return importlib.import_module(QWEN2_NAVIT_MODULE)
+    except ImportError as err:
+        raise RuntimeError(
+            f"CPU patch: cannot import {QWEN2_NAVIT_MODULE} ({err}). Put the BAGEL checkout on sys.path first "
+            "(bagel_sr.patches.checkout.add_to_sys_path) or pass the module explicitly."
+        ) from err
+
+
+# -------------------------------------------------------------------------------------------------------- together
+
+class CpuCompatHandle:
+    """What ``apply_cpu_compat`` changed; call ``undo()`` (or the handle itself) to revert, newest first."""
+
+    def __init__(self) -> None:
+        self.applied: list[str] = []
+        self._undos: list[Undo] = []
+
+    def add(self, name: str, undo: Undo) -> None:
+        if undo is not _noop:
+            self.applied.append(name)
+            self._undos.append(undo)
+
+    def undo(self) -> None:
+        while self._undos:
+            self._undos.pop()()
+        self.applied.clear()
+
+    __call__ = undo
+
+    def __repr__(self) -> str:
+        return f"CpuCompatHandle(applied={self.applied})"
+
+
+def apply_cpu_compat(navit_module: ModuleType | None = None, *, flash_attn: bool = True, sdpa: bool = True
+                     ) -> CpuCompatHandle:
+    """Make a BAGEL checkout importable and trainable on a CPU.
+
+    flash_attn: install the plain-torch ``flash_attn`` stand-in (when flash-attn is not installed).
+    sdpa: let the training attention fall back to ``SDPBackend.MATH``; patches ``navit_module`` or, by default,
+        ``modeling.bagel.qwen2_navit`` imported from the checkout, which must be on ``sys.path``.
+    Callers still cast the model to bf16 and run its forward under ``torch.autocast("cpu", dtype=torch.bfloat16)``
+    (see the module docstring). Idempotent: parts already applied are skipped (absent from ``handle.applied``).
+    """
+    handle = CpuCompatHandle()
+    try:
+        if flash_attn:
+            handle.add("sys.modules['flash_attn'] (stand-in)", install_flash_attn_stand_in())
+        if sdpa:
+            module = navit_module if navit_module is not None else _import_qwen2_navit()
+            handle.add(f"{module.__name__}.sdpa_kernel", allow_cpu_sdpa(module))
+    except BaseException:
+        handle.undo()
+        raise
+    return handle
