@@ -1,0 +1,10 @@
+"""The embedded bench: a small BAGEL-shaped model, a tiny VAE and built-in medical data, so that the pixel loss can be
+tried and measured without a BAGEL checkout, a checkpoint or a GPU (``python train/main_sr_pixel_loss.py``).
+
+Modules: ``sources`` (images shipped in pip packages, split by source), ``data`` (pairs, tokenizer, packing),
+``backbone`` (``TinyBagel``, BAGEL's forward contract), ``vae`` (the small ``AutoencoderKL`` and its training command),
+``train`` (the loop), ``sampling`` (Euler sampler, metrics), ``experiment`` (the default run).
+"""
+from ._compat import guard_broken_torchvision
+
+guard_broken_torchvision()
