@@ -41,6 +41,7 @@ setup(
         "pydicom>=2.4",
         "nibabel>=5",
         "matplotlib>=3.7",
+        "pandas>=2",
         "sentencepiece",
     ],
     extras_require={

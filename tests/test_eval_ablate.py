@@ -1,0 +1,112 @@
+"""ablate: planning commands, a resumable sequential run, and a two-run report end to end on synthetic outputs."""
+import sys
+import textwrap
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from bagel_sr.eval import ablate
+
+# Stand-in for training + inference: writes outputs = reference + noise that shrinks with the pixel-loss weight.
+FAKE_TRAIN = textwrap.dedent("""
+    import argparse, pathlib, sys
+    import numpy as np
+    from PIL import Image
+    p = argparse.ArgumentParser()
+    for f in ("--pixel_loss_weight", "--pixel_loss_max_t"):
+        p.add_argument(f, type=float)
+    p.add_argument("--references"); p.add_argument("--output_dir"); p.add_argument("--use_ema")
+    a = p.parse_args()
+    out = pathlib.Path(a.output_dir); out.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / "count.txt", "a") as f:
+        f.write("x")
+    fail = pathlib.Path(a.references).parent / "FAIL_ONCE"
+    if a.pixel_loss_weight > 0 and fail.exists():
+        fail.unlink(); sys.exit(3)
+    rng = np.random.default_rng(0)
+    sigma = 20.0 / (1 + 20 * a.pixel_loss_weight)
+    for ref in sorted(pathlib.Path(a.references).glob("*.png")):
+        x = np.asarray(Image.open(ref), dtype=float)
+        Image.fromarray(np.clip(x + rng.normal(0, sigma, x.shape), 0, 255).astype(np.uint8)).save(out / ref.name)
+""")
+
+
+def test_flags_and_names():
+    words = ablate.flag_words({"pixel_loss_weight": 0.05, "--use_ema": True, "skip": None, "dims": [1, 2],
+                               "checkpoint_dir": "{run_dir}/ckpt"}, {"run_dir": "R", "name": "n"})
+    assert words == ["--pixel_loss_weight", "0.05", "--use_ema", "True", "--dims", "1", "2", "--checkpoint_dir",
+                     "R/ckpt"]
+    assert ablate.run_name({"pixel_loss_weight": 0.05, "pixel_loss_max_t": 0.3}) == "weight0.05_max_t0.3"
+    cfg = {"grid": {"pixel_loss_weight": [0.0, 0.1], "pixel_loss_type": ["l1"]},
+           "runs": [{"name": "ramp", "pixel_loss_schedule": "ramp"}]}
+    names = [n for n, _ in ablate.expand_runs(cfg)]
+    assert names == ["weight0.0_typel1", "weight0.1_typel1", "ramp"]
+    with pytest.raises(ValueError, match="two runs are named"):
+        ablate.expand_runs({"runs": [{"pixel_loss_weight": 1}, {"pixel_loss_weight": 1}]})
+    runs = ablate.build_runs({**cfg, "output_root": "/x"})
+    assert runs[0].train_command.startswith(ablate.DEFAULT_BASE_COMMAND + " --pixel_loss_weight 0.0")
+
+
+def test_bad_grid_is_a_clear_error(tmp_path):
+    (tmp_path / "g.yaml").write_text("grids: {a: [1]}\n")
+    with pytest.raises(ValueError, match="unknown keys"):
+        ablate.load_grid(tmp_path / "g.yaml")
+
+
+@pytest.fixture
+def synthetic_grid(tmp_path):
+    rng = np.random.default_rng(1)
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for i in range(4):
+        Image.fromarray(rng.integers(40, 200, (32, 32), dtype=np.uint8)).save(refs / f"p{i}.png")
+    script = tmp_path / "fake_train.py"
+    script.write_text(FAKE_TRAIN)
+    grid = {"name": "synthetic sweep", "base_command": [sys.executable, str(script)],
+            "output_root": str(tmp_path / "runs"), "workdir": str(tmp_path),
+            "common_flags": {"references": str(refs), "output_dir": "{run_dir}/outputs", "use_ema": True},
+            "grid": {"pixel_loss_weight": [0.0, 0.1], "pixel_loss_max_t": [0.3]},
+            "eval": {"references": str(refs), "n_boot": 300, "grid_images": 2, "baseline": "weight0.0_max_t0.3"},
+            "sort_by": "psnr", "plots": ["pixel_loss_weight", "pixel_loss_max_t"]}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    return path, tmp_path
+
+
+def test_ablation_end_to_end_with_resume(synthetic_grid):
+    grid, tmp = synthetic_grid
+    root = tmp / "runs"
+    assert ablate.main(["plan", str(grid)]) == 0
+    cmd = (root / "weight0.1_max_t0.3" / "command.sh").read_text()
+    assert "--pixel_loss_weight 0.1" in cmd and "--use_ema True" in cmd and "set -euo pipefail" in cmd
+    assert (root / "commands.txt").read_text().count("command.sh") == 2
+
+    (tmp / "FAIL_ONCE").touch()  # the second run fails once: a partial grid
+    assert ablate.main(["run", str(grid)]) == 1
+    first, second = root / "weight0.0_max_t0.3", root / "weight0.1_max_t0.3"
+    assert (first / "DONE").exists() and not (second / "DONE").exists() and (second / "FAILED").exists()
+    partial = ablate.build_report(grid, progress=False)  # a report of a partial grid names what is missing
+    assert list(partial["table"]["run"]) == ["weight0.0_max_t0.3"]
+    assert "Not finished (left out): weight0.1_max_t0.3" in partial["report"].read_text()
+
+    assert ablate.main(["run", str(grid)]) == 0  # resume: the finished run is skipped
+    assert (first / "count.txt").read_text() == "x" and (second / "count.txt").read_text() == "xx"
+    assert (second / "DONE").exists() and not (second / "FAILED").exists()
+    assert ablate.main(["run", str(grid)]) == 0 and (second / "count.txt").read_text() == "xx"
+
+    res = ablate.build_report(grid, progress=False)
+    table = res["table"]
+    assert list(table["run"]) == ["weight0.1_max_t0.3", "weight0.0_max_t0.3"]  # sorted by PSNR, best first
+    assert (table["psnr_lo"] < table["psnr"]).all() and (table["psnr"] < table["psnr_hi"]).all()
+    assert table.set_index("run").loc["weight0.1_max_t0.3", "psnr_vs_weight0.0_max_t0.3"] > 0
+    md = res["report"].read_text()
+    assert md.index("| weight0.1_max_t0.3") < md.index("| weight0.0_max_t0.3") and "psnr [95% CI]" in md
+    out = root / "report"
+    for png in ("psnr_vs_pixel_loss_weight.png", "ssim_uniform7_vs_pixel_loss_max_t.png", "image_grid.png"):
+        assert (out / png).stat().st_size > 1000 and png in md
+    csv = pd.read_csv(out / "ablation.csv")
+    assert list(csv["run"]) == list(table["run"])
+    assert (first / "eval" / "per_image.csv").exists()

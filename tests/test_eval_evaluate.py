@@ -1,0 +1,226 @@
+"""evaluate: folders and manifests, per-volume aggregation, paired comparison, reports."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from scipy import ndimage
+from scipy import stats as sps
+from skimage import metrics as skm
+
+from bagel_sr.eval import evaluate as E
+from bagel_sr.eval import operators as ops
+from bagel_sr.eval.images import load_image
+
+
+def _smooth(rng, shape):
+    return np.clip(ndimage.gaussian_filter(rng.random(shape), 2) * 2 - 0.5, 0, 1)
+
+
+@pytest.fixture
+def png_folders(tmp_path):
+    rng = np.random.default_rng(0)
+    refs, outs = tmp_path / "ref", tmp_path / "out"
+    refs.mkdir(), outs.mkdir()
+    arrays = {}
+    for i in range(5):
+        ref = (_smooth(rng, (40, 40)) * 255).astype(np.uint8)
+        out = np.clip(ref + rng.normal(0, 3 + 2 * i, ref.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(ref).save(refs / f"img{i}.png")
+        Image.fromarray(out).save(outs / f"img{i}.png")
+        arrays[f"img{i}"] = (ref, out)
+    return refs, outs, arrays
+
+
+def test_folder_mode_matches_skimage_and_writes_report(png_folders, tmp_path):
+    refs, outs, arrays = png_folders
+    rep = tmp_path / "report"
+    assert E.main(["--outputs", str(outs), "--references", str(refs), "--out", str(rep), "--n_boot", "500",
+                   "--worst", "2", "--no_progress"]) == 0
+    df = pd.read_csv(rep / "per_image.csv").set_index("pair_id")
+    for stem, (ref, out) in arrays.items():
+        assert df.loc[stem, "psnr"] == pytest.approx(skm.peak_signal_noise_ratio(ref, out), abs=1e-9)
+        assert df.loc[stem, "ssim_uniform7"] == pytest.approx(skm.structural_similarity(ref, out), abs=1e-9)
+    summary = pd.read_csv(rep / "summary.csv").set_index("metric")
+    assert summary.loc["psnr", "mean"] == pytest.approx(df["psnr"].mean())
+    assert summary.loc["psnr", "ci_lo"] < summary.loc["psnr", "mean"] < summary.loc["psnr", "ci_hi"]
+    md = (rep / "summary.md").read_text()
+    assert "uniform 7x7" in md and "LPIPS skipped" in md and "worst_cases.png" in md
+    assert (rep / "worst_cases.png").stat().st_size > 1000
+
+
+def test_gaussian_window_and_float_inputs(tmp_path):
+    rng = np.random.default_rng(1)
+    (tmp_path / "r").mkdir(), (tmp_path / "o").mkdir()
+    ref = rng.random((32, 32)) * 3.0
+    out = ref + 0.1 * rng.standard_normal(ref.shape)
+    np.save(tmp_path / "r" / "a.npy", ref)
+    np.save(tmp_path / "o" / "a.npy", out)
+    with pytest.raises(ValueError, match="--data_range"):
+        E.run_evaluation(tmp_path / "o", tmp_path / "rep", E.EvalSettings(), tmp_path / "r", progress=False)
+    res = E.run_evaluation(tmp_path / "o", tmp_path / "rep", E.EvalSettings(data_range=3.0, window="gaussian11"),
+                           tmp_path / "r", n_boot=100, worst=0, progress=False)
+    row = res["per_image"].iloc[0]
+    assert row["ssim_gaussian11"] == pytest.approx(skm.structural_similarity(
+        ref, out, data_range=3.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False))
+    assert "Gaussian 11x11" in (tmp_path / "rep" / "summary.md").read_text()
+
+
+def test_missing_outputs_are_listed(png_folders):
+    refs, outs, _ = png_folders
+    (outs / "img3.png").unlink()
+    with pytest.raises(FileNotFoundError, match="img3"):
+        E.pairs_from_folders(outs, refs)
+    assert len(E.pairs_from_folders(outs, refs, allow_missing=True)) == 4
+
+
+def test_image_reading_conventions(tmp_path):
+    x16 = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)
+    Image.fromarray(x16).save(tmp_path / "a.png")
+    img = load_image(tmp_path / "a.png")
+    assert img.was_integer and img.array.max() == pytest.approx(x16.max() / 65535)
+    gray = np.random.default_rng(2).integers(0, 255, (16, 16), dtype=np.uint8)
+    Image.fromarray(np.stack([gray] * 3, -1)).save(tmp_path / "g.png")
+    assert load_image(tmp_path / "g.png").array.shape == (16, 16)
+    color = np.random.default_rng(3).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(color).save(tmp_path / "c.png")
+    with pytest.raises(ValueError, match="--color luma"):
+        load_image(tmp_path / "c.png")
+    assert load_image(tmp_path / "c.png", "luma").array.shape == (16, 16)
+    assert load_image(tmp_path / "c.png", "rgb").array.shape == (16, 16, 3)
+
+
+@pytest.fixture
+def manifest_case(tmp_path):
+    """6 volumes x 2 slices of float MR-like images degraded by bicubic x2 + noise; runs A (better) and B."""
+    rng = np.random.default_rng(5)
+    data = tmp_path / "data"
+    for sub in ("hr", "lr"):
+        (data / sub).mkdir(parents=True)
+    run_a, run_b = tmp_path / "run_a", tmp_path / "run_b"
+    run_a.mkdir(), run_b.mkdir()
+    steps = [{"name": "bicubic_downsample", "scale": 2}, {"name": "gaussian_noise", "sigma": 0.01}]
+    rows, truth = [], {}
+    for v in range(6):
+        for s in range(2):
+            pid = f"vol{v}_s{s}"
+            hr = _smooth(rng, (32, 32)) * (1 + v)
+            lr = ops.bicubic_downsample(hr, 2) + 0.01 * rng.standard_normal((16, 16))
+            np.save(data / "hr" / f"{pid}.npy", hr)
+            np.save(data / "lr" / f"{pid}.npy", lr)
+            np.save(run_a / f"{pid}.npy", hr + 0.02 * rng.standard_normal(hr.shape))
+            np.save(run_b / f"{pid}.npy", hr + 0.05 * rng.standard_normal(hr.shape))
+            truth[pid] = hr
+            rows.append({"pair_id": pid, "split": "test", "source": f"vol{v}.nii", "group": f"patient{v}",
+                         "volume_id": f"vol{v}", "slice_index": s, "degradations": steps,
+                         "lr_path": f"lr/{pid}.npy", "hr_path": f"hr/{pid}.npy"})
+    rows.append({**rows[0], "pair_id": "train_only", "split": "train"})
+    with open(data / "manifest.jsonl", "w") as f:
+        f.write("\n".join(json.dumps(r) for r in rows) + "\n")
+    return data / "manifest.jsonl", run_a, run_b, truth
+
+
+def test_manifest_fastmri_volumes_and_paired_comparison(manifest_case, tmp_path):
+    manifest, run_a, run_b, truth = manifest_case
+    with pytest.raises(FileNotFoundError, match="train_only.*--split"):
+        E.pairs_from_manifest(run_a, manifest)
+    rep = tmp_path / "rep"
+    res = E.run_evaluation(run_a, rep, E.EvalSettings(convention="fastmri"), manifest=manifest, compare=run_b,
+                           split="test", n_boot=500, worst=2, progress=False)
+    assert res["unit"] == "volume"
+    vol = pd.read_csv(rep / "per_volume.csv").set_index("volume_id")
+    for v in range(6):
+        gt = np.stack([truth[f"vol{v}_s{s}"] for s in range(2)])
+        pred = np.stack([np.load(run_a / f"vol{v}_s{s}.npy") for s in range(2)])
+        assert vol.loc[f"vol{v}", "psnr"] == pytest.approx(skm.peak_signal_noise_ratio(gt, pred, data_range=gt.max()))
+        want_ssim = np.mean([skm.structural_similarity(gt[s], pred[s], data_range=gt.max()) for s in range(2)])
+        assert vol.loc[f"vol{v}", "ssim_uniform7"] == pytest.approx(want_ssim)
+        assert vol.loc[f"vol{v}", "data_range"] == pytest.approx(gt.max())
+    img = res["per_image"]
+    assert {"dc_nrmse", "dc_ref_nrmse", "dc_psnr"} <= set(img.columns) and (img["dc_ref_nrmse"] > 0).all()
+    assert (img["dc_skipped"] == "gaussian_noise").all()
+    # paired comparison on per-volume PSNR agrees with scipy
+    tests = pd.read_csv(rep / "comparison.csv").set_index("metric")
+    vol_b = E.evaluate_pairs(E.pairs_from_manifest(run_b, manifest, "test"), E.EvalSettings(convention="fastmri"),
+                             progress=False)[1].set_index("volume_id")
+    diff = vol["psnr"] - vol_b.loc[vol.index, "psnr"]
+    assert tests.loc["psnr", "p_value"] == pytest.approx(sps.wilcoxon(diff).pvalue)
+    assert tests.loc["psnr", "mean_diff"] == pytest.approx(diff.mean()) and tests.loc["psnr", "n_a_higher"] == 6
+    md = (rep / "summary.md").read_text()
+    assert "fastMRI" in md and "Wilcoxon" in md and "resample volumes" in md and "gaussian_noise" in md
+    assert (rep / "comparison_per_image.csv").exists() and (rep / "worst_cases.png").exists()
+
+
+def test_folder_mode_volumes_and_kspace_data_consistency(tmp_path):
+    rng = np.random.default_rng(6)
+    for sub in ("ref", "out", "lr"):
+        (tmp_path / sub).mkdir()
+    steps = [{"name": "kspace_truncation", "scale": 2, "window": "hann"}]
+    for v in range(3):
+        for s in range(2):
+            ref = _smooth(rng, (32, 32))
+            np.save(tmp_path / "ref" / f"case{v}_{s}.npy", ref)
+            np.save(tmp_path / "lr" / f"case{v}_{s}.npy", ops.kspace_truncation(ref, 2, "hann"))
+            np.save(tmp_path / "out" / f"case{v}_{s}.npy", ref + 0.01 * rng.standard_normal(ref.shape))
+    rep = tmp_path / "rep"
+    E.main(["--outputs", str(tmp_path / "out"), "--references", str(tmp_path / "ref"), "--inputs",
+            str(tmp_path / "lr"), "--degradations", json.dumps(steps), "--data_range", "1",
+            "--volume_pattern", r"(?P<volume>case\d)_(?P<slice>\d)", "--n_boot", "100", "--worst", "0",
+            "--out", str(rep), "--no_progress"])
+    vol = pd.read_csv(rep / "per_volume.csv")
+    img = pd.read_csv(rep / "per_image.csv")
+    assert sorted(vol["volume_id"]) == ["case0", "case1", "case2"] and (vol["n_slices"] == 2).all()
+    assert vol.set_index("volume_id").loc["case1", "psnr"] == pytest.approx(
+        img[img["volume_id"] == "case1"]["psnr"].mean())
+    assert (img["dc_ref_nrmse"] < 1e-12).all() and (img["err_null_nrmse"] > 0).all()
+    np.testing.assert_allclose(np.hypot(img["err_band_nrmse"], img["err_null_nrmse"]), img["nrmse"])
+    assert pd.read_csv(rep / "summary.csv")["unit"].eq("volume").all()
+
+
+def test_lpips_is_skipped_with_a_message(tmp_path):
+    from bagel_sr.eval.lpips_metric import make_lpips
+
+    fn, msg = make_lpips(None)
+    assert fn is None and "LPIPS skipped" in msg and "--lpips_weights" in msg
+    fn, msg = make_lpips(str(tmp_path / "alex.pth"))
+    assert fn is None and "not found" in msg
+
+
+def test_conflicting_conventions_are_refused():
+    with pytest.raises(ValueError, match="fastMRI convention"):
+        E.EvalSettings(convention="fastmri", data_range=1.0)
+
+
+def test_data_builder_manifest_schema(tmp_path):
+    """Rows as the builder writes them: held-out 8-bit RGB PNGs, ``source`` dict, CT intensity mapping in HU."""
+    rng = np.random.default_rng(7)
+    lo, hi = -160.0, 240.0
+    steps = [{"name": "gaussian_blur", "sigma": 1.0}]
+    rows = []
+    (tmp_path / "out").mkdir()
+    for k in range(3):
+        pid = f"ct_abcd1234_s{k:04d}"
+        hu = lo + _smooth(rng, (32, 32)) * (hi - lo)
+        blurred = ops.gaussian_blur(hu, 1.0)
+        to_u8 = lambda x: np.round(np.clip((x - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)  # noqa: E731
+        for side, img in (("hr", hu), ("lr", blurred)):
+            (tmp_path / "heldout" / "test" / side).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.stack([to_u8(img)] * 3, -1)).save(tmp_path / "heldout" / "test" / side / f"{pid}.png")
+        Image.fromarray(to_u8(hu + rng.normal(0, 5, hu.shape))).save(tmp_path / "out" / f"{pid}.png")
+        rows.append({"pair_id": pid, "split": "test", "group": "patient-1", "degradations": steps,
+                     "source": {"id": "nifti:ct.nii.gz", "slice_index": k, "num_slices": 3, "modality": "CT"},
+                     "intensity": {"mode": "ct_window", "unit": "HU", "low": lo, "high": hi, "working": "physical"},
+                     "heldout": {"lr": f"heldout/test/lr/{pid}.png", "hr": f"heldout/test/hr/{pid}.png"}})
+    rows.append({**rows[0], "pair_id": "train_pair", "split": "train", "heldout": None})
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="train_pair.*heldout"):
+        E._row_paths(rows[-1], tmp_path)
+    pairs = E.pairs_from_manifest(tmp_path / "out", tmp_path / "manifest.jsonl", split="test")
+    assert [p.volume_id for p in pairs] == ["nifti:ct.nii.gz"] * 3 and [p.slice_index for p in pairs] == [0, 1, 2]
+    res = E.run_evaluation(tmp_path / "out", tmp_path / "rep", E.EvalSettings(), manifest=tmp_path / "manifest.jsonl",
+                           split="test", n_boot=100, worst=1, progress=False)
+    img = res["per_image"]
+    assert res["unit"] == "volume" and len(res["per_volume"]) == 1
+    assert (img["dc_ref_nrmse"] < 0.02).all() and (img["dc_nrmse"] > img["dc_ref_nrmse"]).all()
+    assert "[-160, 240] HU" in (tmp_path / "rep" / "summary.md").read_text()
