@@ -1,0 +1,44 @@
+"""``python -m bagel_sr.data build CONFIG.yaml [--overwrite] [--output-dir DIR] [--no-progress]``.
+
+Exit codes: 0 built, 1 no pairs produced, 2 bad config or an output that must not be touched.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from .build import build_dataset
+from .config import load_build_config
+from .errors import BuildError, ConfigError, OutputExistsError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bagel_sr.data", description="Build paired restoration datasets in BAGEL's editing format.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="build (or resume) a paired restoration set from a YAML config")
+    b.add_argument("config", help="build config YAML (see bagel_sr/data/templates/*.yaml)")
+    b.add_argument("--overwrite", action="store_true", help="delete an existing build in output_dir and start again")
+    b.add_argument("--output-dir", help="override output_dir (relative to the current directory)")
+    b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = parser.parse_args(argv)
+
+    try:
+        cfg = load_build_config(args.config)
+        if args.output_dir:
+            import os
+
+            cfg.data["output_dir"] = os.path.abspath(args.output_dir)
+        summary = build_dataset(cfg, overwrite=args.overwrite, progress=not args.no_progress)
+    except (ConfigError, OutputExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except BuildError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(summary.format())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
