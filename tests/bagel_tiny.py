@@ -98,8 +98,10 @@ def build_tiny_bagel(
     timestep_shift: float = 1.0,
     cls: type | None = None,
     llm2vae_std: float = 0.0,
+    visual_und: bool = False,
 ) -> torch.nn.Module:
-    """A tiny random ``Bagel`` (or subclass ``cls``) for generation only (``visual_und=False``), bf16, train mode.
+    """A tiny random ``Bagel`` (or subclass ``cls``), bf16, train mode; generation only unless ``visual_und``
+    (then with a 1-layer SigLIP, patch 14, as BAGEL's editing inference needs for the condition image).
 
     ``llm2vae_std > 0`` replaces BAGEL's zero init of ``llm2vae`` with N(0, std) so that gradients reach the
     language model on the first step (with the zero init only ``llm2vae`` itself gets a gradient).
@@ -109,12 +111,21 @@ def build_tiny_bagel(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         language_model = mods.bagel.Qwen2ForCausalLM(tiny_llm_config(layer_module))
+        vit_config = vit_model = None
+        if visual_und:
+            vit_config = mods.bagel.SiglipVisionConfig(
+                hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=14,
+                image_size=224, num_channels=3, rope=False,
+            )
+            vit_model = mods.bagel.SiglipVisionModel(vit_config)
         config = mods.bagel.BagelConfig(
-            visual_gen=True, visual_und=False, llm_config=language_model.config, vit_config=None,
+            visual_gen=True, visual_und=visual_und, llm_config=language_model.config, vit_config=vit_config,
             vae_config=tiny_autoencoder_params(), latent_patch_size=LATENT_PATCH, max_latent_size=MAX_LATENT_SIZE,
-            timestep_shift=timestep_shift,
+            timestep_shift=timestep_shift, vit_max_num_patch_per_side=16,
         )
-        model = cls(language_model, None, config)
+        model = cls(language_model, vit_model, config)
+        if visual_und:
+            model.vit_model.vision_model.embeddings.convert_conv2d_to_linear(vit_config)
         if llm2vae_std > 0:
             torch.nn.init.normal_(model.llm2vae.weight, std=llm2vae_std)
     return model.to(torch.bfloat16).train()

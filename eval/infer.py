@@ -1,0 +1,230 @@
+"""Restoration over a held-out set: a BAGEL checkout with a checkpoint, or the embedded default on CPU.
+
+    python -m bagel_sr.eval.infer --inputs MANIFEST.jsonl|DIR --out OUTPUTS \
+        --bagel_root PATH --model_path hf/BAGEL-7B-MoT [--checkpoint results/checkpoints/0005000/ema.safetensors]
+    python -m bagel_sr.eval.infer --inputs MANIFEST.jsonl|DIR --out OUTPUTS --embedded_run outputs/embedded/seed0/pixel
+
+Outputs are ``OUTPUTS/<pair_id>.png`` (what ``bagel_sr.eval.evaluate`` reads).  Resumable: a pair whose output
+exists is skipped, and each output is written to a temporary name and renamed, so an interruption loses at most
+the image in flight.  With a checkout, restoration runs through the checkout's own ``InterleaveInferencer``
+(editing with the condition image and the instruction), with its sampling flags.
+"""
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+from PIL import Image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+DEFAULT_INSTRUCTION = "Restore this image: remove the noise and recover the fine detail."
+
+
+@dataclass
+class SamplingArgs:
+    """BAGEL's editing inference settings (names as in the checkout's ``InterleaveInferencer``)."""
+
+    num_timesteps: int = 50
+    timestep_shift: float = 3.0
+    cfg_text_scale: float = 4.0
+    cfg_img_scale: float = 2.0
+    cfg_interval: float = 0.0
+    cfg_renorm_min: float = 0.0
+    cfg_renorm_type: str = "text_channel"
+
+
+@dataclass
+class Job:
+    """One input to restore: where it is, what to call the output, which instruction to give."""
+
+    pair_id: str
+    input_path: Path
+    instruction: str
+
+
+def jobs_from_manifest(path: Path, split: Optional[str], instruction: Optional[str]) -> List[Job]:
+    """Held-out LR images of a ``bagel_sr.data`` build (rows with ``heldout.lr``), optionally one split."""
+    jobs = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if split is not None and row.get("split") != split:
+                continue
+            lr = (row.get("heldout") or {}).get("lr") or row.get("lr_path")
+            if lr is None:
+                continue
+            text = instruction or (row.get("instructions") or [DEFAULT_INSTRUCTION])[0]
+            jobs.append(Job(str(row["pair_id"]), (path.parent / lr), text))
+    if not jobs:
+        raise SystemExit(
+            f"{path}: no held-out inputs found{'' if split is None else f' for split {split!r}'}; the data builder "
+            "writes them for the val and test splits (rows with heldout.lr)."
+        )
+    return jobs
+
+
+def jobs_from_folder(path: Path, instruction: Optional[str]) -> List[Job]:
+    """Every image in a folder; the output is named by the file's stem."""
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise SystemExit(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) to restore")
+    return [Job(p.stem, p, instruction or DEFAULT_INSTRUCTION) for p in files]
+
+
+def pending(jobs: Sequence[Job], out: Path) -> List[Job]:
+    """Jobs whose output does not exist yet."""
+    return [j for j in jobs if not (out / f"{j.pair_id}.png").exists()]
+
+
+def save_atomically(image: Image.Image, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def run_jobs(jobs: Sequence[Job], out: Path, restore: Callable[[Image.Image, str], Image.Image],
+             progress: bool = True) -> Tuple[int, int]:
+    """Restore every pending job with ``restore(image, instruction)``; returns ``(done, skipped)``."""
+    from tqdm import tqdm
+
+    out.mkdir(parents=True, exist_ok=True)
+    todo = pending(jobs, out)
+    for job in tqdm(todo, desc="restoring", unit="image", disable=not progress):
+        with Image.open(job.input_path) as im:
+            image = im.convert("RGB")
+        result = restore(image, job.instruction)
+        if result.size != image.size:
+            result = result.resize(image.size, Image.BICUBIC)
+        save_atomically(result, out / f"{job.pair_id}.png")
+    return len(todo), len(jobs) - len(todo)
+
+
+# ------------------------------------------------------------------------------------------------ a checkout
+
+def checkout_restorer(inferencer, sampling: SamplingArgs, seed: int = 0) -> Callable[[Image.Image, str], Image.Image]:
+    """``restore(image, instruction)`` through the checkout's ``InterleaveInferencer`` (editing mode)."""
+    import torch
+
+    hyper = dict(asdict(sampling), cfg_interval=[sampling.cfg_interval, 1.0])  # start of the CFG window, end fixed at 1
+
+    def restore(image: Image.Image, instruction: str) -> Image.Image:
+        torch.manual_seed(seed)
+        on_cpu = next(inferencer.model.parameters()).device.type == "cpu"
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=on_cpu):  # the inferencer autocasts CUDA only
+            result = inferencer(image=image, text=instruction, think=False, **hyper)
+        if result.get("image") is None:
+            raise RuntimeError("the checkout's inferencer returned no image; is visual generation enabled?")
+        return result["image"]
+
+    return restore
+
+
+def load_checkout_inferencer(bagel_root: str, model_path: str, checkpoint: Optional[str] = None,
+                             max_latent_size: int = 64):
+    """Build BAGEL from ``model_path`` (configs, tokenizer, ``ae.safetensors``) with weights from ``checkpoint``
+    (default: ``model_path/ema.safetensors``; a fine-tuned ``ema.safetensors`` has the same keys) on the GPUs,
+    and return the checkout's ``InterleaveInferencer``.  Mirrors the checkout's own demo set-up."""
+    import importlib
+
+    import torch
+    from accelerate import infer_auto_device_map, init_empty_weights, load_checkpoint_and_dispatch
+
+    from bagel_sr.patches import checkout, cpu
+
+    root = checkout.find_checkout(bagel_root)
+    checkout.add_to_sys_path(root)
+    cpu.install_flash_attn_stand_in()
+    if not torch.cuda.is_available():
+        raise SystemExit("inference with a released BAGEL needs a GPU; use --embedded_run for the CPU demo")
+    bagel = importlib.import_module("modeling.bagel")
+    ae_mod = importlib.import_module("modeling.autoencoder")
+    qwen2 = importlib.import_module("modeling.qwen2")
+    data_utils = importlib.import_module("data.data_utils")
+    transforms = importlib.import_module("data.transforms")
+    inferencer_mod = importlib.import_module("inferencer")
+
+    mp = Path(model_path)
+    llm_config = bagel.Qwen2Config.from_json_file(str(mp / "llm_config.json"))
+    llm_config.qk_norm, llm_config.tie_word_embeddings = True, False
+    llm_config.layer_module = "Qwen2MoTDecoderLayer"
+    vit_config = bagel.SiglipVisionConfig.from_json_file(str(mp / "vit_config.json"))
+    vit_config.rope = False
+    vit_config.num_hidden_layers -= 1
+    vae_model, vae_config = ae_mod.load_ae(local_path=str(mp / "ae.safetensors"))
+    config = bagel.BagelConfig(
+        visual_gen=True, visual_und=True, llm_config=llm_config, vit_config=vit_config, vae_config=vae_config,
+        vit_max_num_patch_per_side=70, connector_act="gelu_pytorch_tanh", latent_patch_size=2,
+        max_latent_size=max_latent_size,
+    )
+    with init_empty_weights():
+        model = bagel.Bagel(bagel.Qwen2ForCausalLM(llm_config), bagel.SiglipVisionModel(vit_config), config)
+        model.vit_model.vision_model.embeddings.convert_conv2d_to_linear(vit_config, meta=True)
+    tokenizer = qwen2.Qwen2Tokenizer.from_pretrained(str(mp))
+    tokenizer, new_token_ids, _ = data_utils.add_special_tokens(tokenizer)
+    device_map = infer_auto_device_map(model, no_split_module_classes=["Bagel", "Qwen2MoTDecoderLayer"])
+    first = next(iter(device_map.values())) if device_map else "cuda:0"
+    for name in ("language_model.model.embed_tokens", "time_embedder", "latent_pos_embed", "vae2llm", "llm2vae",
+                 "connector", "vit_pos_embed"):
+        device_map[name] = device_map.get("language_model.model.embed_tokens", first)
+    model = load_checkpoint_and_dispatch(
+        model, checkpoint=checkpoint or str(mp / "ema.safetensors"), device_map=device_map,
+        offload_buffers=True, dtype=torch.bfloat16, force_hooks=True,
+    ).eval()
+    vae_model = vae_model.to(next(model.llm2vae.parameters()).device).eval()
+    return inferencer_mod.InterleaveInferencer(
+        model=model, vae_model=vae_model, tokenizer=tokenizer,
+        vae_transform=transforms.ImageTransform(1024, 512, 16), vit_transform=transforms.ImageTransform(980, 224, 14),
+        new_token_ids=new_token_ids,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bagel_sr.eval.infer", description=__doc__.split("\n\n")[0])
+    p.add_argument("--inputs", required=True, help="manifest.jsonl of a bagel_sr.data build, or a folder of images")
+    p.add_argument("--split", default="test", help="manifest split to restore (default test; 'all' for every held-out row)")
+    p.add_argument("--out", required=True, help="folder for <pair_id>.png outputs")
+    p.add_argument("--instruction", default=None, help="instruction for every input (default: the manifest's first variant)")
+    p.add_argument("--bagel_root", default=os.environ.get("BAGEL_ROOT"), help="BAGEL checkout (or BAGEL_ROOT)")
+    p.add_argument("--model_path", default=None, help="released model folder (configs, tokenizer, ae.safetensors)")
+    p.add_argument("--checkpoint", default=None, help="weights to use (default MODEL_PATH/ema.safetensors)")
+    p.add_argument("--embedded_run", default=None, help="a run folder of the embedded default (CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no_progress", action="store_true")
+    for name, value in asdict(SamplingArgs()).items():
+        p.add_argument(f"--{name}", type=type(value), default=value, help="BAGEL inference setting")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Tuple[int, int]:
+    args = parse_args(argv)
+    inputs = Path(args.inputs)
+    if not inputs.exists():
+        raise SystemExit(f"--inputs {inputs}: no such file or folder")
+    split = None if args.split == "all" else args.split
+    jobs = jobs_from_manifest(inputs, split, args.instruction) if inputs.is_file() else jobs_from_folder(inputs, args.instruction)
+    sampling = SamplingArgs(**{k: getattr(args, k) for k in asdict(SamplingArgs())})
+    if args.embedded_run:
+        from bagel_sr.embedded.inference import embedded_restorer
+
+        restore = embedded_restorer(args.embedded_run, num_timesteps=sampling.num_timesteps,
+                                    timestep_shift=sampling.timestep_shift, seed=args.seed)
+    elif args.bagel_root and args.model_path:
+        restore = checkout_restorer(load_checkout_inferencer(args.bagel_root, args.model_path, args.checkpoint),
+                                    sampling, args.seed)
+    else:
+        raise SystemExit("say what restores: --bagel_root PATH --model_path DIR [--checkpoint FILE] for BAGEL, "
+                         "or --embedded_run DIR for the embedded default")
+    done, skipped = run_jobs(jobs, Path(args.out), restore, progress=not args.no_progress)
+    print(f"restored {done} image(s), {skipped} already there, into {args.out}")
+    return done, skipped
+
+
+if __name__ == "__main__":
+    main()

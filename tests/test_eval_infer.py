@@ -1,0 +1,105 @@
+"""eval/infer: job lists, resumable runs, and restoration through a real checkout's InterleaveInferencer."""
+import importlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bagel_sr.eval import infer
+
+
+def _image(path: Path, value: int, size=(32, 32)) -> Path:
+    Image.fromarray(np.full((*size, 3), value, np.uint8)).save(path)
+    return path
+
+
+def test_jobs_from_folder_and_manifest(tmp_path):
+    for name, v in (("b", 20), ("a", 10)):
+        _image(tmp_path / f"{name}.png", v)
+    (tmp_path / "notes.txt").write_text("x")
+    jobs = infer.jobs_from_folder(tmp_path, "Denoise this CT slice")
+    assert [j.pair_id for j in jobs] == ["a", "b"] and jobs[0].instruction == "Denoise this CT slice"
+    build = tmp_path / "build"
+    (build / "heldout/test/lr").mkdir(parents=True)
+    _image(build / "heldout/test/lr/p1.png", 5)
+    rows = [
+        {"pair_id": "p0", "split": "train", "instructions": ["x"]},
+        {"pair_id": "p1", "split": "test", "instructions": ["Super-resolve this MR slice by 4x", "y"],
+         "heldout": {"lr": "heldout/test/lr/p1.png", "hr": "heldout/test/hr/p1.png"}},
+    ]
+    (build / "manifest.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    jobs = infer.jobs_from_manifest(build / "manifest.jsonl", "test", None)
+    assert [(j.pair_id, j.instruction) for j in jobs] == [("p1", "Super-resolve this MR slice by 4x")]
+    assert jobs[0].input_path == build / "heldout/test/lr/p1.png"
+    with pytest.raises(SystemExit, match="no held-out inputs"):
+        infer.jobs_from_manifest(build / "manifest.jsonl", "val", None)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_run_jobs_is_resumable_and_keeps_sizes(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        _image(src / f"x{i}.png", 40 * i, size=(24, 40))
+    jobs = infer.jobs_from_folder(src, None)
+    calls, fail_on = [], {"call": 2}
+
+    def restore(image, instruction):
+        calls.append(instruction)
+        if len(calls) == fail_on["call"]:
+            raise Interrupted  # interrupted in flight
+        return Image.fromarray(255 - np.asarray(image)).resize((80, 48))
+
+    out = tmp_path / "out"
+    with pytest.raises(Interrupted):
+        infer.run_jobs(jobs, out, restore, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["x0.png"]  # nothing half-written
+    fail_on["call"] = None
+    assert infer.run_jobs(jobs, out, restore, progress=False) == (2, 1)
+    for i in range(3):
+        with Image.open(out / f"x{i}.png") as im:
+            assert im.size == (40, 24) and np.asarray(im)[0, 0, 0] == 255 - 40 * i
+
+
+def test_cli_needs_a_restorer(tmp_path):
+    _image(tmp_path / "a.png", 1)
+    with pytest.raises(SystemExit, match="--embedded_run"):
+        infer.main(["--inputs", str(tmp_path), "--out", str(tmp_path / "o"), "--bagel_root", ""])
+
+
+@pytest.mark.bagel
+def test_checkout_inferencer_restores_through_the_checkout(tmp_path):
+    from bagel_tiny import SPECIAL_TOKENS, build_tiny_autoencoder, build_tiny_bagel, import_bagel, requires_bagel
+
+    if requires_bagel.args[0]:
+        pytest.skip(requires_bagel.kwargs["reason"])
+    import_bagel()
+    try:
+        transforms = importlib.import_module("data.transforms")
+        inferencer_mod = importlib.import_module("inferencer")
+    except ModuleNotFoundError as err:
+        pytest.skip(f"the checkout's inference code needs {err.name}, not installed here")
+
+    class Tokenizer:  # the one method the inferencer calls
+        def encode(self, text):
+            return [2 + (ord(c) % 20) for c in text[:8]]
+
+    model = build_tiny_bagel(visual_und=True).eval()
+    inferencer = inferencer_mod.InterleaveInferencer(
+        model=model, vae_model=build_tiny_autoencoder(), tokenizer=Tokenizer(),
+        vae_transform=transforms.ImageTransform(64, 32, 16), vit_transform=transforms.ImageTransform(56, 28, 14),
+        new_token_ids=SPECIAL_TOKENS,
+    )
+    restore = infer.checkout_restorer(inferencer, infer.SamplingArgs(num_timesteps=3, cfg_text_scale=1.5, cfg_img_scale=1.2))
+    src = tmp_path / "in"
+    src.mkdir()
+    _image(src / "s0.png", 100, size=(48, 64))
+    done, skipped = infer.run_jobs(infer.jobs_from_folder(src, "Denoise this CT slice"), tmp_path / "out", restore, progress=False)
+    assert (done, skipped) == (1, 0)
+    with Image.open(tmp_path / "out/s0.png") as im:
+        assert im.size == (64, 48) and im.mode == "RGB"
