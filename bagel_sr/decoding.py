@@ -6,7 +6,6 @@ Cost controls live here: a random latent crop with a margin, activation checkpoi
 the decode dtype.
 """
 import contextlib
-import functools
 from dataclasses import dataclass
 from typing import Iterator, Optional, Tuple
 
@@ -14,9 +13,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-#: Decoder blocks checkpointed one by one (BAGEL's AutoEncoder, diffusers' AutoencoderKL); their children are not.
+#: Decoder blocks checkpointed one by one, the outermost match wins: residual blocks, attention, upsampling of
+#: BAGEL's AutoEncoder (``ResnetBlock``, ``AttnBlock``, ``Upsample``) and of diffusers' AutoencoderKL
+#: (``ResnetBlock2D``, ``Attention``, ``Upsample2D``).  Per residual block, not per up-block: recomputing a whole
+#: full-resolution up-block in backward would hold its three residual blocks' activations at once.
 CHECKPOINT_BLOCKS = frozenset(
-    {"ResnetBlock", "AttnBlock", "Upsample", "UNetMidBlock2D", "UpDecoderBlock2D"}
+    {"ResnetBlock", "AttnBlock", "Upsample", "ResnetBlock2D", "Attention", "Upsample2D"}
 )
 
 

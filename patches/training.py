@@ -18,20 +18,27 @@ The loss fold.  The loop computes ``mse = mse_rows.mean(-1).sum() * W / N_tokens
 ``loss = (ce * ce_weight + mse * mse_weight) / GA``.  The patched forward appends one row ``k * (P - P.detach())``
 to ``mse`` with ``k = weight * N_tokens / (W * mse_weight)``: its value is exactly 0 (logged ``mse`` is unchanged)
 and its gradient adds ``weight * dP / GA``, i.e. the loop back-propagates ``(ce*ce_weight + mse*mse_weight +
-weight*pixel) / GA`` without a line of it changing.  ``pixel`` and ``pixel_images`` join the returned dict, so the
-loop logs them (log lines and wandb) like ``mse`` and ``ce``.
+weight*pixel) / GA`` without a line of it changing.  ``pixel``, ``pixel_images``, ``pixel_skipped`` (micro-steps
+whose non-finite term was dropped) and ``pixel_weight`` join the returned dict, so the loop logs them (log lines and
+wandb) like ``mse`` and ``ce``.
+
+``weight`` is ``--pixel_loss_weight`` times the warm-up factor of the optimizer step and, with
+``--pixel_loss_adaptive_weight``, times ``min(||grad L_flow|| / ||grad L_pix||, adaptive_weight_max)`` on ``llm2vae``
+(detached, the same on every rank).  With ``--pixel_loss_log_grad_norms_every N`` the dict also carries
+``grad_norm_flow``, ``grad_norm_pixel`` (of ``weight * pixel``) and ``grad_norm_ratio``, measured on the first
+micro-step of every N-th optimizer step and repeated until the next measurement (the loop logs whatever micro-step
+falls on its ``log_every``); see ``bagel_sr.monitoring``.
 """
 import dataclasses
 import inspect
 import logging
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional
 
 import torch
 import torch.distributed as dist
 
-from bagel_sr import flow
+from bagel_sr import flow, monitoring
 from bagel_sr.config import PixelLossConfig, pixel_loss_arguments_class
 from bagel_sr.extension import with_pixel_loss
 
@@ -139,15 +146,36 @@ def check_training_module(train_module: Any) -> None:
         require(name in params, f"`Bagel.forward` takes no `{name}` argument")
 
 
-def fold_into_mse(mse: torch.Tensor, pixel: torch.Tensor, weight: float, mse_weight: float, num_tokens_local: int) -> torch.Tensor:
-    """Append the zero-valued row carrying ``weight * pixel``'s gradient through the loop's ``mse`` reduction."""
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    total = torch.tensor(float(num_tokens_local), device=mse.device)
-    if world > 1:
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def global_token_count(num_tokens_local: int, device: torch.device) -> torch.Tensor:
+    """The loop's ``total_mse_tokens``: the target tokens of all ranks (a collective when distributed)."""
+    total = torch.tensor(float(num_tokens_local), device=device)
+    if _world() > 1:
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    k = weight * total / (world * mse_weight)
+    return total
+
+
+def fold_into_mse(mse: torch.Tensor, pixel: torch.Tensor, weight, mse_weight: float,
+                  num_tokens_global: torch.Tensor) -> torch.Tensor:
+    """Append the zero-valued row carrying ``weight * pixel``'s gradient through the loop's ``mse`` reduction.
+
+    ``weight``: a float or a detached 0-dim tensor; ``num_tokens_global``: :func:`global_token_count`.
+    """
+    k = weight * num_tokens_global / (_world() * mse_weight)
     carrier = (k * (pixel - pixel.detach())).to(mse.dtype)
     return torch.cat([mse, carrier.reshape(1, 1).expand(1, mse.shape[-1])], dim=0)
+
+
+def grad_norms_due(config: PixelLossConfig, micro_step: int, gradient_accumulation: int) -> bool:
+    """Every micro-step with the adaptive weight; else the first micro-step of every N-th optimizer step."""
+    if config.adaptive_weight:
+        return True
+    every = config.log_grad_norms_every
+    ga = max(1, gradient_accumulation)
+    return every > 0 and micro_step % ga == 0 and (micro_step // ga) % every == 0
 
 
 def make_training_model_class(bagel_cls: type, state: PatchState, gradient_accumulation: Callable[[], int]) -> type:
@@ -166,6 +194,8 @@ def make_training_model_class(bagel_cls: type, state: PatchState, gradient_accum
                     )
                 self.attach_pixel_loss(config, state.vae)
             self.__dict__["_bagel_sr_microsteps"] = 0
+            llm2vae = getattr(self, "llm2vae", None)  # read before FSDP flattens the parameters
+            self.__dict__["_bagel_sr_llm2vae_bias"] = getattr(llm2vae, "bias", None) is not None
 
         def forward(self, **kwargs):
             inputs = kwargs.pop("pixel_loss_inputs", None)
@@ -177,15 +207,39 @@ def make_training_model_class(bagel_cls: type, state: PatchState, gradient_accum
                 batch_data_indexes=inputs.batch_data_indexes if inputs is not None else None,
                 **kwargs,
             )
-            config = self.pixel_loss_state.config
-            step = self.__dict__["_bagel_sr_microsteps"] // max(1, gradient_accumulation())
+            pixel_state, config = self.pixel_loss_state, self.pixel_loss_state.config
+            micro, ga = self.__dict__["_bagel_sr_microsteps"], max(1, gradient_accumulation())
             self.__dict__["_bagel_sr_microsteps"] += 1
-            weight = config.weight * warmup_factor(step, config.warmup_steps)
+            weight = config.weight * warmup_factor(micro // ga, config.warmup_steps)
             mse_weight = float(state.training_args.mse_weight)
-            out["mse"] = fold_into_mse(out["mse"], out["pixel"], weight, mse_weight, len(kwargs["mse_loss_indexes"]))
+            tokens = global_token_count(len(kwargs["mse_loss_indexes"]), out["mse"].device)
+            call = pixel_state.pop_call()
+            if call is not None and out["mse"].requires_grad and grad_norms_due(config, micro, ga):
+                weight = self._bagel_sr_measure(out["mse"], call, tokens, mse_weight, weight, config)
+            elif config.adaptive_weight:
+                weight = weight * self.__dict__.get("_bagel_sr_factor", 1.0)
+            out["mse"] = fold_into_mse(out["mse"], out["pixel"], weight, mse_weight, tokens)
             out["pixel"] = out["pixel"].detach()
-            out["pixel_weight"] = torch.tensor(weight, device=out["pixel"].device)
+            out["pixel_weight"] = torch.as_tensor(weight, dtype=torch.float32, device=out["pixel"].device).detach()
+            out.update(self.__dict__.get("_bagel_sr_grad_logs", {}))
             return out
+
+        def _bagel_sr_measure(self, mse_rows, call, tokens, mse_weight, weight, config):
+            """Gradient norms on llm2vae (kept for the logs); returns the weight, adapted if asked."""
+            flow_grad = monitoring.output_gradient(monitoring.flow_term(mse_rows, tokens, mse_weight), call.v_hat)
+            norms = monitoring.llm2vae_grad_norms(call.hidden, flow_grad, call.pixel_grad, weight,
+                                                  bias=self.__dict__["_bagel_sr_llm2vae_bias"])
+            logs = {}
+            if config.adaptive_weight:
+                factor = monitoring.adaptive_factor(norms, config.adaptive_weight_max)
+                self.__dict__["_bagel_sr_factor"] = factor
+                weight = weight * factor
+                norms.pixel = weight * norms.pixel_unweighted
+                logs["pixel_adaptive_factor"] = factor
+            if config.log_grad_norms_every > 0:
+                logs.update(norms.as_log())
+            self.__dict__["_bagel_sr_grad_logs"] = {k: v.detach() for k, v in logs.items()}
+            return weight
 
     BagelSR.__name__ = BagelSR.__qualname__ = bagel_cls.__name__
     BagelSR.__module__ = bagel_cls.__module__
