@@ -103,3 +103,30 @@ def test_checkout_inferencer_restores_through_the_checkout(tmp_path):
     assert (done, skipped) == (1, 0)
     with Image.open(tmp_path / "out/s0.png") as im:
         assert im.size == (64, 48) and im.mode == "RGB"
+
+
+def test_embedded_restorer_through_the_cli(tmp_path):
+    """A saved embedded model restores a folder of inputs through ``python -m bagel_sr.eval.infer --embedded_run``."""
+    import dataclasses
+
+    from bagel_sr.embedded.backbone import TinyBagelConfig
+    from bagel_sr.embedded.data import WordTokenizer
+    from bagel_sr.embedded.train import build_model, save_checkpoint
+
+    config = TinyBagelConfig(vocab_size=len(WordTokenizer.default()), hidden_size=32, num_hidden_layers=1,
+                             max_latent_size=8)
+    model = build_model(config, seed=0)
+    run = tmp_path / "run"
+    save_checkpoint(str(run), model, model, {"model": dataclasses.asdict(config)})
+    src = tmp_path / "in"
+    src.mkdir()
+    _image(src / "a.png", 90, size=(40, 72))  # not a multiple of 16: cropped for the model, padded back
+    done, skipped = infer.main(["--inputs", str(src), "--out", str(tmp_path / "out"), "--embedded_run", str(run),
+                                "--num_timesteps", "2", "--timestep_shift", "1.0", "--no_progress"])
+    assert (done, skipped) == (1, 0)
+    with Image.open(tmp_path / "out/a.png") as im:
+        assert im.size == (72, 40)
+        arr = np.asarray(im)
+    assert arr.dtype == np.uint8 and (arr[..., 0] == arr[..., 1]).all()
+    assert infer.main(["--inputs", str(src), "--out", str(tmp_path / "out"), "--embedded_run", str(run),
+                       "--no_progress"]) == (0, 1)

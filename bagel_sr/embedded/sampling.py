@@ -1,0 +1,113 @@
+"""Inference and measurements for the embedded bench.
+
+- :func:`euler_sample`: BAGEL's Euler flow sampler in one packed sequence per chunk: condition image (clean, t = 0),
+  instruction, noisy target; timesteps ``linspace(1, 0, steps + 1)`` with BAGEL's inference shift
+  ``s*t / (1 + (s-1)*t)``; ``z <- z - v_hat * dt`` (the velocity points from data to noise).  No CFG.
+- :func:`flow_loss`: the model's flow loss (per-token mean squared velocity error) on fixed samples at fixed flow
+  times with fixed noise, identical for every arm.
+- :func:`image_metrics`: PSNR and SSIM of grayscale images in [0, 1] (channel mean of the [-1, 1] RGB, clipped),
+  ``data_range = 1`` (scikit-image).
+"""
+import math
+from typing import Dict, List, Sequence
+
+import numpy as np
+import torch
+
+from ..flow import unshift_timesteps
+from . import data
+from .backbone import TinyBagel
+
+EVAL_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+def _chunks(items: Sequence, n: int):
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+def _encode(vae, images: torch.Tensor) -> torch.Tensor:
+    """Deterministic latents for evaluation: the posterior mean when the VAE offers it."""
+    encode = getattr(vae, "encode_mean", None) or vae.encode
+    return encode(images)
+
+
+@torch.no_grad()
+def euler_sample(model: TinyBagel, vae, samples: Sequence[data.Sample], tokenizer: data.WordTokenizer,
+                 steps: int = 25, timestep_shift: float = 1.0, seed: int = 0, chunk: int = 16) -> torch.Tensor:
+    """Generate the target of every sample from its condition and text; returns (N, 3, H, W) in [-1, 1]."""
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    ts = torch.linspace(1.0, 0.0, steps + 1)
+    ts = timestep_shift * ts / (1 + (timestep_shift - 1) * ts)
+    outputs = []
+    for part in _chunks(list(samples), chunk):
+        # the target pixels are not needed (and must not leak): pack a blank of the same size
+        blanks = [data.Sample(s.kind, s.text, torch.zeros_like(s.target), s.condition, s.meta) for s in part]
+        batch = data.pack(blanks, tokenizer, vae_cond_dropout_prob=0.0, text_cond_dropout_prob=0.0,
+                          vae_image_downsample=model.latent_downsample, max_latent_size=model.max_latent_size)
+        shapes = batch["patchified_vae_latent_shapes"]
+        clean = model.patchify(_encode(vae, batch["padded_images"]), shapes)
+        is_target = torch.isfinite(batch["packed_timesteps"])
+        z = torch.randn(int(is_target.sum()), clean.shape[1], generator=generator)
+        for i in range(steps):
+            z_all, t_all = clean.clone(), torch.zeros(len(clean))
+            z_all[is_target], t_all[is_target] = z, float(ts[i])
+            v = model.predict_velocity(z_all, t_all, batch)
+            z = z - v * float(ts[i] - ts[i + 1])
+        latents, row, k = [], 0, 0
+        for (h, w), start in zip(shapes, _image_starts(shapes)):
+            if bool(is_target[start]):
+                latents.append(model.unpatchify(z[row : row + h * w], h, w))
+                row += h * w
+        outputs.append(vae.decode(torch.stack(latents)).clamp(-1, 1))
+    return torch.cat(outputs)
+
+
+def _image_starts(shapes) -> List[int]:
+    starts, acc = [], 0
+    for h, w in shapes:
+        starts.append(acc)
+        acc += h * w
+    return starts
+
+
+@torch.no_grad()
+def flow_loss(model: TinyBagel, vae, samples: Sequence[data.Sample], tokenizer: data.WordTokenizer,
+              times: Sequence[float] = EVAL_TIMES, seed: int = 0, chunk: int = 16) -> Dict[str, float]:
+    """Mean flow loss over samples and flow times ``times`` (noise from ``seed``), and the value per time."""
+    model.eval()
+    per_time = {}
+    for t in times:
+        raw = math.log(unshift_timesteps(t, model.timestep_shift) / (1 - unshift_timesteps(t, model.timestep_shift)))
+        total, count = 0.0, 0
+        for c, part in enumerate(_chunks(list(samples), chunk)):
+            batch = data.pack(part, tokenizer, vae_cond_dropout_prob=0.0, text_cond_dropout_prob=0.0,
+                              vae_image_downsample=model.latent_downsample, max_latent_size=model.max_latent_size)
+            batch["packed_timesteps"] = torch.where(torch.isfinite(batch["packed_timesteps"]),
+                                                    torch.full_like(batch["packed_timesteps"], raw),
+                                                    batch["packed_timesteps"])
+            batch["padded_latent"] = _encode(vae, batch.pop("padded_images"))
+            batch.pop("batch_data_indexes")
+            torch.manual_seed(seed * 1000 + c)
+            mse = TinyBagel.forward(model, **batch)["mse"]  # the plain contract forward, no pixel term
+            total += float(mse.mean(-1).sum())
+            count += mse.shape[0]
+        per_time[f"t={t:g}"] = total / max(count, 1)
+    return dict(mean=float(np.mean(list(per_time.values()))), **per_time)
+
+
+def image_metrics(pred: torch.Tensor, target: torch.Tensor) -> Dict[str, np.ndarray]:
+    """Per-image PSNR (dB) and SSIM of (N, 3, H, W) images in [-1, 1], on grayscale [0, 1] with data_range 1."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    p = data.to_unit_gray(pred).numpy().astype(np.float64)
+    t = data.to_unit_gray(target).numpy().astype(np.float64)
+    psnr = np.array([peak_signal_noise_ratio(ti, pi, data_range=1.0) for pi, ti in zip(p, t)])
+    ssim = np.array([structural_similarity(ti, pi, data_range=1.0) for pi, ti in zip(p, t)])
+    return dict(psnr=psnr, ssim=ssim)
+
+
+@torch.no_grad()
+def vae_round_trip(vae, images: torch.Tensor) -> torch.Tensor:
+    return vae.decode(_encode(vae, images)).clamp(-1, 1)

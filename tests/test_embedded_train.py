@@ -1,0 +1,68 @@
+"""Two-step runs of the embedded loop with and without the pixel loss, and of the experiment command."""
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+from bagel_sr import PixelLossConfig
+from bagel_sr.embedded import data, experiment
+from bagel_sr.embedded.backbone import TinyBagelConfig
+from bagel_sr.embedded.train import TrainConfig, load_checkpoint, train
+from bagel_sr.embedded.vae import load_vae
+
+TOK = data.WordTokenizer.default()
+SMALL = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64)
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return load_vae()
+
+
+@pytest.mark.parametrize("weight,pool_size", [(0.0, 0), (0.05, 0), (0.0, 8), (0.05, 8)])
+def test_two_step_loop(tmp_path, vae, weight, pool_size):
+    cfg = TrainConfig(steps=2, batch_size=4, gradient_accumulation_steps=2, log_every=1, warmup_steps=1,
+                      num_threads=1, pool_size=pool_size)
+    pixel = PixelLossConfig(weight=weight, max_t=1.0)  # max_t 1: every paired target is eligible
+    run = train(TinyBagelConfig(vocab_size=len(TOK), **SMALL), cfg, pixel, vae, seed=0, output_dir=str(tmp_path),
+                progress=False)
+    assert [h["step"] for h in run.history] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(h["mse"])) for h in run.history)
+    if weight:
+        assert all("pixel" in h and h["pixel_images"] > 0 for h in run.history)
+    else:
+        assert all("pixel" not in h for h in run.history)
+    for name in ("model.safetensors", "ema.safetensors", "config.json"):
+        assert (tmp_path / name).exists()
+    model = load_checkpoint(str(tmp_path), "ema")
+    for (n, a), (_, b) in zip(model.named_parameters(), run.ema_model.named_parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_arms_share_data_and_noise(vae):
+    """Same seed: the first step's flow loss is identical with and without the pixel term."""
+    cfg = TrainConfig(steps=1, batch_size=4, log_every=1, num_threads=1, pool_size=8)
+    model_cfg = TinyBagelConfig(vocab_size=len(TOK), **SMALL)
+    a = train(dataclasses.replace(model_cfg), cfg, PixelLossConfig(weight=0.0), vae, seed=1, progress=False)
+    b = train(dataclasses.replace(model_cfg), cfg, PixelLossConfig(weight=0.05, max_t=1.0), vae, seed=1,
+              progress=False)
+    assert a.history[0]["mse"] == pytest.approx(b.history[0]["mse"], rel=1e-6)
+
+
+def test_experiment_end_to_end(tmp_path):
+    argv = ["--steps", "2", "--batch_size", "4", "--sample_steps", "2", "--eval_split", "val", "--output_dir",
+            str(tmp_path), "--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_heads", "2",
+            "--num_key_value_heads", "1", "--intermediate_size", "64", "--progress", "False", "--num_threads", "1",
+            "--save_checkpoints", "False", "--pool_size", "16", "--pixel_loss_weight", "0.05"]
+    report = experiment.main(argv)
+    assert (tmp_path / "metrics.json").exists() and (tmp_path / "grid.png").exists()
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    arms = saved["seeds"][0]["arms"]
+    assert set(arms) == {"flow_only", "pixel"}
+    for arm in arms.values():
+        assert {"psnr", "ssim", "unpaired_flow_loss", "paired_flow_loss"} <= set(arm)
+    assert arms["flow_only"]["pixel_loss"]["pixel_loss_weight"] == 0.0
+    assert arms["pixel"]["pixel_loss"]["pixel_loss_weight"] == 0.05
+    assert report["n_pairs"] == len(data.eval_pairs("val"))
