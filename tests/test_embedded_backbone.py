@@ -2,7 +2,6 @@
 import math
 
 import numpy as np
-import pytest
 import torch
 
 from bagel_sr import PixelLossConfig, flow, packing, with_pixel_loss

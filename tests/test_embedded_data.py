@@ -2,7 +2,6 @@
 import inspect
 
 import numpy as np
-import pytest
 import torch
 
 from bagel_sr.embedded import data, sources

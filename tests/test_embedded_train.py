@@ -1,7 +1,6 @@
 """Two-step runs of the embedded loop with and without the pixel loss, and of the experiment command."""
 import dataclasses
 import json
-import os
 
 import pytest
 import torch

@@ -13,7 +13,6 @@ BAGEL_CONTRACT.md, "The packed batch"): ``<bos> text <eos>`` splits are causal, 
 ``N(0, 1)`` raw timestep; conditions and instructions are dropped with ``vae_cond_dropout_prob`` /
 ``text_cond_dropout_prob`` (BAGEL's defaults, 0.1 each), which trains the unconditional branch.
 """
-import math
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 

@@ -92,7 +92,9 @@ def run_seed(args: ExperimentArguments, pixel: PixelLossConfig, seed: int, vae, 
     pool = LatentPool.build(seed, args.pool_size, vae, args.t2i_ratio) if args.pool_size > 0 else None
     pool_seconds = round(time.time() - t0, 1)
     for arm in ARMS:
-        arm_pixel = dataclasses.replace(pixel, weight=0.0) if arm == "flow_only" else pixel
+        # the pixel arm also measures the gradient norms of both terms on llm2vae (monitoring only)
+        arm_pixel = (dataclasses.replace(pixel, weight=0.0) if arm == "flow_only" else
+                     dataclasses.replace(pixel, log_grad_norms_every=pixel.log_grad_norms_every or 10))
         out_dir = os.path.join(args.output_dir, f"seed{seed}", arm) if args.save_checkpoints else None
         run = train(dataclasses.replace(model_config), train_cfg, arm_pixel, vae, seed=seed, output_dir=out_dir,
                     progress=args.progress, desc=f"seed {seed} {arm}", tokenizer=tokenizer, pool=pool)
@@ -106,6 +108,12 @@ def run_seed(args: ExperimentArguments, pixel: PixelLossConfig, seed: int, vae, 
         metrics.update(train_seconds=round(run.seconds, 1), eval_seconds=round(time.time() - t0, 1),
                        final_log=run.history[-1] if run.history else {}, history=run.history,
                        pixel_loss=arm_pixel.to_flags())
+        ratios = [h["grad_norm_ratio"] for h in run.history if "grad_norm_ratio" in h]
+        if ratios:
+            metrics["grad_norm_ratio"] = dict(mean=float(np.mean(ratios)), last=float(ratios[-1]))
+        pix = [h["pixel"] for h in run.history if "pixel" in h]
+        if pix:
+            metrics["train_pixel_loss_last"] = float(pix[-1])
         result[arm] = metrics
         preds[arm] = pred
     return dict(seed=seed, pool_seconds=pool_seconds, arms=result), preds
@@ -142,6 +150,9 @@ def format_table(seed_result: Dict, base: Dict, pixel: PixelLossConfig, n_pairs:
     lines.append(f"{'difference (+pixel - flow only)':{w}}{d_psnr.mean():+6.2f} ± {d_psnr.std():4.2f}   "
                  f"{d_ssim.mean():+.3f} ± {d_ssim.std():.3f}   (per-image paired differences; "
                  f"{int((d_psnr > 0).sum())}/{len(d_psnr)} images better in PSNR)")
+    if "grad_norm_ratio" in arms["pixel"]:
+        lines.append(f"gradient norm on llm2vae, weighted pixel term / flow term: "
+                     f"{arms['pixel']['grad_norm_ratio']['mean']:.2g} (mean over training)")
     return "\n".join(lines)
 
 

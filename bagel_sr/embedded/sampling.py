@@ -55,7 +55,7 @@ def euler_sample(model: TinyBagel, vae, samples: Sequence[data.Sample], tokenize
             z_all[is_target], t_all[is_target] = z, float(ts[i])
             v = model.predict_velocity(z_all, t_all, batch)
             z = z - v * float(ts[i] - ts[i + 1])
-        latents, row, k = [], 0, 0
+        latents, row = [], 0
         for (h, w), start in zip(shapes, _image_starts(shapes)):
             if bool(is_target[start]):
                 latents.append(model.unpatchify(z[row : row + h * w], h, w))

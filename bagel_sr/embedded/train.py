@@ -10,7 +10,6 @@ minimum LR, or constant, both with warm-up), an EMA update.  Checkpoints are ``m
 """
 import copy
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,8 +20,10 @@ from . import _compat  # noqa: F401
 import numpy as np
 import torch
 
+from .. import monitoring
 from ..config import PixelLossConfig
 from ..extension import with_pixel_loss
+from ..patches.training import grad_norms_due, warmup_factor
 from . import data
 from .backbone import TinyBagel, TinyBagelConfig
 
@@ -32,13 +33,13 @@ TinyBagelWithPixelLoss = with_pixel_loss(TinyBagel)
 
 @dataclass
 class TrainConfig:
-    steps: int = field(default=600, metadata={"help": "Optimizer steps per training run."})
+    steps: int = field(default=1000, metadata={"help": "Optimizer steps per training run."})
     batch_size: int = field(default=16, metadata={"help": "Samples packed into one micro-batch."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
-    lr: float = field(default=1e-3, metadata={"help": "Peak learning rate of AdamW."})
+    lr: float = field(default=3e-3, metadata={"help": "Peak learning rate of AdamW."})
     min_lr: float = field(default=1e-5, metadata={"help": "Final learning rate of the cosine schedule."})
     lr_scheduler: str = field(default="cosine", metadata={"help": "'cosine' (to min_lr) or 'constant'."})
-    warmup_steps: int = field(default=50, metadata={"help": "Linear LR warm-up steps."})
+    warmup_steps: int = field(default=100, metadata={"help": "Linear LR warm-up steps."})
     beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
     beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
     eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
@@ -129,10 +130,9 @@ def build_model(model_config: TinyBagelConfig, seed: int) -> torch.nn.Module:
 
 
 def pixel_weight(config: PixelLossConfig, step: int) -> float:
-    """The pixel weight at an optimizer step, with the linear warm-up of ``--pixel_loss_warmup_steps``."""
-    if config.warmup_steps and config.warmup_steps > 0:
-        return config.weight * min(1.0, (step + 1) / config.warmup_steps)
-    return config.weight
+    """The pixel weight at an optimizer step, with the linear warm-up of ``--pixel_loss_warmup_steps`` (the same
+    ramp as the checkout patch)."""
+    return config.weight * warmup_factor(step, config.warmup_steps)
 
 
 def _scheduler(optimizer, cfg: TrainConfig):
@@ -204,7 +204,7 @@ def train(model_config: TinyBagelConfig, cfg: TrainConfig, pixel: PixelLossConfi
     torch.manual_seed(seed + 2)  # forward noise and posterior samples: the same stream in every arm
     meta = dict(model=model_config.to_dict(), train=asdict(cfg), pixel_loss=pixel.to_flags(), seed=seed)
 
-    history, window = [], {}
+    history, window, adaptive = [], {}, torch.tensor(1.0)
     start = time.time()
     bar = tqdm(total=cfg.steps, desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
     optimizer.zero_grad(set_to_none=True)
@@ -236,9 +236,25 @@ def train(model_config: TinyBagelConfig, cfg: TrainConfig, pixel: PixelLossConfi
             loss = loss + ce * cfg.ce_weight
             logs["ce"] = ce.detach()
         if "pixel" in out:
-            loss = loss + pixel_weight(pixel, step) * out["pixel"]
+            weight = pixel_weight(pixel, step)
+            call = model.pixel_loss_state.pop_call()
+            if call is not None and grad_norms_due(pixel, micro, cfg.gradient_accumulation_steps):
+                # gradient norms of both terms on llm2vae (bagel_sr.monitoring), optionally the adaptive weight
+                flow_grad = monitoring.output_gradient(mse * cfg.mse_weight, call.v_hat)
+                norms = monitoring.llm2vae_grad_norms(call.hidden, flow_grad, call.pixel_grad, weight)
+                if pixel.adaptive_weight:
+                    adaptive = monitoring.adaptive_factor(norms, pixel.adaptive_weight_max)
+                    weight = weight * adaptive
+                    norms.pixel = weight * norms.pixel_unweighted
+                    logs["pixel_adaptive_factor"] = adaptive
+                if pixel.log_grad_norms_every > 0:
+                    logs.update({k: v.detach() for k, v in norms.as_log().items()})
+            elif pixel.adaptive_weight:
+                weight = weight * adaptive
+            loss = loss + weight * out["pixel"]
             logs["pixel"] = out["pixel"].detach()
             logs["pixel_images"] = out["pixel_images"].detach()
+            logs["pixel_weight"] = torch.as_tensor(float(weight))
         (loss / cfg.gradient_accumulation_steps).backward()
         for k, v in logs.items():
             window.setdefault(k, []).append(float(v))
@@ -256,8 +272,6 @@ def train(model_config: TinyBagelConfig, cfg: TrainConfig, pixel: PixelLossConfi
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             record = {k: float(np.mean(v)) for k, v in window.items()}
             record.update(step=step + 1, lr=scheduler.get_last_lr()[0], seconds=round(time.time() - start, 1))
-            if pixel.enabled:
-                record["pixel_weight"] = pixel_weight(pixel, step)
             history.append(record)
             window = {}
         if output_dir and cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:

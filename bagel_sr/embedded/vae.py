@@ -22,7 +22,6 @@ from typing import Dict, List, Optional, Sequence
 
 from . import _compat  # noqa: F401  (import guard before diffusers)
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -132,13 +131,14 @@ def measure_factors(ae, stream: data.TrainStream, n_batches: int = 8, batch: int
 
 def train(out: str, steps: int = 3000, batch_size: int = 16, lr: float = 1e-3, kl_weight: float = 1e-6,
           seed: int = 0, eval_every: int = 250, num_threads: int = 0, progress: bool = True,
-          init: Optional[str] = None, crop: int = 0, lr_share: float = 0.5) -> Dict:
+          init: Optional[str] = None, crop: int = 0, lr_share: float = 0.5, save_every: int = 100) -> Dict:
     """Train the VAE on the training split (HR and LR images), save it to ``out`` and return its metadata.
 
     ``init``: a directory with a saved VAE to continue from (its weights; a fresh optimizer and schedule);
     ``crop``: train on random crops of this size (0 = whole 64x64 patches); ``lr_share``: share of degraded inputs.
+    Every ``save_every`` steps the full training state goes to ``out/train_state.pt``; running the same command
+    again resumes from it (same schedule, same data stream) until the run completes.
     """
-    from safetensors.torch import save_file
     from tqdm import tqdm
 
     if num_threads:
@@ -158,8 +158,19 @@ def train(out: str, steps: int = 3000, batch_size: int = 16, lr: float = 1e-3, k
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     )
     val_images = split_images("val", hr_only=True)
-    start = time.time()
-    bar = tqdm(range(steps), desc="vae", disable=not progress, dynamic_ncols=True)
+    start, first = time.time(), 0
+    state_path = os.path.join(out, "train_state.pt")
+    if os.path.exists(state_path):  # resume an interrupted run of this command
+        st = torch.load(state_path, weights_only=False)
+        ae.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        stream.rng.bit_generator.state = st["rng"]
+        stream.generator.set_state(st["tgen"])
+        torch.set_rng_state(st["torch"])
+        first, start = st["step"], time.time() - st["seconds"]
+        print(f"resuming from step {first}")
+    bar = tqdm(range(first, steps), desc="vae", disable=not progress, dynamic_ncols=True, initial=first, total=steps)
     for step in bar:
         x = _training_batch(stream, batch_size, lr_share, crop)
         posterior = ae.encode(x).latent_dist
@@ -178,7 +189,15 @@ def train(out: str, steps: int = 3000, batch_size: int = 16, lr: float = 1e-3, k
             val = reconstruction_psnr(vae, val_images).mean().item()
             ae.train()
             bar.write(f"step {step + 1}: loss {loss.item():.5f} val PSNR {val:.2f} dB")
+            _save(out, ae, dict(config=VAE_CONFIG, scale_factor=1.0, shift_factor=0.0, partial_step=step + 1,
+                                val_psnr=val))  # a restartable snapshot (--init), replaced at the end
         bar.set_postfix(loss=f"{loss.item():.4f}")
+        if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+            os.makedirs(out, exist_ok=True)
+            torch.save(dict(model=ae.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(), step=step + 1,
+                            rng=stream.rng.bit_generator.state, tgen=stream.generator.get_state(),
+                            torch=torch.get_rng_state(), seconds=time.time() - start), state_path + ".tmp")
+            os.replace(state_path + ".tmp", state_path)
     ae.eval()
     factors = measure_factors(ae, stream)
     vae = DiffusersVAE(ae, factors["scale_factor"], factors["shift_factor"])
@@ -206,15 +225,23 @@ def train(out: str, steps: int = 3000, batch_size: int = 16, lr: float = 1e-3, k
         + (" --init <previous>" if init else ""),
         history=history,
     )
+    _save(out, ae, meta)
+    if os.path.exists(state_path):
+        os.remove(state_path)
+    print(f"VAE saved to {out}: held-out reconstruction PSNR {meta['heldout_psnr']:.2f} dB on the "
+          f"{meta['heldout_images']} HR targets (min {meta['heldout_psnr_min']:.2f}), "
+          f"{meta['heldout_psnr_with_lr_inputs']:.2f} dB with the LR inputs; val {meta['val_psnr']:.2f} dB")
+    return meta
+
+
+def _save(out: str, ae, meta: Dict) -> None:
+    from safetensors.torch import save_file
+
     os.makedirs(out, exist_ok=True)
     save_file({k: v.detach().to(torch.float16).contiguous() for k, v in ae.state_dict().items()},
               os.path.join(out, WEIGHTS_NAME))
     with open(os.path.join(out, META_NAME), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
-    print(f"VAE saved to {out}: held-out reconstruction PSNR {meta['heldout_psnr']:.2f} dB on the "
-          f"{meta['heldout_images']} HR targets (min {meta['heldout_psnr_min']:.2f}), "
-          f"{meta['heldout_psnr_with_lr_inputs']:.2f} dB with the LR inputs; val {meta['val_psnr']:.2f} dB")
-    return meta
 
 
 def evaluate(directory: Optional[str] = None) -> Dict:
