@@ -14,23 +14,27 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 #: Decoder blocks checkpointed one by one, the outermost match wins: residual blocks, attention, upsampling of
-#: BAGEL's AutoEncoder (``ResnetBlock``, ``AttnBlock``, ``Upsample``) and of diffusers' AutoencoderKL
-#: (``ResnetBlock2D``, ``Attention``, ``Upsample2D``).  Per residual block, not per up-block: recomputing a whole
-#: full-resolution up-block in backward would hold its three residual blocks' activations at once.
+#: BAGEL's AutoEncoder (``ResnetBlock``, ``AttnBlock``, ``Upsample``), of diffusers' AutoencoderKL
+#: (``ResnetBlock2D``, ``Attention``, ``Upsample2D``) and AutoencoderDC (``ResBlock``, ``EfficientViTBlock``,
+#: ``DCUpBlock2d``).  Per residual block, not per up-block: recomputing a whole full-resolution up-block in backward
+#: would hold its three residual blocks' activations at once.
 CHECKPOINT_BLOCKS = frozenset(
-    {"ResnetBlock", "AttnBlock", "Upsample", "ResnetBlock2D", "Attention", "Upsample2D"}
+    {"ResnetBlock", "AttnBlock", "Upsample", "ResnetBlock2D", "Attention", "Upsample2D", "ResBlock",
+     "EfficientViTBlock", "DCUpBlock2d"}
 )
 
 
 class DiffusersVAE(nn.Module):
-    """A diffusers ``AutoencoderKL`` with BAGEL's ``encode``/``decode`` convention (scaled latents).
+    """A diffusers-style autoencoder with BAGEL's ``encode``/``decode`` convention (scaled latents).
 
-    ``encode`` samples the posterior, like BAGEL's ``AutoEncoder``; ``encode_mean`` returns its mean.
+    The autoencoder's ``encode(x)`` returns ``.latent_dist`` (a posterior, as ``AutoencoderKL``) or ``.latent``
+    (deterministic, as ``AutoencoderDC``); ``decode(z)`` returns ``.sample``.  ``encode`` samples a posterior, like
+    BAGEL's ``AutoEncoder``; ``encode_mean`` returns its mean; both are the latent of a deterministic encoder.
     """
 
-    def __init__(self, autoencoder_kl: nn.Module, scale_factor: float, shift_factor: float):
+    def __init__(self, autoencoder: nn.Module, scale_factor: float, shift_factor: float):
         super().__init__()
-        self.vae = autoencoder_kl
+        self.vae = autoencoder
         self.scale_factor = float(scale_factor)
         self.shift_factor = float(shift_factor)
 
@@ -41,11 +45,21 @@ class DiffusersVAE(nn.Module):
     def _scale(self, z: torch.Tensor) -> torch.Tensor:
         return self.scale_factor * (z - self.shift_factor)
 
+    def posterior(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Mean and standard deviation of the *unscaled* latent; the deviation is zero for a deterministic encoder."""
+        out = self.vae.encode(x)
+        dist = getattr(out, "latent_dist", None)
+        if dist is None:
+            return out.latent, torch.zeros_like(out.latent)
+        return dist.mean, dist.std
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self._scale(self.vae.encode(x).latent_dist.sample())
+        out = self.vae.encode(x)
+        dist = getattr(out, "latent_dist", None)
+        return self._scale(out.latent if dist is None else dist.sample())
 
     def encode_mean(self, x: torch.Tensor) -> torch.Tensor:
-        return self._scale(self.vae.encode(x).latent_dist.mean)
+        return self._scale(self.posterior(x)[0])
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(z / self.scale_factor + self.shift_factor).sample

@@ -149,11 +149,11 @@ def test_flex_style_split_lens_give_the_same_mask():
 
 def test_with_pixel_loss_wraps_it_like_bagel():
     from bagel_sr.decoding import DiffusersVAE
-    from bagel_sr.embedded.vae import VAE_CONFIG, build_autoencoder
+    from bagel_sr.embedded.autoencoder import residual_config
+    from bagel_sr.embedded.vae import build_autoencoder
 
-    cfg = dict(VAE_CONFIG, block_out_channels=[8, 8, 8, 8], norm_num_groups=8)
     torch.manual_seed(0)
-    vae = DiffusersVAE(build_autoencoder(cfg), 1.0, 0.0).eval()
+    vae = DiffusersVAE(build_autoencoder(dict(residual=residual_config((8, 8, 8, 8)))), 1.0, 0.0).eval()
     model = with_pixel_loss(TinyBagel)(tiny_config())
     model.attach_pixel_loss(PixelLossConfig(weight=0.05, max_t=1.0), vae)
     batch = batch_with_latents(samples())

@@ -2,8 +2,9 @@
 tried and measured without a BAGEL checkout, a checkpoint or a GPU (``python train/main_sr_pixel_loss.py``).
 
 Modules: ``sources`` (images shipped in pip packages, split by source), ``data`` (pairs, tokenizer, packing),
-``backbone`` (``TinyBagel``, BAGEL's forward contract), ``vae`` (the small ``AutoencoderKL`` and its training command),
-``train`` (the loop), ``sampling`` (Euler sampler, metrics), ``experiment`` (the default run).
+``backbone`` (``TinyBagel``, BAGEL's forward contract), ``autoencoder`` (a linear patch code plus an ``AutoencoderDC``
+residual), ``vae`` (its training command and loader), ``train`` (the loop), ``sampling`` (Euler sampler, metrics),
+``experiment`` (the default run).
 """
 from ._compat import guard_broken_torchvision
 

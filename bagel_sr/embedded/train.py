@@ -55,7 +55,7 @@ class TrainConfig:
     pool_size: int = field(
         default=2048,
         metadata={"help": "Training samples drawn once and VAE-encoded once (posterior mean/std cached, a fresh "
-                  "posterior sample per use); 0 = a fresh sample and a VAE encode every step, as BAGEL's loop."},
+                  "sample per use; std 0 for a deterministic encoder such as the shipped one); 0 = a fresh sample and a VAE encode every step, as BAGEL's loop."},
     )
     log_every: int = field(default=50, metadata={"help": "Record the losses every N optimizer steps."})
     save_every: int = field(default=0, metadata={"help": "Checkpoint every N steps (0 = only at the end)."})
@@ -84,9 +84,9 @@ class LatentPool:
         means, stds = [], []
         with torch.no_grad():
             for i in range(0, len(images), batch):
-                dist = vae.vae.encode(torch.stack(images[i : i + batch])).latent_dist
-                means.append(dist.mean)
-                stds.append(dist.std)
+                mean, std = vae.posterior(torch.stack(images[i : i + batch]))
+                means.append(mean)
+                stds.append(std)
         self.mean, self.std = torch.cat(means), torch.cat(stds)
 
     @classmethod
