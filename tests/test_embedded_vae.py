@@ -95,3 +95,19 @@ def test_crop_must_fit_the_patch(tmp_path):
 def test_old_configuration_is_refused_with_a_retrain_hint():
     with pytest.raises(ValueError, match="retrain"):
         V.build_autoencoder({"block_out_channels": [32, 64, 64, 64]})
+
+
+def test_channel_gains_of_an_orthonormal_linear_code_are_equal_and_known():
+    from bagel_sr.decoding import DiffusersVAE
+    from bagel_sr.embedded.autoencoder import LinearPlusResidualAutoencoder, residual_config
+
+    torch.manual_seed(0)
+    ae = LinearPlusResidualAutoencoder(residual_config((8, 8, 8, 8)))
+    ae.pca_init(torch.rand(4, 32, 32) * 2 - 1)  # residual still zero: decode is D_lin, orthonormal 8x8 components
+    vae = DiffusersVAE(ae.eval(), 2.0, 0.0)
+    gains = V.decoder_channel_gains(vae, torch.rand(3, 3, 32, 32) * 2 - 1)
+    # a scaled-latent unit is 1/2 raw unit, spread with unit norm over 64 pixels: pixel MSE / latent MSE = 1/(4*64)
+    torch.testing.assert_close(gains, torch.full((16,), 1 / 256), rtol=1e-4, atol=1e-7)
+    ae.decode_linear.weight.data[3] *= 3  # one component amplified 3x: 9x the pixel cost of its latent error
+    gains = V.decoder_channel_gains(vae, torch.rand(3, 3, 32, 32) * 2 - 1)
+    assert abs(float(gains[3] / gains[0]) - 9) < 1e-3
