@@ -33,7 +33,7 @@ TinyBagelWithPixelLoss = with_pixel_loss(TinyBagel)
 
 @dataclass
 class TrainConfig:
-    steps: int = field(default=1000, metadata={"help": "Optimizer steps per training run."})
+    steps: int = field(default=2000, metadata={"help": "Optimizer steps per training run."})
     batch_size: int = field(default=16, metadata={"help": "Samples packed into one micro-batch."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     lr: float = field(default=3e-3, metadata={"help": "Peak learning rate of AdamW."})
