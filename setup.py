@@ -27,7 +27,7 @@ setup(
         "torch>=2.5",
         "transformers==4.49.*",
         "huggingface-hub>=0.24,<1.0",
-        "diffusers>=0.31,<0.36",
+        "diffusers>=0.32,<0.36",  # AutoencoderDC (the embedded VAE) since 0.32
         "safetensors>=0.4",
         "accelerate>=0.34",
         "einops>=0.8",
