@@ -55,7 +55,6 @@ class LinearPlusResidualAutoencoder(nn.Module):
         super().__init__()
         from diffusers import AutoencoderDC
 
-        self.config = dict(residual=dict(residual))
         self.encode_linear = nn.Conv2d(3, LATENT_CHANNELS, PATCH, stride=PATCH)
         self.decode_linear = nn.ConvTranspose2d(LATENT_CHANNELS, 3, PATCH, stride=PATCH)
         self.residual = AutoencoderDC(**residual)

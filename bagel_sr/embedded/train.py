@@ -55,7 +55,8 @@ class TrainConfig:
     pool_size: int = field(
         default=2048,
         metadata={"help": "Training samples drawn once and VAE-encoded once (posterior mean/std cached, a fresh "
-                  "sample per use; std 0 for a deterministic encoder such as the shipped one); 0 = a fresh sample and a VAE encode every step, as BAGEL's loop."},
+                  "sample per use; std 0 for a deterministic encoder such as the shipped one); 0 = a fresh "
+                  "sample and a VAE encode every step, as BAGEL's loop."},
     )
     log_every: int = field(default=50, metadata={"help": "Record the losses every N optimizer steps."})
     save_every: int = field(default=0, metadata={"help": "Checkpoint every N steps (0 = only at the end)."})

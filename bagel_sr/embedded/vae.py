@@ -9,7 +9,7 @@ data so that the scaled latents ``scale * (z - shift)`` have about unit standard
 The weights ship with the package (``assets/vae.safetensors``, float16 on disk, float32 in memory) together with
 ``assets/vae.json`` (configuration, factors, measured PSNR, the command that made them).  Retrain with::
 
-    python -m bagel_sr.embedded.vae train --out bagel_sr/embedded/assets --steps 3000
+    python -m bagel_sr.embedded.vae train --out bagel_sr/embedded/assets --steps 4000 --lr 3e-4 --lr_share 0.3
 
 PSNR is measured on grayscale images in [0, 1] (channel mean of the decoded RGB, clipped), ``data_range = 1``; the
 number that matters is the one on the held-out *high-resolution targets*: no restoration metric can exceed it.
