@@ -8,7 +8,11 @@ What each ``apply``/``install`` function replaces:
 - ``allow_cpu_sdpa(module)``: replaces the module-level name ``sdpa_kernel`` of BAGEL's
   ``modeling.bagel.qwen2_navit`` with a wrapper that also allows ``SDPBackend.MATH``: the training attention asks
   for EFFICIENT_ATTENTION only, for which a CPU has no kernel.
-- ``apply_cpu_compat()``: both of the above.
+- ``declare_torchvision_ops()``: where a torchvision wheel built for CUDA sits next to a CPU-only torch (its
+  compiled operators cannot load, and ``import torchvision`` then fails in the meta registrations of ``nms``), declares
+  the two operator schemas it registers against, so its pure-Python transforms (all BAGEL's data code uses) import.
+  No-op when torchvision is absent or its operators load.
+- ``apply_cpu_compat()``: the flash_attn stand-in and the sdpa patch.
 
 What the patches do *not* do, and callers must (see ``tests/bagel_tiny.py``): on a CPU the model must be cast to
 bf16 (``model.to(torch.bfloat16)``, as FSDP's bf16 params are on a GPU) *and* its forward run under
@@ -214,6 +218,46 @@ def _import_qwen2_navit() -> ModuleType:
             f"CPU patch: cannot import {QWEN2_NAVIT_MODULE} ({err}). Put the BAGEL checkout on sys.path first "
             "(bagel_sr.patches.checkout.add_to_sys_path) or pass the module explicitly."
         ) from err
+
+
+# ------------------------------------------------------------------------------------------- torchvision on CPU
+
+_TORCHVISION_LIB = None
+_TORCHVISION_SCHEMAS = (
+    "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+    "qnms(Tensor qdets, float dets_scale, int dets_zero_point, Tensor qscores, float scores_scale, "
+    "int scores_zero_point, float iou_threshold) -> Tensor",
+)
+
+
+def declare_torchvision_ops() -> Undo:
+    """Declare ``torchvision::nms``/``qnms`` when torchvision's compiled operators cannot load (see module doc)."""
+    global _TORCHVISION_LIB
+    spec = importlib.util.find_spec("torchvision")
+    if _TORCHVISION_LIB is not None or spec is None or not spec.submodule_search_locations:
+        return _noop
+    import glob
+    import os
+
+    libs = glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "_C*.so"))
+    try:
+        if libs:
+            torch.ops.load_library(libs[0])
+            return _noop
+    except OSError:
+        pass
+    library = torch.library.Library("torchvision", "DEF")
+    for schema in _TORCHVISION_SCHEMAS:
+        library.define(schema)
+    _TORCHVISION_LIB = library
+
+    def undo() -> None:
+        global _TORCHVISION_LIB
+        if _TORCHVISION_LIB is library:
+            library._destroy()
+            _TORCHVISION_LIB = None
+
+    return undo
 
 
 # -------------------------------------------------------------------------------------------------------- together

@@ -7,11 +7,14 @@ embedded default experiment (``bagel_sr.embedded``) with the same ``--pixel_loss
 import os
 import sys
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from bagel_sr.config import CONSERVATIVE_DEFAULTS, flag_name
+from bagel_sr.config import CONSERVATIVE_DEFAULTS, FLAG_PREFIX, PixelLossConfig, flag_name, pixel_loss_arguments_class
+from bagel_sr.patches.checkout import CheckoutError
+from bagel_sr.patches.datasets import DatasetRegistrationError
+from bagel_sr.patches.training import IncompatibleCheckoutError
 
 WRAPPER_FLAGS = {
     "bagel_root": "Path of the BAGEL checkout (or set BAGEL_ROOT). Without one, the embedded default runs.",
@@ -77,26 +80,64 @@ def wrapper_help() -> str:
     return "\n".join(lines)
 
 
-def prepare_checkout(root: str, script: Optional[str] = None, dataset_yamls: Optional[str] = None):
+def prepare_checkout(root: str, script: Optional[str] = None, dataset_yamls: Optional[str] = None,
+                     pixel_loss: bool = True):
     """Import the checkout's training script with CPU compatibility where needed, apply the patches.
 
-    Returns ``(train_module, state)``; ``state.restore()`` undoes the training patches.
+    Returns ``(train_module, state)``; ``state.restore()`` undoes the training patches. ``pixel_loss=False``
+    imports and registers data sets only (the stock script, for comparisons).
     """
     from bagel_sr.patches import checkout, cpu
-    from bagel_sr.patches.training import apply_pixel_loss_training
+    from bagel_sr.patches.training import PatchState, apply_pixel_loss_training
 
     root_path = checkout.find_checkout(root)
     checkout.add_to_sys_path(root_path)
     cpu.install_flash_attn_stand_in()  # only acts where flash_attn is not installed
     if not torch.cuda.is_available():
+        cpu.declare_torchvision_ops()  # only acts where torchvision's compiled operators cannot load
         cpu.allow_cpu_sdpa()
     module = checkout.import_training_module(root_path, script)
-    state = apply_pixel_loss_training(module)
+    state = apply_pixel_loss_training(module) if pixel_loss else PatchState()
     if dataset_yamls:
         from bagel_sr.patches.datasets import register_built_datasets
 
         state.undo.append(register_built_datasets([p for p in dataset_yamls.split(",") if p.strip()]))
     return module, state
+
+
+def pixel_loss_flags(argv: Sequence[str]) -> List[str]:
+    """The ``--pixel_loss_*`` flags of ``argv`` with their values (``--flag value`` or ``--flag=value``)."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--" + FLAG_PREFIX):
+            out.append(arg)
+            if "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                out.append(argv[i + 1])
+                i += 1
+        i += 1
+    return out
+
+
+def validate_pixel_loss_flags(argv: Sequence[str]) -> PixelLossConfig:
+    """Parse and check our flags alone, before the checkout's ``main()`` starts process groups or asserts CUDA.
+
+    Raises ``UsageError`` with one line naming the flag and what is allowed.
+    """
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(pixel_loss_arguments_class())
+    try:
+        (parsed,) = parser.parse_args_into_dataclasses(args=pixel_loss_flags(argv), return_remaining_strings=False)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    except SystemExit:
+        raise UsageError("a --pixel_loss_* flag has a value of the wrong type or no value; see --help") from None
+    return PixelLossConfig.from_namespace(parsed)
+
+
+class UsageError(ValueError):
+    """A flag the user gave is wrong; printed as one line, no traceback."""
 
 
 def print_checkout_help(module) -> None:
@@ -106,9 +147,17 @@ def print_checkout_help(module) -> None:
     parser.print_help()
 
 
-def main(argv: Optional[Sequence[str]] = None):
+def main(argv: Optional[Sequence[str]] = None, *, before_main: Optional[Callable[[Any], Any]] = None,
+         pixel_loss: bool = True):
+    """The wrapper. ``before_main(train_module)`` runs last before the script's ``main()`` (the dry run's CPU
+    patches); ``pixel_loss=False`` runs the stock script (data-set registration only)."""
     wargs, rest = split_wrapper_args(sys.argv[1:] if argv is None else argv)
     root = wargs.bagel_root or os.environ.get("BAGEL_ROOT")
+    try:
+        if not wargs.help:
+            validate_pixel_loss_flags(rest)
+    except UsageError as err:
+        raise SystemExit(f"bagel-sr: {err}") from None
     if not root:
         from bagel_sr.embedded import experiment
 
@@ -117,9 +166,14 @@ def main(argv: Optional[Sequence[str]] = None):
         if wargs.help:
             print(wrapper_help() + "\n")
         return experiment.main(inject_defaults(rest))
-    module, state = prepare_checkout(root, wargs.bagel_train_script, wargs.bagel_sr_datasets)
+    try:
+        module, state = prepare_checkout(root, wargs.bagel_train_script, wargs.bagel_sr_datasets, pixel_loss)
+    except (CheckoutError, IncompatibleCheckoutError, DatasetRegistrationError) as err:
+        raise SystemExit(f"bagel-sr: {err}") from None
     if wargs.help:
         print_checkout_help(module)
         return None
-    sys.argv = [str(module.__file__)] + inject_defaults(rest)
+    sys.argv = [str(module.__file__)] + (inject_defaults(rest) if pixel_loss else list(rest))
+    if before_main is not None:
+        before_main(module)
     return module.main()

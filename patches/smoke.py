@@ -1,0 +1,387 @@
+"""CPU dry run of a checkout's own ``main()`` with the pixel term, before booking GPUs.
+
+    python -m bagel_sr.smoke --bagel_root PATH [--model_path PATH] [--steps 4] [--nproc 2] [--save_at K]
+                             [--workdir DIR] [BAGEL flags] [--pixel_loss_* flags]
+
+It launches ``torchrun --nproc_per_node N`` twice on the wrapper (``train/main_sr_pixel_loss.py``'s logic) with
+the CPU patches of :mod:`bagel_sr.patches.cpu_main`: first to step ``K`` (checkpoint), then with
+``--auto_resume True`` to ``--steps``. It then checks, from the loop's own log lines and files:
+
+1. the pixel term acted (``pixel_images > 0`` on some step) and its keys reached the loop's log lines;
+2. every logged loss is finite;
+3. the second launch resumed from the first one's checkpoint (BAGEL's convention: checkpoint ``K`` -> step K+1);
+4. the last ``model.safetensors`` and ``ema.safetensors`` load into the checkout's stock ``Bagel`` with
+   ``strict=True``.
+
+The last line is ``smoke: OK ...`` (exit 0) or ``smoke: FAILED: <what>`` (exit 1). Without ``--model_path`` a tiny
+random model folder of the checkout's architecture is written (:mod:`.smoke_model`); without
+``--dataset_config_file`` / ``--bagel_sr_datasets`` a tiny paired set is built (:mod:`.smoke_data`).
+
+``--stock`` runs the checkout's ``main()`` without the wrapper (same CPU patches) and ``--no_resume`` makes one
+launch only: together they compare stock and wrapped trajectories (tests).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+WORKER_MODULE = "bagel_sr.patches.smoke"
+LOG_LINE = re.compile(r"\(step=(\d+)\) (.*)")
+LOSS_ITEM = re.compile(r"Train Loss (\w+): (\S+?),")
+START_LINE = re.compile(r"Training for (\d+) steps, starting at (\d+)")
+PIXEL_KEYS = ("pixel", "pixel_images", "pixel_weight")
+
+#: BAGEL flags of a dry run on CPU (the user's own flags come after these and win).
+DRY_RUN_FLAGS = {
+    "finetune_from_hf": "True", "visual_gen": "True", "visual_und": "True", "sharding_strategy": "FULL_SHARD",
+    "log_every": "1", "lr": "1e-4", "warmup_steps": "0", "peak_device_tflops": "1.0", "global_seed": "0",
+    "data_seed": "0", "num_workers": "1", "prefetch_factor": "2", "expected_num_tokens": "320",
+    "max_num_tokens": "640", "max_num_tokens_per_sample": "640", "prefer_buffer_before": "160",
+    "max_buffer_size": "4", "wandb_offline": "True", "wandb_project": "bagel_sr_smoke", "wandb_name": "smoke",
+}
+
+
+VISUAL_UND_HINT = (
+    "the checkout's loop stopped at `assert not training_args.visual_und`: a micro-batch had no text-loss tokens "
+    "(paired edit data have none) while --visual_und is True; keep a vlm_sft group with `is_mandatory: true` in "
+    "your --dataset_config_file (one text-loss sample per packed batch), or pass --visual_und False (then "
+    "upstream's resume fails: it pops the ViT's position table from every checkpoint)")
+
+
+class SmokeFailure(Exception):
+    """A check of the dry run failed; the message says which."""
+
+
+# ------------------------------------------------------------------------------------------------ the checks
+
+@dataclass
+class LaunchLog:
+    """What one launch's log shows: ``steps[step] = {key: value}`` and the step ``main()`` said it starts at."""
+
+    steps: Dict[int, Dict[str, float]] = field(default_factory=dict)
+    start: Optional[int] = None
+
+    @classmethod
+    def parse(cls, text: str) -> "LaunchLog":
+        log = cls()
+        for line in text.splitlines():
+            start = START_LINE.search(line)
+            if start and log.start is None:
+                log.start = int(start.group(2))
+            match = LOG_LINE.search(line)
+            if match:
+                items = {k: float(v) for k, v in LOSS_ITEM.findall(match.group(2) + ",")}
+                if items:
+                    log.steps.setdefault(int(match.group(1)), items)
+        return log
+
+    def trajectory(self, keys: Sequence[str] = ("mse", "ce")) -> List[tuple]:
+        return [(s, tuple(self.steps[s].get(k) for k in keys)) for s in sorted(self.steps)]
+
+
+def check_pixel_term(logs: Sequence[LaunchLog]) -> str:
+    """The pixel keys reached the log lines and some step admitted an image."""
+    lines = [items for log in logs for items in log.steps.values()]
+    if not lines:
+        raise SmokeFailure("the loop logged no step (look at the launch log)")
+    missing = [k for k in PIXEL_KEYS if not any(k in items for items in lines)]
+    if missing:
+        raise SmokeFailure(f"the loop's log lines lack {', '.join(missing)}: the pixel term's keys did not reach them")
+    admitted = sum(items.get("pixel_images", 0.0) for items in lines)
+    if admitted <= 0:
+        raise SmokeFailure(
+            f"the pixel term admitted no image in {len(lines)} logged steps (pixel_images stayed 0): check "
+            "--pixel_loss_datasets / --pixel_loss_paired_only against your data, or raise --steps")
+    return f"pixel term acted on {sum(1 for i in lines if i.get('pixel_images', 0) > 0)}/{len(lines)} steps"
+
+
+def check_finite(logs: Sequence[LaunchLog]) -> None:
+    for log in logs:
+        for step, items in sorted(log.steps.items()):
+            bad = [k for k, v in items.items() if not math.isfinite(v)]
+            if bad:
+                raise SmokeFailure(f"non-finite {', '.join(bad)} at step {step}")
+
+
+def check_resume(first: LaunchLog, second: LaunchLog, saved_step: int) -> str:
+    expected = saved_step + 1  # BAGEL's resume: int(checkpoint folder name) + 1
+    if second.start != expected:
+        raise SmokeFailure(f"the resumed launch started at step {second.start}, expected {expected} "
+                           f"(checkpoint {saved_step:07d} of the first launch)")
+    if second.steps and min(second.steps) != expected:
+        raise SmokeFailure(f"the resumed launch's first logged step is {min(second.steps)}, expected {expected}")
+    return f"resumed from checkpoint {saved_step:07d} at step {expected}"
+
+
+# --------------------------------------------------------------------------------------------- orchestration
+
+def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, List[str]]:
+    p = argparse.ArgumentParser(prog="python -m bagel_sr.smoke", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bagel_root", default=os.environ.get("BAGEL_ROOT"), help="your BAGEL checkout (or BAGEL_ROOT)")
+    p.add_argument("--bagel_train_script", default=None, help="training script inside the checkout (autodetected)")
+    p.add_argument("--model_path", default=None, help="a released model folder: its configs are shrunk to a few "
+                   "narrow layers with random weights; its tokenizer and VAE are used as they are")
+    p.add_argument("--steps", type=int, default=4, help="optimizer steps in all (default 4)")
+    p.add_argument("--save_at", type=int, default=None, help="step of the checkpoint the second launch resumes "
+                   "from (default steps // 2)")
+    p.add_argument("--nproc", type=int, default=2, help="processes (ranks) of torchrun (default 2)")
+    p.add_argument("--workdir", default=None, help="folder for the model, data, logs and checkpoints (default: a "
+                   "temporary folder, removed on success); a model folder or data set already there is reused")
+    p.add_argument("--stock", action="store_true", help="run the checkout's main() without the bagel-sr wrapper")
+    p.add_argument("--no_resume", action="store_true", help="one launch of --steps steps, no resume check")
+    p.add_argument("--timeout", type=int, default=900, help="seconds per launch before it is stopped (default 900)")
+    args, rest = p.parse_known_args(argv)
+    if not args.bagel_root:
+        p.error("--bagel_root PATH (or BAGEL_ROOT=PATH) is required: the dry run runs your checkout's main()")
+    if args.steps < 2 and not args.no_resume:
+        p.error(f"--steps {args.steps}: needs at least 2 (one before the checkpoint, one after it)")
+    if args.steps < 1:
+        p.error(f"--steps {args.steps}: needs at least 1")
+    if args.nproc < 1:
+        p.error(f"--nproc {args.nproc}: needs at least 1")
+    if args.save_at is None:
+        args.save_at = max(1, args.steps // 2)
+    if not args.no_resume and not 1 <= args.save_at < args.steps:
+        p.error(f"--save_at {args.save_at}: must lie in [1, --steps) = [1, {args.steps})")
+    return args, rest
+
+
+def _flag_given(rest: Sequence[str], name: str) -> bool:
+    return any(a == f"--{name}" or a.startswith(f"--{name}=") for a in rest)
+
+
+def _preflight(args: argparse.Namespace):
+    """Import the checkout and apply every patch once (then undo): a missing fact fails here, before any launch.
+
+    Returns the checkout's ``load_ae``.
+    """
+    from bagel_sr.patches import cpu_main, launch
+
+    module, state = launch.prepare_checkout(args.bagel_root, args.bagel_train_script, None, pixel_loss=not args.stock)
+    try:
+        cpu_main.apply_cpu_main(module, sys.modules.get("train.fsdp_utils")).undo()
+        return sys.modules["modeling.autoencoder"].load_ae
+    finally:
+        state.restore()
+
+
+def _prepare_inputs(args: argparse.Namespace, rest: List[str], workdir: pathlib.Path, load_ae) -> List[str]:
+    """Model folder and data set (unless the user gave theirs); returns the BAGEL flags of both launches."""
+    from bagel_sr.patches import smoke_data, smoke_model
+
+    flags = dict(DRY_RUN_FLAGS, results_dir=str(workdir / "results"), checkpoint_dir=str(workdir / "checkpoints"),
+                 num_shard=str(args.nproc))
+    model_dir = workdir / "model"
+    if args.model_path:
+        smoke_model.shrink_model_folder(args.model_path, model_dir)
+    elif not (model_dir / "ae.safetensors").is_file():
+        print("smoke: writing a tiny random model folder (configs, byte tokenizer, random VAE) ...", flush=True)
+        smoke_model.write_tiny_model_folder(model_dir, load_ae)
+    flags["model_path"] = str(model_dir)
+    extra: List[str] = []
+    if not _flag_given(rest, "dataset_config_file") and not _flag_given(rest, "bagel_sr_datasets"):
+        data = workdir / "data"
+        files = (data / "built" / "bagel_sr_dataset.yaml", data / "dataset_config.yaml", data / "chat_entry.json")
+        if not all(f.is_file() for f in files):
+            print("smoke: building a tiny paired set and a chat set from images shipped in scikit-image ...", flush=True)
+            files = smoke_data.build_smoke_data(workdir)
+        flags["bagel_sr_datasets"], flags["dataset_config_file"] = str(files[0]), str(files[1])
+        extra = ["--register_chat", str(files[2])]
+    out: List[str] = []
+    for k, v in flags.items():
+        out += [f"--{k}", v]
+    return extra, out + list(rest)
+
+
+def _launch(args: argparse.Namespace, flags: List[str], total_steps: int, save_every: int, log_path: pathlib.Path,
+            extra: Sequence[str] = ()) -> LaunchLog:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+           "-m", WORKER_MODULE, "worker", "--bagel_root", args.bagel_root]
+    if args.bagel_train_script:
+        cmd += ["--bagel_train_script", args.bagel_train_script]
+    if args.stock:
+        cmd.append("--stock")
+    cmd += list(extra) + list(args.worker_extra) + ["--"] + flags + ["--total_steps", str(total_steps), "--save_every", str(save_every)]
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(log_path.parent),
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), TOKENIZERS_PARALLELISM="false",
+               PYTHONUNBUFFERED="1")
+    started = time.time()
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        try:
+            for line in proc.stdout:
+                log_file.write(line)
+                if line.startswith(("(step=", "bagel-sr", "smoke")):
+                    print("  " + line.rstrip()[:200], flush=True)
+                if time.time() - started > args.timeout:
+                    proc.kill()
+                    raise SmokeFailure(f"launch exceeded --timeout {args.timeout} s (log: {log_path})")
+        finally:
+            code = proc.wait()
+    if code != 0:
+        if "assert not training_args.visual_und" in log_path.read_text():
+            raise SmokeFailure(VISUAL_UND_HINT + f" (log: {log_path})")
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-25:])
+        raise SmokeFailure(f"torchrun exited with code {code}; last lines of {log_path}:\n{tail}")
+    return LaunchLog.parse(log_path.read_text())
+
+
+def run(argv: Sequence[str]) -> int:
+    args, rest = _parse(argv)
+    started = time.time()
+    own_workdir = args.workdir is None
+    workdir = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="bagel_sr_smoke_")).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        load_ae = _preflight(args)
+        args.worker_extra, flags = _prepare_inputs(args, rest, workdir, load_ae)
+        for old in ("checkpoints", "results"):
+            shutil.rmtree(workdir / old, ignore_errors=True)
+        logs, notes = [], []
+        load_check = workdir / "load_check.json"
+        check_args = ["--load_check", str(load_check)]
+        if args.no_resume:
+            print(f"smoke: one launch, {args.steps} steps, {args.nproc} ranks", flush=True)
+            logs.append(_launch(args, flags, args.steps, args.steps, workdir / "launch1.log", check_args))
+        else:
+            print(f"smoke: launch 1 of 2, steps 0..{args.save_at - 1}, checkpoint {args.save_at:07d}", flush=True)
+            logs.append(_launch(args, flags, args.save_at, args.save_at, workdir / "launch1.log"))
+            print(f"smoke: launch 2 of 2, auto-resume, to step {args.steps}", flush=True)
+            logs.append(_launch(args, flags + ["--auto_resume", "True"], args.steps, args.steps,
+                                workdir / "launch2.log", check_args))
+            notes.append(check_resume(logs[0], logs[1], args.save_at))
+        check_finite(logs)
+        if not args.stock and not _pixel_off(flags):
+            notes.insert(0, check_pixel_term(logs))
+        result = json.loads(load_check.read_text()) if load_check.is_file() else {"error": "no result written"}
+        if result.get("error"):
+            raise SmokeFailure(f"loading the checkpoint into stock Bagel: {result['error']}")
+        notes.append(f"{' and '.join(result['loaded'])} load into stock Bagel (strict)")
+        (workdir / "trajectory.json").write_text(json.dumps([log.trajectory() for log in logs]))
+    except SmokeFailure as failure:
+        print(f"smoke: FAILED: {failure} (work folder kept: {workdir})", flush=True)
+        return 1
+    except Exception as error:  # a checkout that lacks a fact, a bad flag: one line, named
+        print(f"smoke: FAILED: {type(error).__name__}: {error}", flush=True)
+        return 1
+    if own_workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(f"smoke: OK in {time.time() - started:.0f} s: " + "; ".join(notes), flush=True)
+    return 0
+
+
+def _pixel_off(flags: Sequence[str]) -> bool:
+    values = [flags[i + 1] for i, a in enumerate(flags[:-1]) if a == "--pixel_loss_weight"]
+    return bool(values) and float(values[-1]) == 0.0
+
+
+# -------------------------------------------------------------------------------------------------- the worker
+
+def worker(argv: Sequence[str]) -> None:
+    """One rank of a launch: the wrapper (or the stock script) with the CPU patches of ``main()`` applied."""
+    p = argparse.ArgumentParser(prog=f"{WORKER_MODULE} worker")
+    p.add_argument("--bagel_root", required=True)
+    p.add_argument("--bagel_train_script", default=None)
+    p.add_argument("--stock", action="store_true")
+    p.add_argument("--load_check", default=None)
+    p.add_argument("--register_chat", default=None)
+    own, _, rest = _split_dashdash(argv)
+    args = p.parse_args(own)
+    from bagel_sr.patches import cpu_main, launch
+
+    recorded: dict = {}
+
+    def before_main(module) -> None:
+        cpu_main.apply_cpu_main(module, sys.modules.get("train.fsdp_utils"))
+        if args.register_chat:
+            from bagel_sr.patches.smoke_data import register_chat_entry
+
+            register_chat_entry(args.register_chat)
+        _record_model_config(module, recorded)
+
+    wrapper_argv = ["--bagel_root", args.bagel_root] + (
+        ["--bagel_train_script", args.bagel_train_script] if args.bagel_train_script else []) + list(rest)
+    launch.main(wrapper_argv, before_main=before_main, pixel_loss=not args.stock)
+    if args.load_check and int(os.environ.get("RANK", "0")) == 0:
+        _write_load_check(pathlib.Path(args.load_check), recorded, _flag_value(rest, "checkpoint_dir"))
+
+
+def _split_dashdash(argv: Sequence[str]) -> tuple[list, None, list]:
+    argv = list(argv)
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], None, argv[i + 1:]
+    return argv, None, []
+
+
+def _flag_value(argv: Sequence[str], name: str) -> Optional[str]:
+    value = None
+    for i, a in enumerate(argv):
+        if a == f"--{name}" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif a.startswith(f"--{name}="):
+            value = a.split("=", 1)[1]
+    return value
+
+
+def _record_model_config(module, recorded: dict) -> None:
+    """Dry-run only: remember the ``BagelConfig`` main() builds its model from (for the strict-load check)."""
+    model_cls = module.Bagel
+
+    def Bagel(*args, **kwargs):  # noqa: N802 (the name it replaces)
+        recorded["config"] = kwargs.get("config", args[2] if len(args) > 2 else None)
+        return model_cls(*args, **kwargs)
+
+    module.Bagel = Bagel
+
+
+def _write_load_check(out: pathlib.Path, recorded: dict, checkpoint_dir: Optional[str]) -> None:
+    """Build the checkout's stock ``Bagel`` from the recorded config and load the last checkpoint, strictly."""
+    result: dict = {"loaded": []}
+    try:
+        import importlib
+
+        from safetensors.torch import load_file
+
+        config = recorded.get("config")
+        if config is None or checkpoint_dir is None:
+            raise RuntimeError("main() built no model or has no --checkpoint_dir")
+        steps = sorted(int(d) for d in os.listdir(checkpoint_dir) if d.isdigit())
+        if not steps:
+            raise RuntimeError(f"no checkpoint folder in {checkpoint_dir}")
+        folder = pathlib.Path(checkpoint_dir) / f"{steps[-1]:07d}"
+        stock = importlib.import_module("modeling.bagel")
+        vit = stock.SiglipVisionModel(config.vit_config) if config.visual_und else None
+        model = stock.Bagel(stock.Qwen2ForCausalLM(config.llm_config), vit, config)
+        if config.visual_und:  # as main() and BAGEL's inference do after building the model
+            model.vit_model.vision_model.embeddings.convert_conv2d_to_linear(config.vit_config)
+        for name in ("model.safetensors", "ema.safetensors"):
+            model.load_state_dict(load_file(str(folder / name)), strict=True)
+            result["loaded"].append(f"{folder.name}/{name}")
+    except Exception as error:
+        result["error"] = f"{type(error).__name__}: {error}"
+    out.write_text(json.dumps(result))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["worker"]:
+        worker(argv[1:])
+        return 0
+    return run(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
