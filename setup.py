@@ -50,5 +50,7 @@ setup(
         "wandb": ["wandb>=0.17"],
         "lpips": ["lpips>=0.1.4"],
         "dev": ["pytest>=8", "pytest-timeout"],
+        # What a BAGEL checkout's training script and data code import (torchvision: match it to your torch).
+        "checkout": ["torchvision", "opencv-python-headless", "decord", "wandb>=0.17"],
     },
 )
