@@ -207,3 +207,37 @@ def test_a_checkout_without_a_fact_fails_before_any_launch(tmp_path, rel, patter
     line = last_line(out)
     assert line.startswith("smoke: FAILED: ") and named in line, line
     assert not (tmp_path / "w" / "launch1.log").exists()                    # failed before launching torchrun
+
+
+def test_shrink_model_folder_cuts_sizes_keeps_the_rest_and_links_tokenizer_and_vae(tmp_path):
+    from bagel_sr.patches import smoke_model
+
+    released = tmp_path / "released"
+    released.mkdir()
+    llm = dict(smoke_model.tiny_llm_config(152064), hidden_size=3584, num_hidden_layers=28, rope_theta=1e6)
+    (released / "llm_config.json").write_text(json.dumps(llm))
+    (released / "vit_config.json").write_text(json.dumps(dict(smoke_model.tiny_vit_config(), hidden_size=1152, num_hidden_layers=27)))
+    for name in ("vocab.json", "merges.txt", "ae.safetensors"):
+        (released / name).write_text(name)
+    out = smoke_model.shrink_model_folder(released, tmp_path / "shrunk")
+    shrunk = json.loads((out / "llm_config.json").read_text())
+    assert shrunk == dict(llm, **smoke_model.TINY_LLM)                     # sizes cut, vocabulary and rope kept
+    assert shrunk["vocab_size"] == 152064 and shrunk["rope_theta"] == 1e6
+    assert json.loads((out / "vit_config.json").read_text())["num_hidden_layers"] == 2
+    assert (out / "ae.safetensors").resolve() == (released / "ae.safetensors").resolve()
+    assert (out / "vocab.json").read_text() == "vocab.json"
+    (released / "ae.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="lacks ae.safetensors"):
+        smoke_model.shrink_model_folder(released, tmp_path / "again")
+
+
+def test_byte_tokenizer_round_trips_through_transformers(tmp_path):
+    from transformers import GPT2Tokenizer
+
+    from bagel_sr.patches import smoke_model
+
+    vocab = smoke_model.write_byte_tokenizer(tmp_path)
+    tokenizer = GPT2Tokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    ids = tokenizer.encode("A tile of the camera picture. µ")
+    assert vocab == 257 and max(ids) < 256 and len(ids) == len("A tile of the camera picture. µ".encode())
+    assert tokenizer.decode(ids) == "A tile of the camera picture. µ"
