@@ -7,11 +7,13 @@ embedded default experiment (``bagel_sr.embedded``) with the same ``--pixel_loss
 import os
 import sys
 from dataclasses import dataclass
+from types import ModuleType
 from typing import List, Optional, Sequence, Tuple
 
-import torch
-
 from bagel_sr.config import CONSERVATIVE_DEFAULTS, flag_name
+
+from . import checkout, registry
+from .context import PatchContext
 
 WRAPPER_FLAGS = {
     "bagel_root": "Path of the BAGEL checkout (or set BAGEL_ROOT). Without one, the embedded default runs.",
@@ -59,44 +61,34 @@ def split_wrapper_args(argv: Sequence[str]) -> Tuple[WrapperArgs, List[str]]:
     return out, rest
 
 
-def inject_defaults(argv: Sequence[str]) -> List[str]:
-    """Append the conservative ``--pixel_loss_*`` defaults the user did not give."""
-    argv = list(argv)
-    given = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
-    for field_name, value in CONSERVATIVE_DEFAULTS.items():
-        flag = flag_name(field_name)
-        if flag not in given:
-            argv += [f"--{flag}", str(value)]
-    return argv
-
-
 def wrapper_help() -> str:
     lines = ["bagel-sr wrapper flags (taken before the checkout's parser sees the rest):"]
     lines += [f"  --{k}  {v}" for k, v in WRAPPER_FLAGS.items()]
-    lines.append("Injected unless given: " + " ".join(f"--{flag_name(k)} {v}" for k, v in CONSERVATIVE_DEFAULTS.items()))
+    lines.append("Defaults of the wrapper (unless given): "
+                 + " ".join(f"--{flag_name(k)} {v}" for k, v in CONSERVATIVE_DEFAULTS.items()))
     return "\n".join(lines)
 
 
-def prepare_checkout(root: str, script: Optional[str] = None, dataset_yamls: Optional[str] = None):
-    """Import the checkout's training script with CPU compatibility where needed, apply the patches.
+def prepare_checkout(root: str, script: Optional[str] = None, dataset_yamls: Optional[str] = None
+                     ) -> Tuple[ModuleType, registry.Handle]:
+    """Import the checkout's training script and apply every row of :data:`registry.PATCHES` that holds here.
 
-    Returns ``(train_module, state)``; ``state.restore()`` undoes the training patches.
+    The ``checkout`` stage (CPU compatibility) goes first, since importing the script imports BAGEL's modelling
+    code.  Returns ``(train_module, handle)``; ``handle.undo()`` undoes every patch, ``handle.run`` holds what they
+    learn while ``main()`` runs.
     """
-    from bagel_sr.patches import checkout, cpu
-    from bagel_sr.patches.training import apply_pixel_loss_training
-
     root_path = checkout.find_checkout(root)
     checkout.add_to_sys_path(root_path)
-    cpu.install_flash_attn_stand_in()  # only acts where flash_attn is not installed
-    if not torch.cuda.is_available():
-        cpu.allow_cpu_sdpa()
-    module = checkout.import_training_module(root_path, script)
-    state = apply_pixel_loss_training(module)
-    if dataset_yamls:
-        from bagel_sr.patches.datasets import register_built_datasets
-
-        state.undo.append(register_built_datasets([p for p in dataset_yamls.split(",") if p.strip()]))
-    return module, state
+    ctx = PatchContext(dataset_yamls=[p for p in (dataset_yamls or "").split(",") if p.strip()],
+                       defaults=dict(CONSERVATIVE_DEFAULTS))
+    handle = registry.apply(ctx, stage="checkout")
+    try:
+        ctx.train_module = checkout.import_training_module(root_path, script)
+        registry.apply(ctx, stage="script", handle=handle)
+    except BaseException:
+        handle.undo()
+        raise
+    return ctx.train_module, handle
 
 
 def print_checkout_help(module) -> None:
@@ -116,10 +108,10 @@ def main(argv: Optional[Sequence[str]] = None):
               + HOW_TO_POINT, flush=True)
         if wargs.help:
             print(wrapper_help() + "\n")
-        return experiment.main(inject_defaults(rest))
-    module, state = prepare_checkout(root, wargs.bagel_train_script, wargs.bagel_sr_datasets)
+        return experiment.main(rest)  # its parser holds the same defaults
+    module, _handle = prepare_checkout(root, wargs.bagel_train_script, wargs.bagel_sr_datasets)
     if wargs.help:
         print_checkout_help(module)
         return None
-    sys.argv = [str(module.__file__)] + inject_defaults(rest)
+    sys.argv = [str(module.__file__)] + rest
     return module.main()
