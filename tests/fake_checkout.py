@@ -99,3 +99,23 @@ def loop_loss(loss_dict, data, training_args):
     """The loop's flow loss: ``mse.mean(-1).sum() / N_tokens * mse_weight / GA``."""
     mse = loss_dict["mse"].mean(dim=-1).sum() / len(data["mse_loss_indexes"])
     return mse * training_args.mse_weight / training_args.gradient_accumulation_steps
+
+
+def built_set(tmp_path) -> str:
+    """A tiny built super-resolution set (4 patients of one 32x32 PNG); returns its registration file."""
+    import numpy as np
+    from PIL import Image
+
+    from bagel_sr.data import build_dataset
+
+    rng = np.random.default_rng(0)
+    for p in ("p1", "p2", "p3", "p4"):
+        (tmp_path / "imgs" / p).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(tmp_path / "imgs" / p / "a.png")
+    summary = build_dataset({
+        "name": "toy_sr", "output_dir": str(tmp_path / "out"), "seed": 1,
+        "input": {"kind": "images", "path": str(tmp_path / "imgs")},
+        "degradations": [{"name": "bicubic_downsample", "scale": 2}],
+        "splits": {"fractions": {"train": 0.5, "val": 0.25, "test": 0.25}},
+    }, progress=False)
+    return str(summary.registration_file)

@@ -2,8 +2,9 @@
 
 Per micro-step: pack a batch (``data.pack``), encode ``padded_images`` with the frozen VAE under ``no_grad`` into
 ``padded_latent``, run the (wrapped) model with ``padded_images`` and ``batch_data_indexes`` as well, and form
-``loss = mse.mean(-1).sum() / num_mse_tokens * mse_weight (+ ce) + weight(step) * pixel``, divided by the
-accumulation steps.  Per optimizer step: gradient clipping, AdamW, the LR schedule (``transformers``' cosine with a
+``loss = mse.mean(-1).sum() / num_mse_tokens * mse_weight (+ ce) + weight * pixel`` (:func:`micro_step_loss`, the
+weight from :mod:`bagel_sr.weighting`), divided by the accumulation steps.  Per optimizer step: gradient clipping,
+AdamW, the LR schedule (``transformers``' cosine with a
 minimum LR, or constant, both with warm-up), an EMA update.  Checkpoints are ``model.safetensors`` and
 ``ema.safetensors`` (plus ``config.json``).  The logit-normal timesteps with shift come from the packer (raw
 ``N(0, 1)`` per target) and the model (``shift(sigmoid(raw))``), as in BAGEL.
@@ -167,6 +168,28 @@ def load_checkpoint(directory: str, which: str = "ema") -> TinyBagel:
     return model.eval()
 
 
+def micro_step_loss(model: torch.nn.Module, out: Dict, batch: Dict, cfg: TrainConfig):
+    """``(loss, logs)`` of one micro-step, before the division by the accumulation steps:
+    ``mse.mean(-1).sum() / N_mse_tokens * mse_weight (+ ce * ce_weight) + weight * pixel``, ``weight`` from
+    :mod:`bagel_sr.weighting` (warm-up, adaptive factor, gradient-norm logs) when the model returned ``pixel``."""
+    mse = out["mse"].mean(-1).sum() / max(len(batch["mse_loss_indexes"]), 1)
+    flow_loss = mse * cfg.mse_weight
+    loss = flow_loss
+    logs = dict(mse=mse.detach())
+    if out.get("ce") is not None:
+        ce = out["ce"].sum() / max(len(batch["ce_loss_indexes"]), 1)
+        loss = loss + ce * cfg.ce_weight
+        logs["ce"] = ce.detach()
+    if "pixel" in out:
+        step_weight = model.next_pixel_weight(flow_loss, cfg.gradient_accumulation_steps)
+        loss = loss + step_weight.weight * out["pixel"]
+        logs.update(step_weight.logs)
+        logs["pixel"] = out["pixel"].detach()
+        logs["pixel_images"] = out["pixel_images"].detach()
+        logs["pixel_weight"] = torch.as_tensor(float(step_weight.weight))
+    return loss, logs
+
+
 def train(model_config: TinyBagelConfig, cfg: TrainConfig, pixel: PixelLossConfig, vae, seed: int = 0,
           output_dir: Optional[str] = None, progress: bool = True, desc: str = "train",
           tokenizer: Optional[data.WordTokenizer] = None, pool: Optional[LatentPool] = None) -> TrainResult:
@@ -221,21 +244,7 @@ def train(model_config: TinyBagelConfig, cfg: TrainConfig, pixel: PixelLossConfi
                 batch["padded_latent"] = vae.encode(padded_images)
         out = model(**batch, padded_images=padded_images, batch_data_indexes=batch_data_indexes)
 
-        mse = out["mse"].mean(-1).sum() / max(len(batch["mse_loss_indexes"]), 1)
-        flow_loss = mse * cfg.mse_weight
-        loss = flow_loss
-        logs = dict(mse=mse.detach())
-        if out.get("ce") is not None:
-            ce = out["ce"].sum() / max(len(batch["ce_loss_indexes"]), 1)
-            loss = loss + ce * cfg.ce_weight
-            logs["ce"] = ce.detach()
-        if "pixel" in out:  # the weight (warm-up, adaptive factor, norms) is bagel_sr.weighting's
-            step_weight = model.next_pixel_weight(flow_loss, cfg.gradient_accumulation_steps)
-            loss = loss + step_weight.weight * out["pixel"]
-            logs.update(step_weight.logs)
-            logs["pixel"] = out["pixel"].detach()
-            logs["pixel_images"] = out["pixel_images"].detach()
-            logs["pixel_weight"] = torch.as_tensor(float(step_weight.weight))
+        loss, logs = micro_step_loss(model, out, batch, cfg)
         (loss / cfg.gradient_accumulation_steps).backward()
         for k, v in logs.items():
             window.setdefault(k, []).append(float(v))
