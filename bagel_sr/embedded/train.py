@@ -4,8 +4,7 @@ Per micro-step: pack a batch (``data.pack``), encode ``padded_images`` with the 
 ``padded_latent``, run the (wrapped) model with ``padded_images`` and ``batch_data_indexes`` as well, and form
 ``loss = mse.mean(-1).sum() / num_mse_tokens * mse_weight (+ ce) + weight * pixel`` (:func:`micro_step_loss`, the
 weight from :mod:`bagel_sr.weighting`), divided by the accumulation steps.  Per optimizer step: gradient clipping,
-AdamW, the LR schedule (``transformers``' cosine with a
-minimum LR, or constant, both with warm-up), an EMA update.  Checkpoints are ``model.safetensors`` and
+AdamW, the LR schedule (``transformers``' cosine with a minimum LR, or constant, both with warm-up), an EMA update.  Checkpoints are ``model.safetensors`` and
 ``ema.safetensors`` (plus ``config.json``).  The logit-normal timesteps with shift come from the packer (raw
 ``N(0, 1)`` per target) and the model (``shift(sigmoid(raw))``), as in BAGEL.
 """
