@@ -6,7 +6,7 @@ BAGEL training script's ``TrainingArguments``.
 """
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 FLAG_PREFIX = "pixel_loss_"
 LOSS_TYPES = ("l2", "l1", "charbonnier")
@@ -127,18 +127,29 @@ def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
         raise ValueError(f"--{flag_name(name)}: got {value!r}; allowed: {allowed}.")
 
 
-def pixel_loss_fields() -> list:
-    """``(name, type, dataclasses.field)`` triples of the ``pixel_loss_*`` flags, for ``make_dataclass``."""
+def pixel_loss_fields(defaults: Optional[Mapping[str, Any]] = None) -> list:
+    """``(name, type, dataclasses.field)`` triples of the ``pixel_loss_*`` flags, for ``make_dataclass``.
+
+    ``defaults``: field name -> default replacing :class:`PixelLossConfig`'s (e.g. :data:`CONSERVATIVE_DEFAULTS`).
+    """
+    defaults = dict(defaults or {})
+    unknown = set(defaults) - {f.name for f in dataclasses.fields(PixelLossConfig)}
+    if unknown:
+        raise ValueError(f"unknown pixel-loss settings {sorted(unknown)}; allowed: the fields of PixelLossConfig")
+    PixelLossConfig(**defaults)  # the defaults themselves must be valid
     out = []
     for f in dataclasses.fields(PixelLossConfig):
-        out.append((flag_name(f.name), f.type, field(default=f.default, metadata=dict(f.metadata))))
+        default = defaults.get(f.name, f.default)
+        out.append((flag_name(f.name), f.type, field(default=default, metadata=dict(f.metadata))))
     return out
 
 
-def pixel_loss_arguments_class(base: Optional[type] = None, name: str = "PixelLossArguments") -> type:
+def pixel_loss_arguments_class(base: Optional[type] = None, name: str = "PixelLossArguments",
+                               defaults: Optional[Mapping[str, Any]] = None) -> type:
     """A dataclass holding the ``pixel_loss_*`` flags, subclassing ``base`` (e.g. a script's TrainingArguments).
 
-    Validation runs in ``__post_init__`` (after the base's), so ``HfArgumentParser`` rejects bad values.
+    ``defaults`` replaces the flags' defaults (the wrapper passes :data:`CONSERVATIVE_DEFAULTS`; ``--help`` shows
+    them).  Validation runs in ``__post_init__`` (after the base's), so ``HfArgumentParser`` rejects bad values.
     """
     bases = (base,) if base is not None else ()
 
@@ -148,7 +159,7 @@ def pixel_loss_arguments_class(base: Optional[type] = None, name: str = "PixelLo
             parent()
         PixelLossConfig.from_namespace(self)
 
-    cls = dataclasses.make_dataclass(name, pixel_loss_fields(), bases=bases, namespace={"__post_init__": __post_init__})
+    cls = dataclasses.make_dataclass(name, pixel_loss_fields(defaults), bases=bases, namespace={"__post_init__": __post_init__})
     if base is not None:
         cls.__module__ = base.__module__
         cls.__qualname__ = base.__qualname__

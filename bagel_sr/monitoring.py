@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Dict, Sequence, Union
 
 import torch
-import torch.distributed as dist
+
+from . import distributed
 
 Weight = Union[float, torch.Tensor]
 
@@ -41,7 +42,7 @@ class GradNorms:
 
 def flow_term(mse_rows: torch.Tensor, num_tokens_global: Union[int, torch.Tensor], mse_weight: float) -> torch.Tensor:
     """The flow term as BAGEL's loop weights it: ``mse_rows.mean(-1).sum() * W / N_tokens_global * mse_weight``."""
-    return mse_rows.float().mean(-1).sum() * (_world() * float(mse_weight)) / num_tokens_global
+    return mse_rows.float().mean(-1).sum() * (distributed.world() * float(mse_weight)) / num_tokens_global
 
 
 def output_gradient(loss: torch.Tensor, v_hat: torch.Tensor) -> torch.Tensor:
@@ -74,10 +75,9 @@ def llm2vae_grad_norms(hidden: torch.Tensor, flow_grad: torch.Tensor, pixel_grad
     A collective when distributed: call it on every rank at the same micro-steps.
     """
     grads = linear_parameter_gradients(hidden, [flow_grad, pixel_grad], bias=bias)
-    world = _world()
+    world = distributed.world()
     if world > 1:
-        dist.all_reduce(grads, op=dist.ReduceOp.SUM)
-        grads = grads / world
+        grads = distributed.sum_over_ranks(grads) / world
     flow, pixel = grads.norm(dim=1)
     weight = torch.as_tensor(pixel_weight, dtype=torch.float32, device=pixel.device).detach()
     return GradNorms(flow=flow, pixel=weight.abs() * pixel, pixel_unweighted=pixel)
@@ -87,7 +87,3 @@ def adaptive_factor(norms: GradNorms, max_factor: float) -> torch.Tensor:
     """``min(||grad L_flow|| / ||grad L_pix||, max_factor)``, detached (``max_factor`` when the pixel gradient is 0)."""
     ratio = norms.flow / norms.pixel_unweighted.clamp(min=1e-30)
     return ratio.clamp(max=float(max_factor)).detach()
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

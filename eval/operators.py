@@ -29,6 +29,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from scipy import ndimage
 
+from bagel_sr.data.kspace import kspace_band
+
 # ---------------------------------------------------------------- k-space
 
 
@@ -43,15 +45,8 @@ def ifft2c(k: np.ndarray) -> np.ndarray:
 
 
 def _band_1d(n: int, scale: float, window: str | None) -> np.ndarray:
-    """Centered weights of one axis: 0 outside ``|k| <= m``, 1 (or the Hann taper) inside."""
-    k = np.arange(n) - n // 2
-    m = (int(round(n / scale)) - 1) // 2
-    inside = np.abs(k) <= m
-    if window in (None, "none"):
-        return inside.astype(np.float64)
-    if window == "hann":
-        return np.where(inside, 0.5 * (1.0 + np.cos(np.pi * k / (m + 1))), 0.0)
-    raise ValueError(f"unknown k-space window {window!r}; use 'hann' or 'none'")
+    """Centered weights of one axis: the data builder's band (:func:`bagel_sr.data.kspace.kspace_band`), DC at n // 2."""
+    return np.fft.fftshift(kspace_band(n, scale, window)[0])
 
 
 _AXES = {"both": (0, 1), "rows": (0,), "cols": (1,)}

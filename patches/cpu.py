@@ -14,6 +14,9 @@ What each ``apply``/``install`` function replaces:
   No-op when torchvision is absent or its operators load.
 - ``apply_cpu_compat()``: the flash_attn stand-in and the sdpa patch.
 
+``patch_flash_attn`` and ``patch_sdpa`` are the same two as rows of :mod:`bagel_sr.patches.registry` (they take
+a :class:`~bagel_sr.patches.context.PatchContext`).
+
 What the patches do *not* do, and callers must (see ``tests/bagel_tiny.py``): on a CPU the model must be cast to
 bf16 (``model.to(torch.bfloat16)``, as FSDP's bf16 params are on a GPU) *and* its forward run under
 ``torch.autocast("cpu", dtype=torch.bfloat16)``. Without autocast the timestep embedder's fp32 sinusoidal
@@ -37,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
-Undo = Callable[[], None]
+from .context import Undo, noop
+
 
 FLASH_ATTN_MODULE = "flash_attn"
 QWEN2_NAVIT_MODULE = "modeling.bagel.qwen2_navit"
@@ -45,8 +49,7 @@ _WRAPPED_ATTR = "__bagel_sr_original__"  # set on our sdpa_kernel wrapper: the f
 _STAND_IN_ATTR = "__bagel_sr_stand_in__"  # set on our flash_attn stand-in module
 
 
-def _noop() -> None:
-    pass
+_noop = noop  # the undo of a patch already in force
 
 
 # ---------------------------------------------------------------------------------------------- flash_attn stand-in
@@ -258,6 +261,23 @@ def declare_torchvision_ops() -> Undo:
             _TORCHVISION_LIB = None
 
     return undo
+
+
+# ----------------------------------------------------------------------------------------------- registry rows
+
+def patch_flash_attn(ctx=None) -> Undo:
+    """Registry row: :func:`install_flash_attn_stand_in` (a no-op where flash-attn is installed)."""
+    return install_flash_attn_stand_in()
+
+
+def patch_torchvision_ops(ctx=None) -> Undo:
+    """Registry row: :func:`declare_torchvision_ops`."""
+    return declare_torchvision_ops()
+
+
+def patch_sdpa(ctx=None) -> Undo:
+    """Registry row: :func:`allow_cpu_sdpa` on ``ctx.navit_module`` (imported from the checkout when unset)."""
+    return allow_cpu_sdpa(ctx.module("navit_module", QWEN2_NAVIT_MODULE) if ctx is not None else None)
 
 
 # -------------------------------------------------------------------------------------------------------- together

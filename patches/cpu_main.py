@@ -6,13 +6,13 @@ the real object only in the named attributes. Nothing in torch itself is changed
 (DataLoader, transformers, our own code) still sees the real CPU-only torch. Each function returns its undo.
 
 =============================  ===============================================================================
-``patch_cuda_queries``         ``<module>.torch`` -> view whose ``cuda`` says available, one device, no-op
+``patch_cuda_queries``         ``<script>.torch`` and ``<fsdp>.torch`` -> view whose ``cuda`` says available, one device, no-op
                                ``set_device``/``synchronize``/``empty_cache``, memory statistics 0; its
                                ``device_count()`` is an index whose ``rank % index`` is ``torch.device("cpu")``,
                                so the device ids main() and fsdp_wrapper() derive from ranks are the CPU
-``patch_cuda_autocast``        ``<module>.torch`` -> view whose ``amp.autocast("cuda", ...)`` is CPU autocast
+``patch_cuda_autocast``        ``<script>.torch`` -> view whose ``amp.autocast("cuda", ...)`` is CPU autocast
                                (same dtype): BAGEL's bf16 language model needs it on CPU
-``patch_nccl``                 ``<module>.dist`` -> view whose ``init_process_group("nccl")`` uses gloo
+``patch_nccl``                 ``<script>.dist`` -> view whose ``init_process_group("nccl")`` uses gloo
 ``patch_state_dict_offload``   ``<fsdp module>.FullStateDictConfig`` -> one with ``offload_to_cpu=False``
                                (FSDP's CPU offload of a full state dict fails when the parameters already live
                                on the CPU; the saved files are the same)
@@ -20,21 +20,23 @@ the real object only in the named attributes. Nothing in torch itself is changed
                                (HYBRID_SHARD)
 =============================  ===============================================================================
 
-``apply_cpu_main(train_module, fsdp_module)`` applies them all (each only where its name exists) and returns a
-handle whose ``undo()`` restores every name. None of them is active outside the dry run.
+They are the ``dryrun`` rows of :data:`bagel_sr.patches.registry.PATCHES` (``when``: ``ctx.dry_run``), applied by
+``launch.main(..., dry_run=True)``; the registry's handle undoes them with the others. None is active outside the
+dry run. ``<fsdp>`` is the checkout's ``train.fsdp_utils``; a loop without it (a DeepSpeed port) skips those.
 """
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+import importlib
 from types import ModuleType
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.distributed as dist
 
 Undo = Callable[[], None]
 CPU = torch.device("cpu")
+FSDP_MODULE = "train.fsdp_utils"
 
 
 class NameView:
@@ -116,28 +118,56 @@ def _require(module: ModuleType, name: str, why: str) -> None:
         )
 
 
-def patch_cuda_queries(module: ModuleType) -> Undo:
-    """``module.torch.cuda``: available, one device whose rank-derived index is the CPU, no-op sync and cache."""
+def _cuda_queries_in(module: ModuleType) -> Undo:
     _require(module, "torch", "the CUDA assertion and device ids")
     return _replace_name(module, "torch", NameView(module.torch, {"cuda": CPU_CUDA}))
 
 
-def patch_cuda_autocast(module: ModuleType) -> Undo:
-    """``module.torch.amp.autocast("cuda", dtype=bf16)`` -> CPU autocast with the same dtype."""
+def fsdp_module(ctx: Any) -> Optional[ModuleType]:
+    """The checkout's ``train.fsdp_utils`` (None where the loop has none, e.g. a DeepSpeed port)."""
+    if ctx.fsdp_module is None:
+        try:
+            ctx.fsdp_module = importlib.import_module(FSDP_MODULE)
+        except ImportError:
+            return None
+    return ctx.fsdp_module
+
+
+def patch_cuda_queries(ctx: Any) -> Undo:
+    """``<script>.torch.cuda`` and ``<fsdp>.torch.cuda``: available, one device whose rank-derived index is the CPU,
+    no-op sync and cache, memory statistics 0 (the CUDA assertion, device ids, FSDP's ``device_id``)."""
+    undos = [_cuda_queries_in(ctx.train_module)]
+    fsdp = fsdp_module(ctx)
+    if fsdp is not None and hasattr(fsdp, "torch"):
+        undos.append(_cuda_queries_in(fsdp))
+
+    def undo() -> None:
+        for one in reversed(undos):
+            one()
+
+    return undo
+
+
+def patch_cuda_autocast(ctx: Any) -> Undo:
+    """``<script>.torch.amp.autocast("cuda", dtype=bf16)`` -> CPU autocast with the same dtype."""
+    module = ctx.train_module
     _require(module, "torch", "CUDA autocast")
     amp = NameView(torch.amp, {"autocast": cpu_autocast})
     return _replace_name(module, "torch", NameView(module.torch, {"amp": amp}))
 
 
-def patch_nccl(module: ModuleType) -> Undo:
-    """``module.dist.init_process_group("nccl")`` -> gloo."""
+def patch_nccl(ctx: Any) -> Undo:
+    """``<script>.dist.init_process_group("nccl")`` -> gloo."""
+    module = ctx.train_module
     _require(module, "dist", "the nccl process group")
     return _replace_name(module, "dist", NameView(module.dist, {"init_process_group": gloo_init_process_group}))
 
 
-def patch_state_dict_offload(module: ModuleType) -> Undo:
-    """``module.FullStateDictConfig(..., offload_to_cpu=True)`` -> ``offload_to_cpu=False``."""
-    _require(module, "FullStateDictConfig", "full-state-dict offload")
+def patch_state_dict_offload(ctx: Any) -> Undo:
+    """``<fsdp>.FullStateDictConfig(..., offload_to_cpu=True)`` -> ``offload_to_cpu=False`` (where it is used)."""
+    module = fsdp_module(ctx)
+    if module is None or not hasattr(module, "FullStateDictConfig"):
+        return _noop_undo
     original = module.FullStateDictConfig
 
     def FullStateDictConfig(*args: Any, **kwargs: Any) -> Any:  # noqa: N802 (the name it replaces)
@@ -147,9 +177,11 @@ def patch_state_dict_offload(module: ModuleType) -> Undo:
     return _replace_name(module, "FullStateDictConfig", FullStateDictConfig)
 
 
-def patch_device_mesh(module: ModuleType) -> Undo:
-    """``module.init_device_mesh("cuda", ...)`` -> the same mesh on ``"cpu"``."""
-    _require(module, "init_device_mesh", "the HYBRID_SHARD device mesh")
+def patch_device_mesh(ctx: Any) -> Undo:
+    """``<fsdp>.init_device_mesh("cuda", ...)`` -> the same mesh on ``"cpu"`` (HYBRID_SHARD; where it is used)."""
+    module = fsdp_module(ctx)
+    if module is None or not hasattr(module, "init_device_mesh"):
+        return _noop_undo
     original = module.init_device_mesh
 
     def init_device_mesh(device_type: str, *args: Any, **kwargs: Any) -> Any:
@@ -158,52 +190,5 @@ def patch_device_mesh(module: ModuleType) -> Undo:
     return _replace_name(module, "init_device_mesh", init_device_mesh)
 
 
-#: (name, which module, patch) in the order applied; "script" = the training script, "fsdp" = train.fsdp_utils.
-CPU_MAIN_PATCHES: List[Tuple[str, str, Callable[[ModuleType], Undo]]] = [
-    ("patch_cuda_queries", "script", patch_cuda_queries),
-    ("patch_cuda_autocast", "script", patch_cuda_autocast),
-    ("patch_nccl", "script", patch_nccl),
-    ("patch_cuda_queries", "fsdp", patch_cuda_queries),
-    ("patch_state_dict_offload", "fsdp", patch_state_dict_offload),
-    ("patch_device_mesh", "fsdp", patch_device_mesh),
-]
-
-
-@dataclass
-class CpuMainHandle:
-    """What :func:`apply_cpu_main` replaced (``"module.name"`` strings); ``undo()`` restores all, newest first."""
-
-    applied: List[str] = field(default_factory=list)
-    _undos: List[Undo] = field(default_factory=list)
-
-    def undo(self) -> None:
-        while self._undos:
-            self._undos.pop()()
-        self.applied.clear()
-
-
-def apply_cpu_main(train_module: ModuleType, fsdp_module: ModuleType | None) -> CpuMainHandle:
-    """Apply :data:`CPU_MAIN_PATCHES` to the training script and (if given) the checkout's FSDP helpers.
-
-    The script must hold ``torch`` and ``dist`` (it calls ``torch.cuda``, ``torch.amp.autocast`` and
-    ``dist.init_process_group`` through them); the FSDP module's names are patched where they exist (a DeepSpeed
-    port has none). Raises RuntimeError naming a missing fact; on failure nothing stays patched.
-    """
-    handle = CpuMainHandle()
-    targets = {"script": train_module, "fsdp": fsdp_module}
-    try:
-        for name, where, patch in CPU_MAIN_PATCHES:
-            module = targets[where]
-            if module is None:
-                continue
-            if where == "fsdp" and name != "patch_cuda_queries" and not hasattr(module, _TARGET_NAME[name]):
-                continue
-            handle._undos.append(patch(module))
-            handle.applied.append(f"{module.__name__}: {name}")
-    except BaseException:
-        handle.undo()
-        raise
-    return handle
-
-
-_TARGET_NAME = {"patch_state_dict_offload": "FullStateDictConfig", "patch_device_mesh": "init_device_mesh"}
+def _noop_undo() -> None:
+    """The undo of a patch whose target this checkout does not have."""

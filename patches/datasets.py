@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import yaml
 
@@ -171,3 +171,10 @@ def register_built_datasets(
         handle.previous[name] = group.get(name)
         group[name] = entry
     return handle
+
+
+def register_datasets(ctx) -> Callable[[], None]:
+    """Registry row: :func:`register_built_datasets` of ``ctx.dataset_yamls`` into ``ctx.dataset_info_module``
+    (``data.dataset_info`` of the checkout when unset); returns the handle's undo."""
+    module = ctx.module("dataset_info_module", "data.dataset_info")
+    return register_built_datasets(list(ctx.dataset_yamls), module).undo

@@ -7,14 +7,16 @@ embedded default experiment (``bagel_sr.embedded``) with the same ``--pixel_loss
 import os
 import sys
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
-import torch
-
 from bagel_sr.config import CONSERVATIVE_DEFAULTS, FLAG_PREFIX, PixelLossConfig, flag_name, pixel_loss_arguments_class
-from bagel_sr.patches.checkout import CheckoutError
-from bagel_sr.patches.datasets import DatasetRegistrationError
-from bagel_sr.patches.training import IncompatibleCheckoutError
+
+from . import checkout, registry
+from .checkout import CheckoutError
+from .context import PatchContext
+from .datasets import DatasetRegistrationError
+from .training import IncompatibleCheckoutError
 
 WRAPPER_FLAGS = {
     "bagel_root": "Path of the BAGEL checkout (or set BAGEL_ROOT). Without one, the embedded default runs.",
@@ -62,47 +64,36 @@ def split_wrapper_args(argv: Sequence[str]) -> Tuple[WrapperArgs, List[str]]:
     return out, rest
 
 
-def inject_defaults(argv: Sequence[str]) -> List[str]:
-    """Append the conservative ``--pixel_loss_*`` defaults the user did not give."""
-    argv = list(argv)
-    given = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
-    for field_name, value in CONSERVATIVE_DEFAULTS.items():
-        flag = flag_name(field_name)
-        if flag not in given:
-            argv += [f"--{flag}", str(value)]
-    return argv
-
-
 def wrapper_help() -> str:
     lines = ["bagel-sr wrapper flags (taken before the checkout's parser sees the rest):"]
     lines += [f"  --{k}  {v}" for k, v in WRAPPER_FLAGS.items()]
-    lines.append("Injected unless given: " + " ".join(f"--{flag_name(k)} {v}" for k, v in CONSERVATIVE_DEFAULTS.items()))
+    lines.append("Defaults of the wrapper (unless given): "
+                 + " ".join(f"--{flag_name(k)} {v}" for k, v in CONSERVATIVE_DEFAULTS.items()))
     return "\n".join(lines)
 
 
-def prepare_checkout(root: str, script: Optional[str] = None, dataset_yamls: Optional[str] = None,
-                     pixel_loss: bool = True):
-    """Import the checkout's training script with CPU compatibility where needed, apply the patches.
+def prepare_checkout(root: str, script: Optional[str] = None, dataset_yamls: Optional[str] = None, *,
+                     pixel_loss: bool = True, dry_run: bool = False) -> Tuple[ModuleType, registry.Handle]:
+    """Import the checkout's training script and apply every row of :data:`registry.PATCHES` that holds here.
 
-    Returns ``(train_module, state)``; ``state.restore()`` undoes the training patches. ``pixel_loss=False``
-    imports and registers data sets only (the stock script, for comparisons).
+    The ``checkout`` stage (CPU compatibility) goes first, since importing the script imports BAGEL's modelling
+    code.  Returns ``(train_module, handle)``; ``handle.undo()`` undoes every patch, ``handle.run`` holds what they
+    learn while ``main()`` runs.  ``pixel_loss=False`` leaves the ``training`` rows out (the stock script, for
+    comparisons); ``dry_run=True`` adds the ``dryrun`` rows (``main()`` on CPU under gloo, ``bagel_sr.smoke``).
     """
-    from bagel_sr.patches import checkout, cpu
-    from bagel_sr.patches.training import PatchState, apply_pixel_loss_training
-
     root_path = checkout.find_checkout(root)
     checkout.add_to_sys_path(root_path)
-    cpu.install_flash_attn_stand_in()  # only acts where flash_attn is not installed
-    if not torch.cuda.is_available():
-        cpu.declare_torchvision_ops()  # only acts where torchvision's compiled operators cannot load
-        cpu.allow_cpu_sdpa()
-    module = checkout.import_training_module(root_path, script)
-    state = apply_pixel_loss_training(module) if pixel_loss else PatchState()
-    if dataset_yamls:
-        from bagel_sr.patches.datasets import register_built_datasets
-
-        state.undo.append(register_built_datasets([p for p in dataset_yamls.split(",") if p.strip()]))
-    return module, state
+    ctx = PatchContext(dataset_yamls=[p for p in (dataset_yamls or "").split(",") if p.strip()],
+                       defaults=dict(CONSERVATIVE_DEFAULTS), dry_run=dry_run)
+    groups = [g for g in registry.GROUPS if pixel_loss or g != "training"]
+    handle = registry.apply(ctx, stage="checkout", groups=groups)
+    try:
+        ctx.train_module = checkout.import_training_module(root_path, script)
+        registry.apply(ctx, stage="script", groups=groups, handle=handle)
+    except BaseException:
+        handle.undo()
+        raise
+    return ctx.train_module, handle
 
 
 def pixel_loss_flags(argv: Sequence[str]) -> List[str]:
@@ -148,9 +139,9 @@ def print_checkout_help(module) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None, *, before_main: Optional[Callable[[Any], Any]] = None,
-         pixel_loss: bool = True):
-    """The wrapper. ``before_main(train_module)`` runs last before the script's ``main()`` (the dry run's CPU
-    patches); ``pixel_loss=False`` runs the stock script (data-set registration only)."""
+         pixel_loss: bool = True, dry_run: bool = False):
+    """The wrapper. ``pixel_loss=False`` runs the stock script (data-set registration only); ``dry_run=True``
+    adds the ``dryrun`` patches (``bagel_sr.smoke``); ``before_main(train_module)`` runs last before ``main()``."""
     wargs, rest = split_wrapper_args(sys.argv[1:] if argv is None else argv)
     root = wargs.bagel_root or os.environ.get("BAGEL_ROOT")
     try:
@@ -165,15 +156,16 @@ def main(argv: Optional[Sequence[str]] = None, *, before_main: Optional[Callable
               + HOW_TO_POINT, flush=True)
         if wargs.help:
             print(wrapper_help() + "\n")
-        return experiment.main(inject_defaults(rest))
+        return experiment.main(rest)  # its parser holds the same defaults
     try:
-        module, state = prepare_checkout(root, wargs.bagel_train_script, wargs.bagel_sr_datasets, pixel_loss)
+        module, _handle = prepare_checkout(root, wargs.bagel_train_script, wargs.bagel_sr_datasets,
+                                           pixel_loss=pixel_loss, dry_run=dry_run)
     except (CheckoutError, IncompatibleCheckoutError, DatasetRegistrationError) as err:
         raise SystemExit(f"bagel-sr: {err}") from None
     if wargs.help:
         print_checkout_help(module)
         return None
-    sys.argv = [str(module.__file__)] + (inject_defaults(rest) if pixel_loss else list(rest))
+    sys.argv = [str(module.__file__)] + rest
     if before_main is not None:
         before_main(module)
     return module.main()

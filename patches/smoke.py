@@ -4,7 +4,7 @@
                              [--workdir DIR] [BAGEL flags] [--pixel_loss_* flags]
 
 It launches ``torchrun --nproc_per_node N`` twice on the wrapper (``train/main_sr_pixel_loss.py``'s logic) with
-the CPU patches of :mod:`bagel_sr.patches.cpu_main`: first to step ``K`` (checkpoint), then with
+the ``dryrun`` rows of :mod:`bagel_sr.patches.registry` (:mod:`bagel_sr.patches.cpu_main`): first to step ``K`` (checkpoint), then with
 ``--auto_resume True`` to ``--steps``. It then checks, from the loop's own log lines and files:
 
 1. the pixel term acted (``pixel_images > 0`` on some step) and its keys reached the loop's log lines;
@@ -163,18 +163,14 @@ def _flag_given(rest: Sequence[str], name: str) -> bool:
 
 
 def _preflight(args: argparse.Namespace):
-    """Import the checkout and apply every patch once (then undo): a missing fact fails here, before any launch.
+    """Import the checkout and apply every patch of the launches once (then undo): a missing fact fails here,
+    before any launch. Returns the checkout's ``load_ae``."""
+    from bagel_sr.patches import launch
 
-    Returns the checkout's ``load_ae``.
-    """
-    from bagel_sr.patches import cpu_main, launch
-
-    module, state = launch.prepare_checkout(args.bagel_root, args.bagel_train_script, None, pixel_loss=not args.stock)
-    try:
-        cpu_main.apply_cpu_main(module, sys.modules.get("train.fsdp_utils")).undo()
-        return sys.modules["modeling.autoencoder"].load_ae
-    finally:
-        state.restore()
+    _module, handle = launch.prepare_checkout(args.bagel_root, args.bagel_train_script, pixel_loss=not args.stock,
+                                              dry_run=True)
+    handle.undo()
+    return sys.modules["modeling.autoencoder"].load_ae
 
 
 def _prepare_inputs(args: argparse.Namespace, rest: List[str], workdir: pathlib.Path, load_ae) -> List[str]:
@@ -299,12 +295,11 @@ def worker(argv: Sequence[str]) -> None:
     p.add_argument("--register_chat", default=None)
     own, _, rest = _split_dashdash(argv)
     args = p.parse_args(own)
-    from bagel_sr.patches import cpu_main, launch
+    from bagel_sr.patches import launch
 
     recorded: dict = {}
 
     def before_main(module) -> None:
-        cpu_main.apply_cpu_main(module, sys.modules.get("train.fsdp_utils"))
         if args.register_chat:
             from bagel_sr.patches.smoke_data import register_chat_entry
 
@@ -313,7 +308,7 @@ def worker(argv: Sequence[str]) -> None:
 
     wrapper_argv = ["--bagel_root", args.bagel_root] + (
         ["--bagel_train_script", args.bagel_train_script] if args.bagel_train_script else []) + list(rest)
-    launch.main(wrapper_argv, before_main=before_main, pixel_loss=not args.stock)
+    launch.main(wrapper_argv, before_main=before_main, pixel_loss=not args.stock, dry_run=True)
     if args.load_check and int(os.environ.get("RANK", "0")) == 0:
         _write_load_check(pathlib.Path(args.load_check), recorded, _flag_value(rest, "checkpoint_dir"))
 

@@ -105,7 +105,7 @@ def test_checkpoints_load_both_ways_strictly(tmp_path):
 
 def _training_module():
     from bagel_sr.patches import checkout
-    from bagel_sr.patches.training import apply_pixel_loss_training
+    from bagel_sr.patches.registry import apply_pixel_loss_training
 
     root = import_bagel().root
     sys.modules.pop(checkout.TRAINING_MODULE_NAME, None)
@@ -119,30 +119,28 @@ def _training_module():
 
 
 def test_patched_training_arguments_parse_inject_and_reject(capsys):
-    from bagel_sr.patches.launch import inject_defaults
-
-    module, state = _training_module()
+    module, handle = _training_module()
     try:
         parser = module.HfArgumentParser((module.ModelArguments, module.DataArguments, module.TrainingArguments))
-        _, _, targs = parser.parse_args_into_dataclasses(inject_defaults(["--timestep_shift", "3.0"]))
+        _, _, targs = parser.parse_args_into_dataclasses(["--timestep_shift", "3.0"])
         assert (targs.pixel_loss_weight, targs.pixel_loss_type, targs.pixel_loss_max_t, targs.pixel_loss_paired_only) == (
             0.05, "l2", 0.3, True)
         assert "2.6% of target images" in capsys.readouterr().out
-        _, _, targs = parser.parse_args_into_dataclasses(inject_defaults(["--pixel_loss_weight", "0.5", "--pixel_loss_type", "l1"]))
+        _, _, targs = parser.parse_args_into_dataclasses(["--pixel_loss_weight", "0.5", "--pixel_loss_type", "l1"])
         assert (targs.pixel_loss_weight, targs.pixel_loss_type) == (0.5, "l1")
-        assert state.config.weight == 0.5 and targs.lr > 0  # the script's own fields are still there
+        assert handle.run.config.weight == 0.5 and targs.lr > 0  # the script's own fields are still there
         for bad in (["--pixel_loss_weight", "-0.1"], ["--pixel_loss_max_t", "0"], ["--pixel_loss_type", "ssim"]):
             with pytest.raises(ValueError, match=bad[0]):
                 parser.parse_args_into_dataclasses(bad)
         help_text = parser.format_help()
         assert "--pixel_loss_max_t" in help_text and "--pixel_loss_schedule" in help_text
     finally:
-        state.restore()
+        handle.undo()
 
 
 def test_patched_loop_step_gradients_equal_the_written_out_loss():
     """The real SimpleCustomBatch, the patched Bagel and the loop's own loss arithmetic, against the extension."""
-    module, state = _training_module()
+    module, handle = _training_module()
     dataset_base = sys.modules["data.dataset_base"]
     try:
         parser = module.HfArgumentParser((module.ModelArguments, module.DataArguments, module.TrainingArguments))
@@ -150,7 +148,7 @@ def test_patched_loop_step_gradients_equal_the_written_out_loss():
             ["--pixel_loss_weight", "0.2", "--pixel_loss_max_images", "0", "--gradient_accumulation_steps", "2",
              "--mse_weight", "0.5"])
         ae = build_tiny_autoencoder()
-        state.vae = ae  # what the patched load_ae records in main()
+        handle.run.vae = ae  # what the patched load_ae records in main()
         model = build_tiny_bagel(cls=module.Bagel, llm2vae_std=0.02)
         raw = make_packed_batch(SPECS, seed=5)
         data = dataset_base.SimpleCustomBatch([raw]).to_dict()
@@ -167,7 +165,7 @@ def test_patched_loop_step_gradients_equal_the_written_out_loss():
         grads = _grads(model)
         assert float(loss_dict["pixel"]) > 0 and int(loss_dict["pixel_images"]) == 2
     finally:
-        state.restore()
+        handle.undo()
     ref = build_tiny_bagel(cls=_extended(), llm2vae_std=0.02)
     ref.attach_pixel_loss(PixelLossConfig(weight=0.2, max_images=0), ae)
     torch.manual_seed(11)

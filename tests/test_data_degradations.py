@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from bagel_sr.data import degradations as D
+from bagel_sr.data import operators
 from bagel_sr.data.errors import ConfigError
 
 
@@ -92,8 +93,8 @@ def test_slice_thickness_blurs_only_along_axis():
 
 
 def test_rect_profile_weights():
-    np.testing.assert_allclose(D._rect_kernel(3.0), [1 / 3] * 3)
-    np.testing.assert_allclose(D._rect_kernel(2.0), [0.25, 0.5, 0.25])
+    np.testing.assert_allclose(operators._rect_kernel(3.0), [1 / 3] * 3)
+    np.testing.assert_allclose(operators._rect_kernel(2.0), [0.25, 0.5, 0.25])
 
 
 def test_gaussian_blur_and_jpeg():

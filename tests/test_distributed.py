@@ -1,14 +1,11 @@
 """Two CPU processes (gloo): one rank has no eligible image; both finish and match the global mean."""
-import os
-import tempfile
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from bagel_sr import PixelLossConfig, with_pixel_loss
 from contract_model import ContractModel, LinearDecoder, forward_kwargs, pack, set_timesteps
+from two_ranks import run_ranks
 
 CONFIG = dict(weight=0.05, max_t=0.3, max_images=0)
 
@@ -32,9 +29,8 @@ def _local(model, rank):
     return model(**kw, padded_images=images)
 
 
-def _worker(rank, world, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+def _rank_result(rank):
+    world = dist.get_world_size()
     model = _model()
     out = _local(model, rank)
     out["pixel"].backward()
@@ -44,17 +40,13 @@ def _worker(rank, world, init_file, out_dir):
             p.grad /= world
     value = out["pixel"].detach().clone()
     dist.all_reduce(value)  # the loop logs the rank average
-    torch.save({"pixel_avg": value / world, "count": out["pixel_images"],
-                "grads": {n: p.grad for n, p in model.named_parameters() if p.grad is not None}},
-               os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    return {"pixel_avg": value / world, "count": out["pixel_images"],
+            "grads": {n: p.grad for n, p in model.named_parameters() if p.grad is not None}}
 
 
 @pytest.mark.timeout(120)
 def test_two_ranks_one_without_eligible_images_match_global_mean():
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
-        results = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
+    results = run_ranks(_rank_result)
     assert [int(r["count"]) for r in results] == [2, 0]
     # reference in one process: sum of w*loss over every eligible image of both ranks / their count
     model = _model()

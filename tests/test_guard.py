@@ -1,15 +1,12 @@
 """The non-finite guard: a decode whose value or gradient is not finite never reaches the model or the logs."""
 import logging
-import os
-import tempfile
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from bagel_sr import PixelLossConfig, with_pixel_loss
 from contract_model import ContractModel, LinearDecoder, forward_kwargs, pack, set_timesteps
+from two_ranks import run_ranks
 
 Extended = with_pixel_loss(ContractModel)
 # two paired targets at t = 0.1 and 0.2: both eligible under max_t = 0.3
@@ -129,9 +126,7 @@ def test_eval_forward_without_grad_decodes_without_backward():
 
 # -- two ranks: the broken rank drops its term, both ranks still run the count's all-reduce ----------------------
 
-def _worker(rank, world, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+def _rank_result(rank):
     vae = BrokenDecoder("nan") if rank == 0 else LinearDecoder()
     torch.manual_seed(0)
     model = Extended(hidden=16).attach_pixel_loss(PixelLossConfig(**CONFIG), vae)
@@ -139,16 +134,12 @@ def _worker(rank, world, init_file, out_dir):
     torch.manual_seed(1 + rank)
     out = model(**kw, padded_images=images)
     out["pixel"].backward()
-    torch.save({k: out[k].detach() for k in ("pixel", "pixel_images", "pixel_skipped")},
-               os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    return {k: out[k].detach() for k in ("pixel", "pixel_images", "pixel_skipped")}
 
 
 @pytest.mark.timeout(120)
 def test_two_ranks_one_non_finite():
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
-        r0, r1 = (torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2))
+    r0, r1 = run_ranks(_rank_result)
     assert (int(r0["pixel_images"]), int(r0["pixel_skipped"]), float(r0["pixel"])) == (0, 1, 0.0)
     assert (int(r1["pixel_images"]), int(r1["pixel_skipped"])) == (2, 0)
     # rank 1 alone: its 2 images over the global count 2, times the world size 2 (the loop averages over ranks)

@@ -158,3 +158,14 @@ def test_checkpointed_decoder_matches_plain_decode_and_gradients():
     assert not any("forward" in vars(m) for m in vae.modules())  # patches removed
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     assert decoding.decode(vae, vae.encode_mean(x)).shape == x.shape
+
+
+def test_a_condition_after_its_target_does_not_pair_it():
+    """Pairing needs the clean condition *before* the target in the same sample (a chain re-adds targets as
+    conditions after themselves: those are not their ground truth's inputs)."""
+    #         sample 0: target, text, condition       sample 1: condition, text, target
+    shapes, positions = [(1, 2), (1, 2), (1, 2), (1, 2)], [0, 1, 4, 5, 8, 9, 12, 13]
+    t = torch.tensor([0.2, 0.2, 0.0, 0.0, 0.0, 0.0, 0.2, 0.2])
+    images = packing.describe_vae_images(shapes, torch.tensor(positions), t, [8, 8])
+    assert [(im.sample, im.is_target) for im in images] == [(0, True), (0, False), (1, False), (1, True)]
+    assert [packing.is_paired(im, images) for im in images] == [False, False, False, True]

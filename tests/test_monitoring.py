@@ -1,71 +1,39 @@
 """Gradient-norm logging, the adaptive weight and the warm-up schedule through the patched training model."""
 import os
-import tempfile
-import types
-from dataclasses import dataclass
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from transformers import HfArgumentParser
 
+import fake_checkout
 from bagel_sr import PixelLossConfig, monitoring, with_pixel_loss
-from bagel_sr.patches.training import apply_pixel_loss_training, grad_norms_due
+from bagel_sr.patches.registry import apply_pixel_loss_training
+from bagel_sr.weighting import grad_norms_due
 from contract_model import ContractModel, LinearDecoder, forward_kwargs, pack, set_timesteps
+from two_ranks import run_ranks
 
 SPEC = [[("cond", 2, 2), ("text", 2), ("target", 2, 2)], [("text", 3), ("target", 1, 2)],
         [("cond", 1, 2), ("text", 1), ("target", 1, 2)]]
 T = [0, 0.1, 0.2, 0, 0.15]  # two paired eligible targets, one unpaired
 
 
-@dataclass
-class TrainingArguments:
-    mse_weight: float = 1.0
-    timestep_shift: float = 1.0
-    visual_gen: bool = True
-    gradient_accumulation_steps: int = 1
-
-
-class SimpleCustomBatch:
-    def __init__(self, data):
-        self.data = data
-
-    def to_dict(self):
-        return dict(self.data)
-
-
 def _patched_model(argv):
-    """The stand-in script patched, parsed with ``argv``; returns (state, targs, model)."""
-    module = types.SimpleNamespace(TrainingArguments=TrainingArguments, HfArgumentParser=HfArgumentParser,
-                                   load_ae=lambda path=None: (LinearDecoder(), None), Bagel=ContractModel,
-                                   main=lambda: None)
-    state = apply_pixel_loss_training(module, types.SimpleNamespace(SimpleCustomBatch=SimpleCustomBatch))
-    (targs,) = module.HfArgumentParser(module.TrainingArguments).parse_args_into_dataclasses(argv)
-    module.load_ae()
-    torch.manual_seed(0)
-    model = module.Bagel(hidden=16)
-    state.restore()
-    return state, targs, model
+    """The fake script patched, parsed with ``argv``; returns (run state, targs, model)."""
+    module, batch_module = fake_checkout.script()
+    with apply_pixel_loss_training(module, batch_module) as handle:
+        (targs,) = module.HfArgumentParser(module.TrainingArguments).parse_args_into_dataclasses(argv)
+        module.load_ae()
+        torch.manual_seed(0)
+        model = module.Bagel(hidden=16)
+    return handle.run, targs, model
 
 
 def _loop_forward(model, batch, vae, seed=5):
     """What BAGEL's loop hands the model: the batch dict with the pixel-loss inputs, padded_latent encoded."""
-    data = SimpleCustomBatch(batch).to_dict()
-    data.pop("batch_data_indexes")
-    images = data.pop("padded_images")
-    from bagel_sr.patches.training import PixelLossInputs
-
-    data["pixel_loss_inputs"] = PixelLossInputs(images, None)
-    with torch.no_grad():
-        data["padded_latent"] = vae.encode(images)
-    torch.manual_seed(seed)
+    data = fake_checkout.model_inputs(batch, vae, seed=seed)
     return model(**data), data
 
 
-def _loop_loss(out, data, targs):
-    mse = out["mse"].mean(-1).sum() / len(data["mse_loss_indexes"])
-    return mse * targs.mse_weight / targs.gradient_accumulation_steps
+_loop_loss = fake_checkout.loop_loss
 
 
 def _reference_norms(vae, weight, mse_weight, seed=5):
@@ -104,7 +72,7 @@ def test_norms_are_measured_every_n_optimizer_steps_and_repeated_between(monkeyp
     original = monitoring.llm2vae_grad_norms
 
     def counting(*args, **kwargs):
-        calls.append(model.__dict__["_bagel_sr_microsteps"] - 1)
+        calls.append(model.pixel_loss_state.micro_steps - 1)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(monitoring, "llm2vae_grad_norms", counting)
@@ -200,19 +168,14 @@ def _rank_tensors(rank):
     return torch.randn(5 + rank, 8, generator=g), torch.randn(5 + rank, 3, generator=g), torch.randn(5 + rank, 3, generator=g)
 
 
-def _worker(rank, world, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+def _rank_norms(rank):
     norms = monitoring.llm2vae_grad_norms(*_rank_tensors(rank), pixel_weight=0.3)
-    torch.save([norms.flow, norms.pixel, norms.pixel_unweighted], os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    return [norms.flow, norms.pixel, norms.pixel_unweighted]
 
 
 @pytest.mark.timeout(120)
 def test_distributed_norms_are_of_the_averaged_gradient():
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
-        results = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
+    results = run_ranks(_rank_norms)
     grads = sum(monitoring.linear_parameter_gradients(h, [gf, gp]) for h, gf, gp in map(_rank_tensors, range(2))) / 2
     flow, pixel = grads.norm(dim=1)
     for r in results:
@@ -237,15 +200,12 @@ def test_real_bagel_logged_norms_match_parameter_gradients():
         module = checkout.import_training_module(root)
     except checkout.CheckoutError as err:
         pytest.skip(f"the training script's dependencies are missing here: {err}")
-    state = apply_pixel_loss_training(module)
-    try:
+    with apply_pixel_loss_training(module) as handle:
         parser = module.HfArgumentParser((module.ModelArguments, module.DataArguments, module.TrainingArguments))
         parser.parse_args_into_dataclasses(["--pixel_loss_weight", "0.2", "--pixel_loss_max_images", "0",
                                             "--pixel_loss_log_grad_norms_every", "1"])
-        state.vae = ae = build_tiny_autoencoder()
+        handle.run.vae = ae = build_tiny_autoencoder()
         model = build_tiny_bagel(cls=module.Bagel, llm2vae_std=0.02)
-    finally:
-        state.restore()
     specs = [{"kind": "edit", "cond_hw": (2, 2), "target_hw": (2, 2), "timesteps": [-1.5]},
              {"kind": "chain", "cond_hw": (1, 2), "target_hws": [(1, 2), (2, 2)], "timesteps": [-1.2, 0.5]}]
     batch = encode_batch(ae, make_packed_batch(specs, seed=1))

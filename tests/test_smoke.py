@@ -15,7 +15,8 @@ import pytest
 import torch
 import torch.distributed.fsdp
 
-from bagel_sr.patches import cpu_main
+from bagel_sr.patches import cpu_main, registry
+import fake_checkout
 from bagel_sr.patches.smoke import LaunchLog, SmokeFailure, check_finite, check_pixel_term, check_resume
 from bagel_tiny import bagel_root, requires_bagel
 
@@ -34,46 +35,41 @@ def last_line(text: str) -> str:
 
 # ---------------------------------------------------------------------------------------- patches, without BAGEL
 
-def fake_script() -> types.ModuleType:
-    module = types.ModuleType("fake_train_script")
-    module.torch, module.dist = torch, torch.distributed
-    return module
+DRY_RUN_ROWS = [p.name for p in registry.PATCHES if p.group == "dryrun"]
 
 
-def fake_fsdp() -> types.ModuleType:
-    module = types.ModuleType("fake_fsdp_utils")
-    module.torch = torch
-    module.FullStateDictConfig = torch.distributed.fsdp.FullStateDictConfig
-    module.init_device_mesh = lambda device_type, *a, **k: (device_type, a, k)
-    return module
-
-
-def test_cpu_main_maps_each_cuda_call_and_undo_restores_every_name():
-    script, fsdp = fake_script(), fake_fsdp()
+def test_dry_run_rows_map_each_cuda_call_and_the_handle_restores_every_name():
+    ctx = fake_checkout.context(dry_run=True)
+    script, fsdp = ctx.train_module, ctx.fsdp_module
     before = {m: dict(vars(m)) for m in (script, fsdp)}
-    handle = cpu_main.apply_cpu_main(script, fsdp)
-    assert script.torch.cuda.is_available() and fsdp.torch.cuda.is_available()
-    assert 3 % script.torch.cuda.device_count() == torch.device("cpu")       # main()'s device id
-    assert 1 % fsdp.torch.cuda.device_count() == torch.device("cpu")         # fsdp_wrapper's device_id
-    with script.torch.amp.autocast("cuda", dtype=torch.bfloat16):
-        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    assert script.torch.tensor(1.0).item() == 1.0                            # everything else is torch's
-    assert fsdp.FullStateDictConfig(rank0_only=True, offload_to_cpu=True).offload_to_cpu is False
-    assert fsdp.init_device_mesh("cuda", (1, 2))[0] == "cpu"
-    assert script.dist.init_process_group is cpu_main.gloo_init_process_group
-    assert len(handle.applied) == len(cpu_main.CPU_MAIN_PATCHES)
-    assert not torch.cuda.is_available() or torch.cuda.is_available.__module__.startswith("torch")  # torch untouched
-    handle.undo()
+    with registry.apply(ctx, groups=["dryrun"]) as handle:
+        assert handle.applied == DRY_RUN_ROWS and len(DRY_RUN_ROWS) == 5
+        assert script.torch.cuda.is_available() and fsdp.torch.cuda.is_available()
+        assert 3 % script.torch.cuda.device_count() == torch.device("cpu")       # main()'s device id
+        assert 1 % fsdp.torch.cuda.device_count() == torch.device("cpu")         # fsdp_wrapper's device_id
+        with script.torch.amp.autocast("cuda", dtype=torch.bfloat16):
+            assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert script.torch.tensor(1.0).item() == 1.0                            # everything else is torch's
+        assert fsdp.FullStateDictConfig(rank0_only=True, offload_to_cpu=True).offload_to_cpu is False
+        assert fsdp.init_device_mesh("cuda", (1, 2))[0] == "cpu"
+        assert script.dist.init_process_group is cpu_main.gloo_init_process_group
+        assert torch.cuda.is_available is not script.torch.cuda.is_available   # torch itself untouched
     for module, names in before.items():
-        assert {k: v for k, v in vars(module).items()} == names
+        assert dict(vars(module)) == names
 
 
-def test_cpu_main_refuses_a_script_without_dist_and_leaves_nothing_patched():
-    script = fake_script()
-    del script.dist
+def test_dry_run_rows_act_only_in_a_dry_run():
+    ctx = fake_checkout.context()
+    with registry.apply(ctx, groups=["dryrun"]) as handle:
+        assert handle.applied == [] and ctx.train_module.torch is torch
+
+
+def test_dry_run_refuses_a_script_without_dist_and_leaves_nothing_patched():
+    ctx = fake_checkout.context(dry_run=True)
+    del ctx.train_module.dist
     with pytest.raises(RuntimeError, match="has no module-level name `dist`.*nccl"):
-        cpu_main.apply_cpu_main(script, None)
-    assert script.torch is torch
+        registry.apply(ctx, groups=["dryrun"])
+    assert ctx.train_module.torch is torch and ctx.fsdp_module.torch is torch
 
 
 def test_gloo_replaces_nccl_only(monkeypatch):

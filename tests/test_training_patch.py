@@ -1,65 +1,13 @@
-"""The training-script patches on a stand-in script that has the contract's names (the real one: test_bagel_*.py)."""
-import dataclasses
-import sys
-import types
-from dataclasses import dataclass
-
+"""The training-script patches on the fake checkout (the real one: test_bagel_*.py)."""
 import pytest
 import torch
-from transformers import HfArgumentParser
 
+import fake_checkout
 from bagel_sr import PixelLossConfig, with_pixel_loss
 from bagel_sr.patches import launch
-from bagel_sr.patches.training import IncompatibleCheckoutError, apply_pixel_loss_training, banner, warmup_factor
-from contract_model import ContractModel, LinearDecoder, forward_kwargs, pack, set_timesteps
-
-
-@dataclass
-class TrainingArguments:
-    mse_weight: float = 1.0
-    ce_weight: float = 1.0
-    timestep_shift: float = 1.0
-    visual_gen: bool = True
-    gradient_accumulation_steps: int = 1
-
-
-class SimpleCustomBatch:
-    def __init__(self, data):
-        self.padded_images = data["padded_images"]
-        self.batch_data_indexes = data["batch_data_indexes"]
-        self.rest = {k: v for k, v in data.items() if k not in ("padded_images", "batch_data_indexes")}
-
-    def to_dict(self):
-        return dict(self.rest, padded_images=self.padded_images, batch_data_indexes=self.batch_data_indexes)
-
-
-def _script():
-    module = types.ModuleType("fake_train")
-    module.TrainingArguments = TrainingArguments
-    module.HfArgumentParser = HfArgumentParser
-    module.load_ae = lambda path=None: (LinearDecoder(), {"downsample": 8})
-    module.Bagel = ContractModel
-    module.main = lambda: None
-    batch_module = types.ModuleType("fake_dataset_base")
-    batch_module.SimpleCustomBatch = SimpleCustomBatch
-    return module, batch_module
-
-
-def _loop_step(module, training_args, vae, model, batch):
-    """BAGEL's loop for one micro-step (re-expressed): pop, encode, forward, reduce, scale, backward."""
-    data = SimpleCustomBatch(batch).to_dict()
-    data.pop("batch_data_indexes", None)
-    images = data.pop("padded_images")
-    with torch.no_grad():
-        data["padded_latent"] = vae.encode(images)
-    torch.manual_seed(5)
-    loss_dict = model(**data)
-    mse = loss_dict["mse"]
-    mse = mse.mean(dim=-1).sum() / len(data["mse_loss_indexes"])
-    loss = mse * training_args.mse_weight / training_args.gradient_accumulation_steps
-    loss.backward()
-    return loss_dict
-
+from bagel_sr.patches.registry import apply_pixel_loss_training
+from bagel_sr.patches.training import IncompatibleCheckoutError, banner
+from contract_model import ContractModel, forward_kwargs, pack, set_timesteps
 
 BATCH_SPEC = [[("cond", 2, 2), ("text", 2), ("target", 2, 2)], [("text", 3), ("target", 1, 2)],
               [("cond", 1, 2), ("text", 1), ("target", 1, 2)]]
@@ -67,23 +15,23 @@ BATCH_SPEC = [[("cond", 2, 2), ("text", 2), ("target", 2, 2)], [("text", 3), ("t
 
 @pytest.mark.parametrize("ga,mse_weight", [(1, 1.0), (4, 0.5)])
 def test_patched_loop_gradients_equal_flow_plus_weighted_pixel(ga, mse_weight):
-    module, batch_module = _script()
-    state = apply_pixel_loss_training(module, batch_module)
+    module, batch_module = fake_checkout.script()
+    handle = apply_pixel_loss_training(module, batch_module)
     try:
         parser = module.HfArgumentParser(module.TrainingArguments)
-        (targs,) = parser.parse_args_into_dataclasses(
-            launch.inject_defaults(["--gradient_accumulation_steps", str(ga), "--mse_weight", str(mse_weight),
-                                    "--pixel_loss_max_images", "0"]))
+        (targs,) = parser.parse_args_into_dataclasses(  # the wrapper's defaults are the class's
+            ["--gradient_accumulation_steps", str(ga), "--mse_weight", str(mse_weight), "--pixel_loss_max_images", "0"])
         vae, _ = module.load_ae("ae.safetensors")
         torch.manual_seed(0)
         model = module.Bagel(hidden=16)
-        assert model.pixel_loss_state.vae is vae and state.config.weight == 0.05
+        assert model.pixel_loss_state.vae is vae and handle.run.config.weight == 0.05
+        assert type(model).__name__ == "ContractModelWithPixelLossFold"
         batch = set_timesteps(pack(BATCH_SPEC, seed=2), [0, 0.1, 0.2, 0, 0.15])
-        loss_dict = _loop_step(module, targs, vae, model, batch)
+        loss_dict, _ = fake_checkout.loop_step(targs, vae, model, batch, batch_module.SimpleCustomBatch)
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     finally:
-        state.restore()
-    assert module.Bagel is ContractModel and module.TrainingArguments is TrainingArguments
+        handle.undo()
+    assert module.Bagel is ContractModel and module.TrainingArguments is fake_checkout.TrainingArguments
     assert {"pixel", "pixel_images", "pixel_weight"} <= set(loss_dict)
     # reference: the extension alone, loss written out in full
     torch.manual_seed(0)
@@ -101,23 +49,23 @@ def test_patched_loop_gradients_equal_flow_plus_weighted_pixel(ga, mse_weight):
 
 
 def test_weight_zero_is_stock():
-    module, batch_module = _script()
-    state = apply_pixel_loss_training(module, batch_module)
+    module, batch_module = fake_checkout.script()
+    handle = apply_pixel_loss_training(module, batch_module)
     try:
-        (targs,) = module.HfArgumentParser(module.TrainingArguments).parse_args_into_dataclasses(["--pixel_loss_weight", "0"])
-        vae, _ = module.load_ae()
+        module.HfArgumentParser(module.TrainingArguments).parse_args_into_dataclasses(["--pixel_loss_weight", "0"])
+        module.load_ae()
         torch.manual_seed(0)
         model = module.Bagel(hidden=16)
         assert model.pixel_loss_state is None
-        data = SimpleCustomBatch(pack(BATCH_SPEC)).to_dict()
+        data = batch_module.SimpleCustomBatch(pack(BATCH_SPEC)).to_dict()
         assert "pixel_loss_inputs" not in data
     finally:
-        state.restore()
+        handle.undo()
 
 
 def test_bad_values_and_missing_facts_fail_early():
-    module, batch_module = _script()
-    state = apply_pixel_loss_training(module, batch_module)
+    module, batch_module = fake_checkout.script()
+    handle = apply_pixel_loss_training(module, batch_module)
     try:
         parser = module.HfArgumentParser(module.TrainingArguments)
         with pytest.raises(ValueError, match="--pixel_loss_weight: got -1.0"):
@@ -127,30 +75,33 @@ def test_bad_values_and_missing_facts_fail_early():
         with pytest.raises(ValueError, match="--mse_weight > 0"):
             parser.parse_args_into_dataclasses(["--pixel_loss_weight", "0.1", "--mse_weight", "0"])
     finally:
-        state.restore()
+        handle.undo()
     del module.load_ae
+    bagel, arguments = module.Bagel, module.TrainingArguments
     with pytest.raises(IncompatibleCheckoutError, match="load_ae"):
         apply_pixel_loss_training(module, batch_module)
+    assert (module.Bagel, module.TrainingArguments) == (bagel, arguments)  # nothing left half-patched
 
 
-def test_wrapper_flags_and_defaults():
+def test_wrapper_flags_and_defaults_go_in_through_the_arguments_class():
     wargs, rest = launch.split_wrapper_args(["--bagel_root=/x", "--lr", "1e-5", "--bagel_train_script", "train/main.py",
                                              "--pixel_loss_weight", "0.2"])
     assert (wargs.bagel_root, wargs.bagel_train_script) == ("/x", "train/main.py")
-    argv = launch.inject_defaults(rest)
-    assert argv[:4] == ["--lr", "1e-5", "--pixel_loss_weight", "0.2"]
-    assert "--pixel_loss_type" in argv and argv.count("--pixel_loss_weight") == 1
-    assert argv[argv.index("--pixel_loss_max_t") + 1] == "0.3" and argv[argv.index("--pixel_loss_paired_only") + 1] == "True"
+    assert rest == ["--lr", "1e-5", "--pixel_loss_weight", "0.2"]  # argv is passed on as given
     with pytest.raises(SystemExit, match="bagel_root"):
         launch.split_wrapper_args(["--bagel_root"])
+    module, batch_module = fake_checkout.script()
+    with apply_pixel_loss_training(module, batch_module):
+        parser = module.HfArgumentParser(module.TrainingArguments)
+        (targs,) = parser.parse_args_into_dataclasses(["--pixel_loss_weight", "0.2"])
+        assert (targs.pixel_loss_weight, targs.pixel_loss_max_t, targs.pixel_loss_paired_only) == (0.2, 0.3, True)
+        assert "(default: 0.05)" in " ".join(parser.format_help().split())
+    with apply_pixel_loss_training(module, batch_module, defaults={}):  # the library's defaults: off
+        (targs,) = module.HfArgumentParser(module.TrainingArguments).parse_args_into_dataclasses([])
+        assert targs.pixel_loss_weight == 0.0
 
 
-def test_banner_reports_gate_share():
-    text = banner(PixelLossConfig(weight=0.05, max_t=0.3), 1.0)
-    assert "19.8%" in text and "--pixel_loss_weight 0.05" in text
+def test_banner_reports_gate_share_and_patches():
+    text = banner(PixelLossConfig(weight=0.05, max_t=0.3), 1.0, {"patch_model_class": "<script>.Bagel"})
+    assert "19.8%" in text and "--pixel_loss_weight 0.05" in text and "patch_model_class (<script>.Bagel)" in text
     assert "2.6%" in banner(PixelLossConfig(weight=0.05, max_t=0.3), 3.0)
-
-
-def test_warmup_factor():
-    assert [warmup_factor(s, 4) for s in (0, 1, 4, 9)] == [0.0, 0.25, 1.0, 1.0]
-    assert warmup_factor(0, 0) == 1.0

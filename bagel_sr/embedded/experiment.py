@@ -23,7 +23,7 @@ from . import _compat  # noqa: F401
 import numpy as np
 import torch
 
-from ..config import PixelLossConfig, pixel_loss_arguments_class
+from ..config import CONSERVATIVE_DEFAULTS, PixelLossConfig, pixel_loss_arguments_class
 from . import data, sampling
 from .backbone import TinyBagelConfig
 from .train import LatentPool, TrainConfig, train
@@ -57,7 +57,7 @@ ARMS = ("flow_only", "pixel")
 def parse(argv: Optional[Sequence[str]] = None):
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser((ExperimentArguments, pixel_loss_arguments_class()))
+    parser = HfArgumentParser((ExperimentArguments, pixel_loss_arguments_class(defaults=CONSERVATIVE_DEFAULTS)))
     args, pixel_args = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
     if args.eval_split not in ("heldout", "val"):
         raise ValueError(f"--eval_split: got {args.eval_split!r}; allowed: 'heldout', 'val'")

@@ -2,9 +2,9 @@
 
 Per micro-step: pack a batch (``data.pack``), encode ``padded_images`` with the frozen VAE under ``no_grad`` into
 ``padded_latent``, run the (wrapped) model with ``padded_images`` and ``batch_data_indexes`` as well, and form
-``loss = mse.mean(-1).sum() / num_mse_tokens * mse_weight (+ ce) + weight(step) * pixel``, divided by the
-accumulation steps.  Per optimizer step: gradient clipping, AdamW, the LR schedule (``transformers``' cosine with a
-minimum LR, or constant, both with warm-up), an EMA update.  Checkpoints are ``model.safetensors`` and
+``loss = mse.mean(-1).sum() / num_mse_tokens * mse_weight (+ ce) + weight * pixel`` (:func:`micro_step_loss`, the
+weight from :mod:`bagel_sr.weighting`), divided by the accumulation steps.  Per optimizer step: gradient clipping,
+AdamW, the LR schedule (``transformers``' cosine with a minimum LR, or constant, both with warm-up), an EMA update.  Checkpoints are ``model.safetensors`` and
 ``ema.safetensors`` (plus ``config.json``).  The logit-normal timesteps with shift come from the packer (raw
 ``N(0, 1)`` per target) and the model (``shift(sigmoid(raw))``), as in BAGEL.
 """
@@ -20,10 +20,8 @@ from . import _compat  # noqa: F401
 import numpy as np
 import torch
 
-from .. import monitoring
 from ..config import PixelLossConfig
 from ..extension import with_pixel_loss
-from ..patches.training import grad_norms_due, warmup_factor
 from . import data
 from .backbone import TinyBagel, TinyBagelConfig
 
@@ -130,12 +128,6 @@ def build_model(model_config: TinyBagelConfig, seed: int) -> torch.nn.Module:
     return TinyBagelWithPixelLoss(model_config)
 
 
-def pixel_weight(config: PixelLossConfig, step: int) -> float:
-    """The pixel weight at an optimizer step, with the linear warm-up of ``--pixel_loss_warmup_steps`` (the same
-    ramp as the checkout patch)."""
-    return config.weight * warmup_factor(step, config.warmup_steps)
-
-
 def _scheduler(optimizer, cfg: TrainConfig):
     from transformers.optimization import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
 
@@ -175,6 +167,28 @@ def load_checkpoint(directory: str, which: str = "ema") -> TinyBagel:
     return model.eval()
 
 
+def micro_step_loss(model: torch.nn.Module, out: Dict, batch: Dict, cfg: TrainConfig):
+    """``(loss, logs)`` of one micro-step, before the division by the accumulation steps:
+    ``mse.mean(-1).sum() / N_mse_tokens * mse_weight (+ ce * ce_weight) + weight * pixel``, ``weight`` from
+    :mod:`bagel_sr.weighting` (warm-up, adaptive factor, gradient-norm logs) when the model returned ``pixel``."""
+    mse = out["mse"].mean(-1).sum() / max(len(batch["mse_loss_indexes"]), 1)
+    flow_loss = mse * cfg.mse_weight
+    loss = flow_loss
+    logs = dict(mse=mse.detach())
+    if out.get("ce") is not None:
+        ce = out["ce"].sum() / max(len(batch["ce_loss_indexes"]), 1)
+        loss = loss + ce * cfg.ce_weight
+        logs["ce"] = ce.detach()
+    if "pixel" in out:
+        step_weight = model.next_pixel_weight(flow_loss, cfg.gradient_accumulation_steps)
+        loss = loss + step_weight.weight * out["pixel"]
+        logs.update(step_weight.logs)
+        logs["pixel"] = out["pixel"].detach()
+        logs["pixel_images"] = out["pixel_images"].detach()
+        logs["pixel_weight"] = torch.as_tensor(float(step_weight.weight))
+    return loss, logs
+
+
 def train(model_config: TinyBagelConfig, cfg: TrainConfig, pixel: PixelLossConfig, vae, seed: int = 0,
           output_dir: Optional[str] = None, progress: bool = True, desc: str = "train",
           tokenizer: Optional[data.WordTokenizer] = None, pool: Optional[LatentPool] = None) -> TrainResult:
@@ -205,7 +219,7 @@ def train(model_config: TinyBagelConfig, cfg: TrainConfig, pixel: PixelLossConfi
     torch.manual_seed(seed + 2)  # forward noise and posterior samples: the same stream in every arm
     meta = dict(model=model_config.to_dict(), train=asdict(cfg), pixel_loss=pixel.to_flags(), seed=seed)
 
-    history, window, adaptive = [], {}, torch.tensor(1.0)
+    history, window = [], {}
     start = time.time()
     bar = tqdm(total=cfg.steps, desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
     optimizer.zero_grad(set_to_none=True)
@@ -229,33 +243,7 @@ def train(model_config: TinyBagelConfig, cfg: TrainConfig, pixel: PixelLossConfi
                 batch["padded_latent"] = vae.encode(padded_images)
         out = model(**batch, padded_images=padded_images, batch_data_indexes=batch_data_indexes)
 
-        mse = out["mse"].mean(-1).sum() / max(len(batch["mse_loss_indexes"]), 1)
-        loss = mse * cfg.mse_weight
-        logs = dict(mse=mse.detach())
-        if out.get("ce") is not None:
-            ce = out["ce"].sum() / max(len(batch["ce_loss_indexes"]), 1)
-            loss = loss + ce * cfg.ce_weight
-            logs["ce"] = ce.detach()
-        if "pixel" in out:
-            weight = pixel_weight(pixel, step)
-            call = model.pixel_loss_state.pop_call()
-            if call is not None and grad_norms_due(pixel, micro, cfg.gradient_accumulation_steps):
-                # gradient norms of both terms on llm2vae (bagel_sr.monitoring), optionally the adaptive weight
-                flow_grad = monitoring.output_gradient(mse * cfg.mse_weight, call.v_hat)
-                norms = monitoring.llm2vae_grad_norms(call.hidden, flow_grad, call.pixel_grad, weight)
-                if pixel.adaptive_weight:
-                    adaptive = monitoring.adaptive_factor(norms, pixel.adaptive_weight_max)
-                    weight = weight * adaptive
-                    norms.pixel = weight * norms.pixel_unweighted
-                    logs["pixel_adaptive_factor"] = adaptive
-                if pixel.log_grad_norms_every > 0:
-                    logs.update({k: v.detach() for k, v in norms.as_log().items()})
-            elif pixel.adaptive_weight:
-                weight = weight * adaptive
-            loss = loss + weight * out["pixel"]
-            logs["pixel"] = out["pixel"].detach()
-            logs["pixel_images"] = out["pixel_images"].detach()
-            logs["pixel_weight"] = torch.as_tensor(float(weight))
+        loss, logs = micro_step_loss(model, out, batch, cfg)
         (loss / cfg.gradient_accumulation_steps).backward()
         for k, v in logs.items():
             window.setdefault(k, []).append(float(v))

@@ -1,0 +1,74 @@
+"""What the patches act on (:class:`PatchContext`) and what they learn while the checkout's ``main()`` runs
+(:class:`RunState`).  Model-level state (counters, the weight's clock) is not here: it lives in the armed model's
+:class:`bagel_sr.state.PixelLossState`."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from bagel_sr.config import CONSERVATIVE_DEFAULTS, PixelLossConfig
+
+Undo = Callable[[], None]
+
+
+def noop() -> None:
+    """The undo of a patch that changed nothing."""
+
+
+@dataclass
+class RunState:
+    """Filled by the parser and ``load_ae`` patches: the parsed settings, the script's TrainingArguments, the VAE;
+    ``applied``: ``name -> target`` of the patches in force (for the banner); ``banner``: what was printed."""
+
+    config: Optional[PixelLossConfig] = None
+    training_args: Any = None
+    vae: Any = None
+    applied: Dict[str, str] = field(default_factory=dict)
+    banner: str = ""
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return int(getattr(self.training_args, "gradient_accumulation_steps", 1) or 1)
+
+
+@dataclass
+class PatchContext:
+    """The objects a patch replaces names in; a module left None is imported from the checkout when first needed.
+
+    ``train_module``: the imported training script; ``batch_module``: ``data.dataset_base``; ``navit_module``:
+    ``modeling.bagel.qwen2_navit``; ``dataset_info_module``: ``data.dataset_info``; ``dataset_yamls``: built sets to
+    register; ``fsdp_module``: ``train.fsdp_utils``; ``dry_run``: apply the ``dryrun`` rows; ``defaults``: the ``--pixel_loss_*`` defaults of the patched TrainingArguments (field name -> value).
+    """
+
+    train_module: Optional[ModuleType] = None
+    batch_module: Optional[ModuleType] = None
+    navit_module: Optional[ModuleType] = None
+    dataset_info_module: Optional[ModuleType] = None
+    fsdp_module: Optional[ModuleType] = None
+    dataset_yamls: Sequence[str] = ()
+    dry_run: bool = False
+    defaults: Dict[str, Any] = field(default_factory=lambda: dict(CONSERVATIVE_DEFAULTS))
+    run: RunState = field(default_factory=RunState)
+
+    def module(self, attr: str, name: str) -> ModuleType:
+        """``self.<attr>``, importing ``name`` (from the checkout on ``sys.path``) and keeping it when unset."""
+        if getattr(self, attr) is None:
+            setattr(self, attr, importlib.import_module(name))
+        return getattr(self, attr)
+
+
+def replace_attribute(owner: Any, name: str, value: Any) -> Undo:
+    """Set ``owner.name = value``; the undo puts back what was there (or deletes the name if it was absent)."""
+    had = name in vars(owner)
+    old = vars(owner)[name] if had else None
+    setattr(owner, name, value)
+
+    def undo() -> None:
+        if had:
+            setattr(owner, name, old)
+        else:
+            delattr(owner, name)
+
+    return undo

@@ -1,0 +1,189 @@
+"""Every runtime patch of a BAGEL checkout, in one table; ``apply(ctx) -> Handle``; ``Handle.undo()`` undoes all.
+
+A row names the function that applies the patch (it checks the contract fact it needs and returns its undo), the
+name it replaces, its group (``cpu``, ``training``, ``datasets``, ``dryrun``: the CPU dry run of ``main()`` only), its stage (``checkout``: needs only the checkout
+on ``sys.path``, applied before the training script is imported; ``script``: needs the imported script), when it
+applies, and how to read the replaced name (how the tests check that ``undo`` restores it).  To add a patch, write
+one function ``patch_x(ctx) -> undo`` and one row.  The start-up banner lists the rows in force.
+
+{table}
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Collection, List, Optional, Tuple
+
+import torch
+
+from . import cpu, cpu_main, datasets, training
+from .context import PatchContext, RunState, Undo, noop
+
+STAGES = ("checkout", "script")
+GROUPS = ("cpu", "training", "datasets", "dryrun")
+
+
+@dataclass(frozen=True)
+class Patch:
+    """One row of :data:`PATCHES`."""
+
+    name: str
+    target: str
+    group: str
+    stage: str
+    does: str
+    apply: Callable[[PatchContext], Undo]
+    read: Callable[[PatchContext], Any]
+    when: Callable[[PatchContext], bool] = lambda ctx: True
+    condition: str = "always"
+
+
+def _script_name(name: str) -> Callable[[PatchContext], Any]:
+    return lambda ctx: vars(ctx.train_module).get(name)
+
+
+def _fsdp_name(name: str) -> Callable[[PatchContext], Any]:
+    return lambda ctx: vars(cpu_main.fsdp_module(ctx) or ctx).get(name)
+
+
+def _dry_run(ctx: PatchContext) -> bool:
+    return ctx.dry_run
+
+
+PATCHES: Tuple[Patch, ...] = (
+    Patch("patch_torchvision_ops", "torch.ops.torchvision (nms, qnms schemas)", "cpu", "checkout",
+          "declares the two operators a CUDA-built torchvision registers against, next to a CPU-only torch",
+          cpu.patch_torchvision_ops, lambda ctx: cpu._TORCHVISION_LIB,
+          when=lambda ctx: not torch.cuda.is_available(), condition="no CUDA, torchvision ops missing"),
+    Patch("patch_flash_attn", "sys.modules['flash_attn']", "cpu", "checkout",
+          "a plain-torch flash_attn stand-in (BAGEL imports flash_attn at import time)",
+          cpu.patch_flash_attn, lambda ctx: sys.modules.get(cpu.FLASH_ATTN_MODULE),
+          condition="flash-attn not installed"),
+    Patch("patch_sdpa", "modeling.bagel.qwen2_navit.sdpa_kernel", "cpu", "checkout",
+          "also allows SDPBackend.MATH (a CPU has no EFFICIENT_ATTENTION kernel)",
+          cpu.patch_sdpa, lambda ctx: ctx.module("navit_module", cpu.QWEN2_NAVIT_MODULE).sdpa_kernel,
+          when=lambda ctx: not torch.cuda.is_available(), condition="no CUDA"),
+    Patch("patch_training_arguments", "<script>.TrainingArguments", "training", "script",
+          "a subclass with the --pixel_loss_* fields and the wrapper's defaults (validated at parse time)",
+          training.patch_training_arguments, _script_name("TrainingArguments")),
+    Patch("patch_parser", "<script>.HfArgumentParser", "training", "script",
+          "remembers the parsed settings and prints the start-up banner",
+          training.patch_parser, _script_name("HfArgumentParser")),
+    Patch("patch_load_ae", "<script>.load_ae", "training", "script",
+          "the checkout's load_ae, remembering the VAE it returns",
+          training.patch_load_ae, _script_name("load_ae")),
+    Patch("patch_model_class", "<script>.Bagel", "training", "script",
+          "BagelWithPixelLossFold: armed at construction, folds weight * pixel into the returned mse",
+          training.patch_model_class, _script_name("Bagel")),
+    Patch("patch_batch", "data.dataset_base.SimpleCustomBatch.to_dict", "training", "script",
+          "also returns pixel_loss_inputs (ground truth past the loop's pop of padded_images)",
+          training.patch_batch,
+          lambda ctx: vars(ctx.module("batch_module", "data.dataset_base").SimpleCustomBatch).get("to_dict")),
+    Patch("register_datasets", "data.dataset_info.DATASET_INFO['unified_edit']", "datasets", "script",
+          "adds the sets of --bagel_sr_datasets",
+          datasets.register_datasets,
+          lambda ctx: dict(ctx.module("dataset_info_module", "data.dataset_info").DATASET_INFO["unified_edit"]),
+          when=lambda ctx: bool(ctx.dataset_yamls), condition="--bagel_sr_datasets given"),
+    Patch("patch_cuda_queries", "<script>.torch, train.fsdp_utils.torch", "dryrun", "script",
+          "torch.cuda seen as available, one device whose rank-derived id is the CPU, no-op sync/cache",
+          cpu_main.patch_cuda_queries, _script_name("torch"), when=_dry_run, condition="dry run"),
+    Patch("patch_cuda_autocast", "<script>.torch", "dryrun", "script",
+          "torch.amp.autocast('cuda', ...) runs as CPU autocast (same dtype)",
+          cpu_main.patch_cuda_autocast, _script_name("torch"), when=_dry_run, condition="dry run"),
+    Patch("patch_nccl", "<script>.dist", "dryrun", "script",
+          "dist.init_process_group('nccl') uses gloo",
+          cpu_main.patch_nccl, _script_name("dist"), when=_dry_run, condition="dry run"),
+    Patch("patch_state_dict_offload", "train.fsdp_utils.FullStateDictConfig", "dryrun", "script",
+          "full state dicts without offload_to_cpu (fails when parameters already live on the CPU)",
+          cpu_main.patch_state_dict_offload, _fsdp_name("FullStateDictConfig"), when=_dry_run, condition="dry run"),
+    Patch("patch_device_mesh", "train.fsdp_utils.init_device_mesh", "dryrun", "script",
+          "the HYBRID_SHARD device mesh on 'cpu'",
+          cpu_main.patch_device_mesh, _fsdp_name("init_device_mesh"), when=_dry_run, condition="dry run"),
+)
+
+
+class Handle:
+    """The patches :func:`apply` put in force, newest last; ``undo()`` (or leaving a ``with`` block) reverts all."""
+
+    def __init__(self, ctx: PatchContext):
+        self.ctx = ctx
+        self._undos: List[Tuple[Patch, Undo]] = []
+
+    @property
+    def run(self) -> RunState:
+        """What the patches learned while ``main()`` ran: parsed settings, TrainingArguments, the VAE."""
+        return self.ctx.run
+
+    @property
+    def applied(self) -> List[str]:
+        return [patch.name for patch, _ in self._undos]
+
+    def add(self, patch: Patch, undo: Undo) -> None:
+        if undo is not noop:  # a patch already in force (first caller owns it) is not ours to undo
+            self._undos.append((patch, undo))
+            self.ctx.run.applied[patch.name] = patch.target
+
+    def undo(self) -> None:
+        while self._undos:
+            patch, undo = self._undos.pop()
+            undo()
+            self.ctx.run.applied.pop(patch.name, None)
+
+    def __enter__(self) -> "Handle":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.undo()
+
+    def __repr__(self) -> str:
+        return f"Handle(applied={self.applied})"
+
+
+def select(stage: Optional[str] = None, groups: Optional[Collection[str]] = None,
+           names: Optional[Collection[str]] = None) -> List[Patch]:
+    """The rows of :data:`PATCHES` in the given stage, groups and names (None: all), in table order."""
+    known = {p.name for p in PATCHES}
+    unknown = set(names or ()) - known
+    if unknown:
+        raise ValueError(f"unknown patch(es) {sorted(unknown)}; known: {sorted(known)}")
+    if stage is not None and stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; allowed: {STAGES}")
+    return [p for p in PATCHES if (stage is None or p.stage == stage) and (groups is None or p.group in groups)
+            and (names is None or p.name in names)]
+
+
+def apply(ctx: PatchContext, *, stage: Optional[str] = None, groups: Optional[Collection[str]] = None,
+          names: Optional[Collection[str]] = None, handle: Optional[Handle] = None) -> Handle:
+    """Apply the selected rows whose condition holds, in table order; returns ``handle`` (a new one when None).
+
+    If one fails, everything the handle holds is undone before the error propagates.
+    """
+    handle = handle if handle is not None else Handle(ctx)
+    try:
+        for patch in select(stage, groups, names):
+            if patch.when(ctx):
+                handle.add(patch, patch.apply(ctx))
+    except BaseException:
+        handle.undo()
+        raise
+    return handle
+
+
+def apply_pixel_loss_training(train_module: Any, batch_module: Any = None, **options: Any) -> Handle:
+    """The ``training`` rows on an imported training script (``batch_module``: its ``data.dataset_base``,
+    imported when None); ``options`` go to :class:`PatchContext` (e.g. ``defaults={}`` for PixelLossConfig's)."""
+    ctx = PatchContext(train_module=train_module, batch_module=batch_module, **options)
+    return apply(ctx, groups=("training",))
+
+
+def describe(patches: Collection[Patch] = PATCHES) -> str:
+    """The table as reStructuredText-ish plain text (module docstring, README)."""
+    header = ("patch", "replaces", "group", "stage", "when", "what")
+    rows = [header] + [(p.name, p.target, p.group, p.stage, p.condition, p.does) for p in patches]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
+    rule = "  ".join("-" * w for w in widths) + "  " + "-" * 20
+    return "\n".join([lines[0], rule] + lines[1:])
+
+
+__doc__ = __doc__.replace("{table}", describe())

@@ -1,0 +1,66 @@
+"""The patch registry: one table lists every patch, ``apply`` puts them in force, one handle undoes them all."""
+import inspect
+import sys
+
+import pytest
+
+import fake_checkout
+from bagel_sr.patches import cpu, cpu_main, datasets, registry, training
+from bagel_sr.patches.context import PatchContext
+
+
+def _snapshot(ctx, rows):
+    return {p.name: p.read(ctx) for p in rows}
+
+
+def test_every_patch_function_has_a_row_and_the_docstring_lists_the_table():
+    functions = {name for mod in (cpu, cpu_main, training, datasets) for name, fn in inspect.getmembers(mod, inspect.isfunction)
+                 if fn.__module__ == mod.__name__ and (name.startswith("patch_") or name == "register_datasets")}
+    rows = {p.name: p for p in registry.PATCHES}
+    assert functions == set(rows)
+    assert all(rows[name].apply.__name__ == name for name in rows)  # the row runs the function of its name
+    for p in registry.PATCHES:
+        assert p.name in registry.__doc__ and p.target in registry.__doc__
+        assert p.stage in registry.STAGES
+
+
+def test_one_handle_undoes_every_replaced_name_cpu_patches_included(tmp_path, monkeypatch):
+    monkeypatch.delitem(sys.modules, cpu.FLASH_ATTN_MODULE, raising=False)  # as on a machine without flash-attn
+    monkeypatch.setattr(registry.torch.cuda, "is_available", lambda: False)
+    ctx = fake_checkout.context(dataset_yamls=[fake_checkout.built_set(tmp_path)], dry_run=True)
+    # torchvision's operator schemas are declared once per process (tests/conftest.py), so that row is a no-op here
+    rows = [p for p in registry.PATCHES if p.name != "patch_torchvision_ops"]
+    before = _snapshot(ctx, rows)
+    handle = registry.apply(ctx, stage="checkout")
+    registry.apply(ctx, stage="script", handle=handle)
+    assert handle.applied == [p.name for p in rows]  # every row applied here, in table order
+    during = _snapshot(ctx, rows)
+    assert [n for n in before if during[n] is before[n] or during[n] == before[n]] == []  # each replaced its name
+    assert dict(ctx.run.applied) == {p.name: p.target for p in rows}
+    handle.undo()
+    after = _snapshot(ctx, rows)
+    for name in before:
+        assert after[name] is before[name] or (isinstance(before[name], dict) and after[name] == before[name]), name
+    assert handle.applied == [] and ctx.run.applied == {}
+
+
+def test_a_failing_patch_undoes_what_was_applied(monkeypatch):
+    monkeypatch.setattr(registry.torch.cuda, "is_available", lambda: False)
+    ctx = fake_checkout.context()
+    ctx.batch_module.SimpleCustomBatch = type("SimpleCustomBatch", (), {})  # patch_batch's fact is missing
+    before = _snapshot(ctx, [p for p in registry.PATCHES if p.group == "training" and p.name != "patch_batch"])
+    assert len(before) == 4
+    with pytest.raises(training.IncompatibleCheckoutError, match="SimpleCustomBatch.to_dict"):
+        registry.apply(ctx, groups=("training",))
+    assert _snapshot(ctx, [p for p in registry.PATCHES if p.name in before]) == before
+
+
+def test_selection_by_name_group_and_unknown_names():
+    ctx = fake_checkout.context()
+    with registry.apply(ctx, names=["patch_load_ae"]) as handle:
+        assert handle.applied == ["patch_load_ae"] and ctx.train_module.load_ae.__name__ == "load_ae"
+        assert vars(ctx.train_module)["Bagel"] is fake_checkout.ContractModel
+    with pytest.raises(ValueError, match="unknown patch"):
+        registry.select(names=["patch_everything"])
+    assert [p.name for p in registry.select(groups=("cpu",))] == ["patch_torchvision_ops", "patch_flash_attn", "patch_sdpa"]
+    assert isinstance(ctx, PatchContext)
