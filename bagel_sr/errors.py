@@ -15,6 +15,14 @@ class UserError(Exception):
     exit_code = 2
 
 
+class BadInput(UserError, ValueError):
+    """A value, file content or setting the user gave is not what is expected."""
+
+
+class MissingInput(UserError, FileNotFoundError):
+    """A file or folder the user named (or that their inputs imply) does not exist."""
+
+
 class RunFailed(UserError):
     """The tool ran but its result must not be trusted as is (e.g. non-finite outputs); exit code 1."""
 
