@@ -24,7 +24,7 @@ from .instructions import TASKS
 
 INPUT_KINDS = ("images", "dicom", "nifti")
 MODALITIES = ("auto", "CT", "MR", "other")
-GROUP_BY = ("auto", "patient", "study", "series", "regex", "parent_dir", "file")
+GROUP_BY = ("auto", "subject", "patient", "study", "series", "regex", "parent_dir", "file")
 
 DEFAULTS: dict[str, Any] = {
     "name": None,
