@@ -73,8 +73,9 @@ def make_pairs(ref: SourceRef, cfg: BuildConfig, split: str, group: tuple[str, s
     mapping = compute_mapping(
         src.array, modality=src.modality, mode=cfg.intensity["mode"], window=cfg.intensity["window"],
         percentiles=tuple(cfg.intensity["percentiles"]), fixed_range=cfg.intensity["range"],
-        source_dtype=src.source_dtype, is_image_file=ref.kind == "image",
+        source_dtype=src.source_dtype, is_image_file=ref.kind == "image", bits_stored=src.info.get("bits_stored"),
     )
+    intensity = {**mapping.as_dict(), **{k: src.info[k] for k in ("bits_stored", "bits_source", "note") if k in src.info}}
     clean = mapping.to_working(src.array)
     context = {"value_range": list(mapping.working_range()), "pixel_size_mm": src.pixel_size_mm}
     degraded, vol_records, vol_seed = clean, [], None
@@ -121,14 +122,15 @@ def make_pairs(ref: SourceRef, cfg: BuildConfig, split: str, group: tuple[str, s
         source_info = {
             "id": ref.source_id, "kind": ref.kind, "path": ref.rel_path, "modality": src.modality,
             "slice_axis": axis, "slice_index": k, "num_slices": n, "pixel_size_mm": src.pixel_size_mm,
-            **{key: v for key, v in ref.meta.items() if key != "modality"}, **src.info,
+            **{key: v for key, v in ref.meta.items() if key != "modality"},
+            **{key: v for key, v in src.info.items() if key not in ("bits_source", "note")},
         }
         if src.slice_files is not None and axis == 2:
             source_info["file"] = src.slice_files[k]
         manifest = {
             "pair_id": pid, "split": split, "group": group[0], "group_by": group[1], "source": source_info,
             "crop": {"top": top, "left": left, "height": ch, "width": cw, "original_size": list(full_hw)},
-            "intensity": mapping.as_dict(), "degradations": records,
+            "intensity": intensity, "degradations": records,
             "seed": {"base": cfg.seed, "pair": seed, "volume": vol_seed},
             "task": task, "instructions": variants, "size": [ch, cw],
         }
