@@ -171,3 +171,64 @@ def register_built_datasets(
         handle.previous[name] = group.get(name)
         group[name] = entry
     return handle
+
+
+# -- names checked against what exists ------------------------------------------------------------------------------
+
+def check_names(flag: str, given: Iterable[str] | None, known: Iterable[str]) -> None:
+    """Raise :class:`bagel_sr.errors.UserError` when a name in ``given`` is not in ``known`` (with a close match)."""
+    import difflib
+
+    from bagel_sr.errors import UserError
+
+    known = sorted(set(known))
+    for name in sorted(set(given or ())):
+        if name in known:
+            continue
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise UserError(f"{flag}: unknown data set '{name}'{hint} Known: {', '.join(known) or '(none)'}")
+
+
+def dataset_config_names(parsed: Iterable[Any]) -> list[str] | None:
+    """Group names of the ``--dataset_config_file`` among parsed argument dataclasses (what BAGEL's loop puts in
+    ``batch_data_indexes``), or ``None`` when no such file is named."""
+    for item in parsed:
+        path = getattr(item, "dataset_config_file", None)
+        if path:
+            from bagel_sr.errors import UserError
+
+            try:
+                meta = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+            except (OSError, yaml.YAMLError) as e:
+                raise UserError(f"--dataset_config_file {path}: cannot be read as YAML ({e})") from None
+            return list(meta) if isinstance(meta, dict) else []
+    return None
+
+
+class NoImageWatch:
+    """Warns once, loudly, when the pixel term has admitted no image in its first ``steps`` micro-steps although
+    its weight is positive (a typo in ``--pixel_loss_datasets``, unpaired data, ``--visual_gen`` off ...)."""
+
+    def __init__(self, steps: int = 200):
+        self.steps, self.seen, self.images, self.done = steps, 0, 0, steps <= 0
+
+    def observe(self, images: float, weight: float, datasets: Any = None) -> str | None:
+        """Record one micro-step; returns the warning text the one time it is due (and logs it)."""
+        if self.done:
+            return None
+        self.seen += 1
+        self.images += int(images)
+        if self.images > 0:
+            self.done = True
+            return None
+        if self.seen < self.steps or weight <= 0:
+            return None
+        self.done = True
+        import warnings
+
+        msg = (f"bagel-sr: WARNING: the pixel term admitted no image in the first {self.seen} micro-steps although "
+               f"its weight is {weight:g}: check --pixel_loss_datasets ({datasets or 'unset'}), that the data is "
+               "paired (--pixel_loss_paired_only) and --pixel_loss_max_t; the run is training on the flow loss only")
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        return msg

@@ -41,6 +41,7 @@ import torch.distributed as dist
 from bagel_sr import flow, monitoring
 from bagel_sr.config import PixelLossConfig, pixel_loss_arguments_class
 from bagel_sr.extension import with_pixel_loss
+from bagel_sr.patches.datasets import NoImageWatch, check_names, dataset_config_names  # issue 15
 
 logger = logging.getLogger("bagel_sr")
 
@@ -221,6 +222,9 @@ def make_training_model_class(bagel_cls: type, state: PatchState, gradient_accum
             out["mse"] = fold_into_mse(out["mse"], out["pixel"], weight, mse_weight, tokens)
             out["pixel"] = out["pixel"].detach()
             out["pixel_weight"] = torch.as_tensor(weight, dtype=torch.float32, device=out["pixel"].device).detach()
+            watch = self.__dict__.setdefault("_bagel_sr_watch", NoImageWatch())  # issue 15: loud if nothing admitted
+            if not watch.done:
+                watch.observe(float(out["pixel_images"]), float(weight) or config.weight, config.datasets)
             out.update(self.__dict__.get("_bagel_sr_grad_logs", {}))
             return out
 
@@ -287,6 +291,10 @@ def apply_pixel_loss_training(train_module: Any, batch_module: Any = None) -> Pa
                         "--pixel_loss_weight > 0 needs --mse_weight > 0: the pixel term rides on the flow loss's "
                         "reduction; set --pixel_loss_weight 0 or a positive --mse_weight."
                     )
+                # issue 15: --pixel_loss_datasets names must exist (bagel_sr.patches.datasets)
+                known = dataset_config_names(parsed)
+                if state.config.enabled and known is not None:
+                    check_names("--pixel_loss_datasets", state.config.dataset_names, known)
                 state.banner = banner(state.config, float(state.training_args.timestep_shift))
                 if _rank0():
                     print(state.banner, flush=True)
