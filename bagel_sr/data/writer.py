@@ -226,11 +226,11 @@ class ShardWriter:
         for line in manifest_text.splitlines():
             held = json.loads(line).get("heldout") or {}
             wanted.update(held.values())
-        root = self.out / layout.HELDOUT_DIR
-        if root.is_dir():
-            for f in root.rglob("*.png"):
-                if f.relative_to(self.out).as_posix() not in wanted:
-                    f.unlink()
+        for split in layout.HELDOUT_SPLITS:  # only our own folders: heldout/<split>/<lr|hr>/
+            for side in ("lr", "hr"):
+                for f in (self.out / layout.HELDOUT_DIR / split / side).glob("*.png"):
+                    if f.relative_to(self.out).as_posix() not in wanted:
+                        f.unlink()
 
     def write_parquet_info(self) -> dict[str, str]:
         """``parquet_info/<split>.json``: ``{absolute parquet path: {num_row_groups, num_rows}}`` per split.

@@ -79,6 +79,9 @@ def parse(argv: Optional[Sequence[str]] = None):
     return args, pixel
 
 
+TOOL = "bagel_sr.embedded.experiment"
+
+
 def claim_output_dir(args: ExperimentArguments, pixel: PixelLossConfig) -> Ledger:
     """The ``--output_dir`` ledger; a finished run there is refused unless ``--overwrite`` (see bagel_sr.outputs)."""
     settings = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("output_dir", "overwrite", "progress")}
@@ -89,7 +92,8 @@ def claim_output_dir(args: ExperimentArguments, pixel: PixelLossConfig) -> Ledge
             raise OutputFolderError(f"--output_dir {args.output_dir} holds a finished run; pass --overwrite to redo it "
                                     "(deletes only the files that run wrote) or choose another --output_dir")
         old.remove_written()
-    return claim(args.output_dir, "bagel_sr.embedded.experiment", settings, overwrite=args.overwrite)[0]
+        return Ledger(Path(args.output_dir), TOOL, settings).start()
+    return claim(args.output_dir, TOOL, settings, overwrite=args.overwrite)[0]
 
 
 def checkpoint_files(arm_dir: str, cfg: TrainConfig) -> List[str]:
