@@ -192,10 +192,10 @@ def check_names(flag: str, given: Iterable[str] | None, known: Iterable[str]) ->
 
 def dataset_config_names(parsed: Iterable[Any]) -> list[str] | None:
     """Group names of the ``--dataset_config_file`` among parsed argument dataclasses (what BAGEL's loop puts in
-    ``batch_data_indexes``), or ``None`` when no such file is named."""
+    ``batch_data_indexes``), or ``None`` when no such file is named or it does not exist (BAGEL reports that)."""
     for item in parsed:
         path = getattr(item, "dataset_config_file", None)
-        if path:
+        if path and Path(path).is_file():
             from bagel_sr.errors import UserError
 
             try:
