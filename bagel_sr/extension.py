@@ -18,6 +18,7 @@ import torch
 from . import weighting
 from .config import PixelLossConfig
 from .pixel_term import Captured, LatentGeometry, pixel_term
+from .monitoring import NoImageWatch
 from .state import CallTensors, PixelLossState
 
 _STATE_ATTR = "_bagel_sr_pixel_loss"
@@ -108,7 +109,8 @@ def with_pixel_loss(base: type) -> type:
                     raise AttributeError(f"bagel-sr: the model lacks `{attr}`; build it with visual_gen=True")
             llm2vae = getattr(self, "llm2vae", None)  # read before FSDP flattens the parameters
             self.__dict__[_STATE_ATTR] = PixelLossState(
-                config=config, vae=vae, llm2vae_bias=getattr(llm2vae, "bias", None) is not None)
+                config=config, vae=vae, llm2vae_bias=getattr(llm2vae, "bias", None) is not None,
+                no_image_watch=NoImageWatch())
             return self
 
         def detach_pixel_loss(self) -> None:
@@ -149,6 +151,8 @@ def with_pixel_loss(base: type) -> type:
             out["pixel"] = pixel
             out["pixel_images"] = count
             out["pixel_skipped"] = torch.tensor(float(state.skipped_nonfinite), device=pixel.device)
+            if state.no_image_watch is not None and not state.no_image_watch.done:  # loud if nothing is admitted
+                state.no_image_watch.observe(float(count), state.config.weight, state.config.datasets)
             return out
 
     PixelLoss.__name__ = f"{base.__name__}WithPixelLoss"

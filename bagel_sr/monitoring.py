@@ -13,7 +13,7 @@ The pixel term's gradient w.r.t. ``v_hat`` is already known (the extension back-
 forward), so neither the norms nor the adaptive weight cost another pass through the decoder.
 """
 from dataclasses import dataclass
-from typing import Dict, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 
@@ -87,3 +87,31 @@ def adaptive_factor(norms: GradNorms, max_factor: float) -> torch.Tensor:
     """``min(||grad L_flow|| / ||grad L_pix||, max_factor)``, detached (``max_factor`` when the pixel gradient is 0)."""
     ratio = norms.flow / norms.pixel_unweighted.clamp(min=1e-30)
     return ratio.clamp(max=float(max_factor)).detach()
+
+
+class NoImageWatch:
+    """Warns once, loudly, when the pixel term has admitted no image in its first ``steps`` micro-steps although
+    its weight is positive (a typo in ``--pixel_loss_datasets``, unpaired data, ``--visual_gen`` off ...)."""
+
+    def __init__(self, steps: int = 200):
+        self.steps, self.seen, self.images, self.done = steps, 0, 0, steps <= 0
+
+    def observe(self, images: float, weight: float, datasets: Any = None) -> Optional[str]:
+        """Record one micro-step; returns the warning text the one time it is due (and logs it)."""
+        if self.done:
+            return None
+        self.seen += 1
+        self.images += int(images)
+        if self.images > 0:
+            self.done = True
+            return None
+        if self.seen < self.steps or weight <= 0:
+            return None
+        self.done = True
+        import warnings
+
+        msg = (f"bagel-sr: WARNING: the pixel term admitted no image in the first {self.seen} micro-steps although "
+               f"its weight is {weight:g}: check --pixel_loss_datasets ({datasets or 'unset'}), that the data is "
+               "paired (--pixel_loss_paired_only) and --pixel_loss_max_t; the run is training on the flow loss only")
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        return msg

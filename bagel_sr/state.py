@@ -34,6 +34,7 @@ class PixelLossState:
     ``current``: the :class:`CallTensors` of the latest forward while the config asks for them
     (``log_grad_norms_every`` or ``adaptive_weight``); its consumer takes them with :meth:`pop_call`.
     ``llm2vae_bias``: whether ``llm2vae`` has a bias (read at arming, before FSDP flattens parameters).
+    ``no_image_watch``: warns once if the term admits no image in its first micro-steps.
     ``micro_steps``, ``adaptive_factor``, ``grad_logs``: the pixel-weight controller's state
     (:mod:`bagel_sr.weighting`): micro-steps weighted so far, the latest adaptive factor, the latest
     gradient-norm logs (repeated until the next measurement).
@@ -48,6 +49,7 @@ class PixelLossState:
     micro_steps: int = 0
     adaptive_factor: Any = 1.0
     grad_logs: Dict[str, torch.Tensor] = field(default_factory=dict)
+    no_image_watch: Any = None  # bagel_sr.monitoring.NoImageWatch, set at arming
 
     def __deepcopy__(self, memo):
         return self

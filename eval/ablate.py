@@ -42,6 +42,8 @@ import pandas as pd
 import yaml
 from tqdm.auto import tqdm
 
+from bagel_sr.errors import BadInput, MissingInput, cli_main, one_line
+
 from . import report
 from .evaluate import EvalSettings, collect_pairs, compare_tables, metric_columns, run_evaluation, unit_table
 from .images import load_image
@@ -70,18 +72,29 @@ class Run:
 
 def load_grid(path: str | Path) -> dict[str, Any]:
     """Read and check a grid YAML (see the module docstring for its keys)."""
-    with open(path, encoding="utf-8") as f:
-        cfg = yaml.safe_load(f) or {}
+    if not Path(path).is_file():
+        raise MissingInput(f"grid {path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise BadInput(f"grid {path} is not valid YAML: {one_line(str(e))}") from None
+    if not isinstance(cfg, dict):
+        raise BadInput(f"grid {path}: expected a YAML mapping with keys such as grid, runs, common_flags, eval")
+    for key, kind in (("grid", dict), ("runs", list), ("common_flags", dict), ("eval", dict)):
+        if cfg.get(key) is not None and not isinstance(cfg[key], kind):
+            raise BadInput(f"grid {path}: '{key}' must be a {'mapping' if kind is dict else 'list'}, "
+                           f"got {type(cfg[key]).__name__}")
     known = {"name", "base_command", "output_root", "workdir", "common_flags", "grid", "runs", "eval", "sort_by",
              "plots"}
     unknown = sorted(set(cfg) - known)
     if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown}; known keys: {sorted(known)}")
+        raise BadInput(f"{path}: unknown keys {unknown}; known keys: {sorted(known)}")
     if not cfg.get("grid") and not cfg.get("runs"):
-        raise ValueError(f"{path}: give a 'grid' (flag -> list of values) or a list of 'runs'")
+        raise BadInput(f"{path}: give a 'grid' (flag -> list of values) or a list of 'runs'")
     for flag, values in (cfg.get("grid") or {}).items():
         if not isinstance(values, list) or not values:
-            raise ValueError(f"{path}: grid values of {flag!r} must be a non-empty list, got {values!r}")
+            raise BadInput(f"{path}: grid values of {flag!r} must be a non-empty list, got {values!r}")
     return cfg
 
 
@@ -137,7 +150,7 @@ def expand_runs(cfg: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     seen: set[str] = set()
     for name, _ in named:
         if name in seen:
-            raise ValueError(f"two runs are named {name!r}; give explicit names in 'runs'")
+            raise BadInput(f"two runs are named {name!r}; give explicit names in 'runs'")
         seen.add(name)
     return named
 
@@ -167,6 +180,35 @@ def build_runs(cfg: dict[str, Any]) -> list[Run]:
     return runs
 
 
+def target_flags(base: str | Sequence[str], workdir: Path, timeout: float = 300) -> set[str]:
+    """Flags the target's parser knows, read from ``BASE --help`` (argparse / HfArgumentParser help text)."""
+    words = shlex.split(base) if isinstance(base, str) else [str(w) for w in base]
+    try:
+        res = subprocess.run(words + ["--help"], cwd=workdir, capture_output=True, text=True, timeout=timeout,
+                             stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise BadInput(f"base_command {shlex.join(words)!r} cannot be run to list its flags: {e}") from None
+    if res.returncode != 0:
+        text = (res.stderr or res.stdout).strip()
+        tail = one_line(text.splitlines()[-1]) if text else ""
+        raise BadInput(f"base_command {shlex.join(words)!r} --help exited {res.returncode} ({tail}); "
+                       "fix base_command (or workdir) before planning runs")
+    return set(re.findall(r"(?<![\w-])--([A-Za-z][\w-]*)", res.stdout + res.stderr))
+
+
+def check_flags(cfg: dict[str, Any], known: set[str]) -> None:
+    """Every flag of every run (grid, runs, common_flags) must be one the target's parser knows."""
+    import difflib
+
+    flags = {(_flag_name(k), where) for where in ("common_flags", "grid") for k in (cfg.get(where) or {})}
+    flags |= {(_flag_name(k), f"runs[{i}]") for i, r in enumerate(cfg.get("runs") or []) for k in r if k != "name"}
+    for flag, where in sorted(flags):
+        if flag not in known:
+            close = difflib.get_close_matches(flag, sorted(known), n=1)
+            raise BadInput(f"{where}: flag --{flag} is not accepted by the base_command's parser"
+                           + (f"; did you mean --{close[0]}?" if close else ""))
+
+
 def command_script(run: Run, workdir: Path) -> str:
     """Text of ``command.sh``: cd, train, optional inference, then the DONE marker (only reached on success)."""
     lines = ["#!/usr/bin/env bash", f"# run {run.name}, written by bagel_sr.eval.ablate plan", "set -euo pipefail",
@@ -177,14 +219,19 @@ def command_script(run: Run, workdir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plan(grid_path: str | Path) -> list[Run]:
+def plan(grid_path: str | Path, check: bool = True) -> list[Run]:
     """Write ``command.sh`` and ``run.json`` of every unfinished run and ``OUTPUT_ROOT/commands.txt``.
 
     A finished run keeps its files; if its flags changed since, a warning says to delete its folder to rerun it.
+    With ``check``, the whole plan is validated first: every flag against the target's ``--help``.
     """
     cfg = load_grid(grid_path)
     runs = build_runs(cfg)
     workdir = Path(cfg.get("workdir", ".")).resolve()
+    if not workdir.is_dir():
+        raise MissingInput(f"workdir {workdir}: no such folder")
+    if check:
+        check_flags(cfg, target_flags(cfg.get("base_command") or DEFAULT_BASE_COMMAND, workdir))
     for run in runs:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         script = command_script(run, workdir)
@@ -294,7 +341,7 @@ def build_report(grid_path: str | Path, out: str | Path | None = None, n_boot: i
     if not finished:
         raise RuntimeError("no finished runs (a run is finished when RUN_DIR/DONE exists); use 'ablate run' first")
     if not ev.get("references") and not ev.get("manifest"):
-        raise ValueError(f"{grid_path}: the report needs eval.references (a folder) or eval.manifest")
+        raise BadInput(f"{grid_path}: the report needs eval.references (a folder) or eval.manifest")
     out = Path(out) if out else runs[0].run_dir.parent / "report"
     out.mkdir(parents=True, exist_ok=True)
     settings = eval_settings(ev)
@@ -316,7 +363,7 @@ def build_report(grid_path: str | Path, out: str | Path | None = None, n_boot: i
     if sort_by == "ssim":
         sort_by = f"ssim_{settings.window}"
     if sort_by not in table.columns:
-        raise ValueError(f"sort_by {sort_by!r} is not a computed metric; choose one of {metric_columns(table)}")
+        raise BadInput(f"sort_by {sort_by!r} is not a computed metric; choose one of {metric_columns(table)}")
     table = table.sort_values(sort_by, ascending=not report.higher_is_better(sort_by), kind="stable")
     baseline = ev.get("baseline")
     if baseline:
@@ -337,7 +384,7 @@ def build_report(grid_path: str | Path, out: str | Path | None = None, n_boot: i
 def _add_baseline_columns(table: pd.DataFrame, unit_tables: dict, baseline: str, metric: str,
                           n_boot: int) -> pd.DataFrame:
     if baseline not in unit_tables:
-        raise ValueError(f"eval.baseline {baseline!r} is not a finished run; finished: {sorted(unit_tables)}")
+        raise BadInput(f"eval.baseline {baseline!r} is not a finished run; finished: {sorted(unit_tables)}")
     base_tab, _, key = unit_tables[baseline]
     diffs, lo, hi, p = [], [], [], []
     for name in table["run"]:
@@ -403,17 +450,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", help="report: folder (default OUTPUT_ROOT/report)")
     p.add_argument("--n_boot", type=int, help="report: bootstrap resamples (default eval.n_boot or 10000)")
     p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--no_flag_check", action="store_true", help="plan/run: skip checking flags against BASE --help")
     a = p.parse_args(argv)
     if a.action == "plan":
-        runs = plan(a.grid)
+        runs = plan(a.grid, not a.no_flag_check)
         print(f"planned {len(runs)} runs; commands in {runs[0].run_dir.parent / 'commands.txt'}")
         return 0
     if a.action == "run":
-        runs = plan(a.grid)
+        runs = plan(a.grid, not a.no_flag_check)
         if a.only:
             unknown = sorted(set(a.only) - {r.name for r in runs})
             if unknown:
-                raise SystemExit(f"unknown run names {unknown}; runs: {[r.name for r in runs]}")
+                raise BadInput(f"unknown run names {unknown}; runs: {[r.name for r in runs]}")
             runs = [r for r in runs if r.name in a.only]
         return 1 if execute(runs, a.keep_going, a.dry_run) else 0
     res = build_report(a.grid, a.out, a.n_boot, not a.no_progress)
@@ -423,4 +471,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_main(main))

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import warnings
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,125 +24,18 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from bagel_sr.errors import BadInput, RunFailed, cli_main
+
 from . import metrics as M
-from . import report, stats
-from .images import COLOR_MODES, LoadedImage, find_by_stem, list_images, load_image
+from . import report
+from .images import COLOR_MODES, LoadedImage, load_image
+from .pairs import (Pair, collect_pairs, pairs_from_folders, pairs_from_manifest,  # noqa: F401 (re-exported)
+                    read_manifest)
 from .lpips_metric import make_lpips
-
-# ---------------------------------------------------------------- pairs
-
-
-@dataclass
-class Pair:
-    """One output/reference pair; ``degraded`` and ``degradations`` enable data consistency."""
-
-    pair_id: str
-    output: Path
-    reference: Path
-    degraded: Path | None = None
-    degradations: list = field(default_factory=list)
-    volume_id: str | None = None
-    slice_index: int | None = None
-    intensity: dict | None = None  # the builder's mapping: 8-bit pixel p -> low + p / 255 * (high - low)
-
-
-def _missing_error(what: str, missing: Sequence[str], where: str, hint: str = "") -> FileNotFoundError:
-    shown = ", ".join(missing[:20]) + (f", ... ({len(missing)} in all)" if len(missing) > 20 else "")
-    return FileNotFoundError(f"{len(missing)} {what} missing in {where}: {shown}. {hint}"
-                             "Fix the folders or pass --allow_missing to evaluate the pairs that exist.")
-
-
-def _volume_from_stem(stem: str, pattern: str | None) -> tuple[str | None, int | None]:
-    if not pattern:
-        return None, None
-    m = re.fullmatch(pattern, stem)
-    if not m:
-        return stem, None
-    g = m.groupdict()
-    return g.get("volume", stem), int(g["slice"]) if g.get("slice") is not None else None
-
-
-def pairs_from_folders(outputs: str | Path, references: str | Path, inputs: str | Path | None = None,
-                       degradations: list | None = None, volume_pattern: str | None = None,
-                       allow_missing: bool = False) -> list[Pair]:
-    """Match ``outputs`` and ``references`` (and optional degraded ``inputs``) by relative path without suffix.
-
-    ``volume_pattern``: a regex with named groups ``volume`` (and optionally ``slice``) matched against the stem.
-    """
-    outs, refs = list_images(outputs), list_images(references)
-    ins = list_images(inputs) if inputs else {}
-    missing = sorted(set(refs) - set(outs))
-    if missing and not allow_missing:
-        raise _missing_error("outputs", missing, str(outputs))
-    extra = sorted(set(outs) - set(refs))
-    if extra:
-        warnings.warn(f"{len(extra)} outputs have no reference and are ignored: {', '.join(extra[:10])}")
-    pairs = []
-    for stem in sorted(set(refs) & set(outs)):
-        vol, sl = _volume_from_stem(stem, volume_pattern)
-        pairs.append(Pair(stem, outs[stem], refs[stem], ins.get(stem), list(degradations or []), vol, sl))
-    if not pairs:
-        raise FileNotFoundError(f"no output in {outputs} matches a reference in {references} by file stem")
-    return pairs
-
-
-def read_manifest(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a JSON-lines manifest (blank lines ignored)."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def _volume_and_slice(row: dict) -> tuple[str | None, int | None]:
-    """Volume id and slice index of a row: ``volume_id``/``slice_index`` fields, or the builder's ``source``
-    (a dict with ``id``, ``slice_index``, ``num_slices``; a volume only when it has several slices), or a
-    ``source`` string with a slice index."""
-    src = row.get("source")
-    sl = row.get("slice_index", row.get("slice"))
-    if isinstance(src, dict):
-        sl = src.get("slice_index") if sl is None else sl
-        vol = row.get("volume_id") or (src.get("id") if (src.get("num_slices") or 1) > 1 else None)
-    else:
-        vol = row.get("volume_id") or (src if sl is not None else None)
-    return (None if vol is None else str(vol)), (None if sl is None else int(sl))
-
-
-def _row_paths(row: dict, root: Path) -> tuple[Path, Path | None]:
-    """Reference and degraded-input paths: ``hr_path``/``lr_path``, or the builder's ``heldout`` {hr, lr} PNGs."""
-    held = row.get("heldout") or {}
-    hr, lr = row.get("hr_path") or held.get("hr"), row.get("lr_path") or held.get("lr")
-    if not hr:
-        raise ValueError(f"manifest row {row.get('pair_id')!r} (split {row.get('split')!r}) names no reference: "
-                         "it needs hr_path or heldout.hr (the builder writes held-out PNGs for val and test only)")
-    return root / hr, (root / lr if lr else None)
-
-
-def pairs_from_manifest(outputs: str | Path, manifest: str | Path, split: str | None = None,
-                        allow_missing: bool = False) -> list[Pair]:
-    """Pairs of the manifest rows (of ``split`` if given); paths in rows are relative to the manifest's folder."""
-    root = Path(manifest).parent
-    rows = [r for r in read_manifest(manifest) if split is None or r.get("split") == split]
-    if not rows:
-        raise ValueError(f"no rows in {manifest}" + (f" with split={split!r}" if split else ""))
-    pairs, missing = [], []
-    for r in rows:
-        out = find_by_stem(outputs, str(r["pair_id"]))
-        if out is None:
-            missing.append(str(r["pair_id"]))
-            continue
-        vol, sl = _volume_and_slice(r)
-        hr, lr = _row_paths(r, root)
-        pairs.append(Pair(str(r["pair_id"]), out, hr, lr, list(r.get("degradations") or []), vol, sl,
-                          r.get("intensity")))
-    if missing and not allow_missing:
-        hint = "" if split else "Rows of every split were read; pass --split test to restrict them. "
-        raise _missing_error("outputs", missing, str(outputs), hint)
-    if not pairs:
-        raise FileNotFoundError(f"no outputs for manifest rows in {outputs}")
-    return pairs
-
+from .tables import (_comparison_view, _summary_view, compare_tables, failed_units,  # noqa: F401 (re-exported)
+                     metric_columns, summarize, unit_table)
 
 # ---------------------------------------------------------------- settings and loading
-
 
 @dataclass
 class EvalSettings:
@@ -160,9 +52,9 @@ class EvalSettings:
     def __post_init__(self) -> None:
         M.ssim_key(self.window)
         if self.convention not in ("plain", "fastmri"):
-            raise ValueError(f"convention must be 'plain' or 'fastmri', got {self.convention!r}")
+            raise BadInput(f"convention must be 'plain' or 'fastmri', got {self.convention!r}")
         if self.convention == "fastmri" and (self.hu_window or self.data_range is not None):
-            raise ValueError("the fastMRI convention sets data_range = gt.max() per volume: drop --data_range "
+            raise BadInput("the fastMRI convention sets data_range = gt.max() per volume: drop --data_range "
                              "and --hu_window")
 
     def describe(self) -> dict[str, str]:
@@ -180,15 +72,13 @@ class EvalSettings:
                 "colour": self.color, "convention": self.convention,
                 "HFEN": "15x15 LoG, sigma 1.5, normalised by the reference's LoG norm"}
 
-
 def _prepare(img: LoadedImage, s: EvalSettings) -> np.ndarray:
     if s.hu_window:
         if img.was_integer:
-            raise ValueError(f"{img.path}: --hu_window needs images stored in HU (.npy or float TIFF), "
+            raise BadInput(f"{img.path}: --hu_window needs images stored in HU (.npy or float TIFF), "
                              "not integer PNG/TIFF")
         return M.hu_window(img.array, *s.hu_window)
     return img.array
-
 
 def _fixed_range(ref: LoadedImage, out: LoadedImage, s: EvalSettings) -> float | None:
     """The data range for plain convention, or a ValueError saying what to pass."""
@@ -198,10 +88,9 @@ def _fixed_range(ref: LoadedImage, out: LoadedImage, s: EvalSettings) -> float |
         return float(s.data_range)
     if ref.was_integer and out.was_integer:
         return 1.0
-    raise ValueError(f"data_range is required for float data ({ref.path if not ref.was_integer else out.path}): "
+    raise BadInput(f"data_range is required for float data ({ref.path if not ref.was_integer else out.path}): "
                      "pass --data_range (e.g. 1.0 for [0, 1] images), --convention fastmri (max of the ground "
                      "truth per volume) or --hu_window LEVEL,WIDTH for CT in HU.")
-
 
 def _groups(pairs: Sequence[Pair]) -> "OrderedDict[str, list[Pair]]":
     groups: OrderedDict[str, list[Pair]] = OrderedDict()
@@ -211,14 +100,12 @@ def _groups(pairs: Sequence[Pair]) -> "OrderedDict[str, list[Pair]]":
         groups[key].sort(key=lambda p: (p.slice_index if p.slice_index is not None else -1, p.pair_id))
     return groups
 
-
 def _working(x: np.ndarray, intensity: dict | None) -> tuple[np.ndarray, float | None]:
     """Stored [0, 1] values in the builder's working units (HU for CT) and that range, or unchanged and None."""
     if intensity and intensity.get("working") == "physical":
         lo, hi = float(intensity["low"]), float(intensity["high"])
         return lo + x * (hi - lo), hi - lo
     return x, None
-
 
 def _dc_row(pair: Pair, out_raw: np.ndarray, ref_raw: np.ndarray, s: EvalSettings, dr: float) -> dict:
     """Data consistency in the units the degradation ran in (unwindowed values; the builder's working units)."""
@@ -229,7 +116,6 @@ def _dc_row(pair: Pair, out_raw: np.ndarray, ref_raw: np.ndarray, s: EvalSetting
     dc_range = work_range or (s.hu_window[1] if s.hu_window else dr)
     return M.data_consistency(out_w, degraded, pair.degradations, dc_range, reference=ref_w)
 
-
 def _intensity_note(pairs: Sequence[Pair]) -> str | None:
     ranges = sorted({(p.intensity.get("low"), p.intensity.get("high"), p.intensity.get("unit", ""))
                      for p in pairs if p.intensity and p.intensity.get("working") == "physical"})
@@ -238,7 +124,6 @@ def _intensity_note(pairs: Sequence[Pair]) -> str | None:
     shown = ", ".join(f"[{lo:g}, {hi:g}] {unit}" for lo, hi, unit in ranges[:3])
     return (f"images stored by the data builder are 8-bit over {shown}{' ...' if len(ranges) > 3 else ''}: "
             "metrics compare in that window; data consistency runs in those physical units")
-
 
 def evaluate_pairs(pairs: Sequence[Pair], settings: EvalSettings, progress: bool = True,
                    ) -> tuple[pd.DataFrame, pd.DataFrame | None, list[str]]:
@@ -260,15 +145,7 @@ def evaluate_pairs(pairs: Sequence[Pair], settings: EvalSettings, progress: bool
         vol_max = float(max(r.max() for r in refs)) if s.convention == "fastmri" else None
         for p, (r_img, o_img), ref, out in zip(group, loaded, refs, outs):
             dr = vol_max if vol_max is not None else _fixed_range(r_img, o_img, s)
-            if ref.shape != out.shape:
-                raise ValueError(f"pair {p.pair_id}: output {p.output} has shape {out.shape}, reference "
-                                 f"{p.reference} has {ref.shape}")
-            row = {"pair_id": p.pair_id, "volume_id": p.volume_id, "slice_index": p.slice_index,
-                   "data_range": dr, **M.image_metrics(ref, out, dr, s.window)}
-            if lpips_fn is not None:
-                row["lpips"] = lpips_fn(ref, out, dr)
-            row.update(_dc_row(p, o_img.array, r_img.array, s, dr))
-            rows.append(row)
+            rows.append(_pair_row(p, r_img, o_img, ref, out, dr, s, lpips_fn))
             bar.update(1)
         if not key.startswith("\0"):
             vol_rows.append(_volume_row(key, refs, outs, rows[-len(group):], s))
@@ -286,84 +163,39 @@ def evaluate_pairs(pairs: Sequence[Pair], settings: EvalSettings, progress: bool
         notes.append(note)
     return per_image, (pd.DataFrame(vol_rows) if vol_rows else None), notes
 
+def _pair_row(p: Pair, r_img: LoadedImage, o_img: LoadedImage, ref: np.ndarray, out: np.ndarray, dr: float,
+              s: EvalSettings, lpips_fn) -> dict:
+    """One per-image row; an output holding NaN/Inf is a failure (``nonfinite`` True, no metrics), never skipped."""
+    if ref.shape != out.shape:
+        raise BadInput(f"pair {p.pair_id}: output {p.output} has shape {out.shape}, reference "
+                       f"{p.reference} has {ref.shape}")
+    row = {"pair_id": p.pair_id, "volume_id": p.volume_id, "slice_index": p.slice_index, "data_range": dr,
+           "nonfinite": not bool(np.isfinite(o_img.array).all()), "output": str(p.output)}
+    if row["nonfinite"]:
+        return row
+    row.update(M.image_metrics(ref, out, dr, s.window))
+    if lpips_fn is not None:
+        row["lpips"] = lpips_fn(ref, out, dr)
+    row.update(_dc_row(p, o_img.array, r_img.array, s, dr))
+    return row
 
 def _volume_row(vol: str, refs: list, outs: list, slice_rows: list[dict], s: EvalSettings) -> dict:
     """Plain: the mean over slices of each metric (finite values only, so one identical slice's inf PSNR does not
     make the volume's mean inf). fastMRI: ``fastmri_volume_metrics`` replaces PSNR, SSIM, NMSE, NRMSE."""
+    failed = any(r["nonfinite"] for r in slice_rows)
+    row = {"volume_id": vol, "n_slices": len(slice_rows), "nonfinite": failed}
+    if failed:  # one non-finite slice fails the volume
+        return row
     keys = [k for k, v in slice_rows[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
             and k != "slice_index"]
-    numeric = {}
     for k in keys:
         vals = np.array([r.get(k, np.nan) for r in slice_rows], dtype=float)
         vals = vals[np.isfinite(vals)]
-        numeric[k] = float(vals.mean()) if vals.size else float("nan")
-    row = {"volume_id": vol, "n_slices": len(slice_rows), **numeric}
+        row[k] = float(vals.mean()) if vals.size else float("nan")
     if s.convention == "fastmri" and all(r.ndim == 2 for r in refs):
         fm = M.fastmri_volume_metrics(np.stack(refs), np.stack(outs))
         row.update(fm, nrmse=float(np.sqrt(fm["nmse"])))
     return row
-
-
-# ---------------------------------------------------------------- summaries
-
-
-def metric_columns(df: pd.DataFrame) -> list[str]:
-    """The metric columns present in a per-image or per-volume table, in a fixed order."""
-    order = ["psnr", "ssim_uniform7", "ssim_gaussian11", "nmse", "nrmse", "hfen", "lpips", "dc_psnr", "dc_nrmse",
-             "dc_ref_nrmse", "dc_band_nrmse", "null_energy_fraction", "err_band_nrmse", "err_null_nrmse"]
-    return [c for c in order if c in df.columns and pd.to_numeric(df[c], errors="coerce").notna().any()]
-
-
-def unit_table(per_image: pd.DataFrame, per_volume: pd.DataFrame | None) -> tuple[pd.DataFrame, str, str]:
-    """The table whose rows are independent units (volumes when known, else images), its unit and key column."""
-    if per_volume is not None and len(per_volume):
-        return per_volume, "volume", "volume_id"
-    return per_image, "image", "pair_id"
-
-
-def summarize(table: pd.DataFrame, unit: str, n_boot: int = 10000, seed: int = 0) -> pd.DataFrame:
-    """One row per metric: mean, bootstrap 95% interval, number of units (and dropped non-finite values)."""
-    rows = []
-    for m in metric_columns(table):
-        ci = stats.bootstrap_ci(pd.to_numeric(table[m], errors="coerce"), n_boot=n_boot, seed=seed)
-        rows.append({"metric": m, "unit": unit, "n": ci.n, "n_dropped": ci.n_dropped, "mean": ci.mean,
-                     "ci_lo": ci.lo, "ci_hi": ci.hi})
-    return pd.DataFrame(rows)
-
-
-def compare_tables(a: pd.DataFrame, b: pd.DataFrame, key: str, n_boot: int = 10000,
-                   seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Paired comparison of two runs' unit tables joined on ``key``: (per-unit differences, per-metric tests)."""
-    joined = a.merge(b, on=key, suffixes=("_a", "_b"))
-    if len(joined) < len(a) or len(joined) < len(b):
-        warnings.warn(f"paired comparison on {len(joined)} common units (A has {len(a)}, B has {len(b)})")
-    diffs, tests = joined[[key]].copy(), []
-    for m in metric_columns(a):
-        if m not in b.columns or m == "dc_ref_nrmse":  # a property of the references, equal in both runs
-            continue
-        va, vb = joined[f"{m}_a"].to_numpy(float), joined[f"{m}_b"].to_numpy(float)
-        diffs[f"{m}_a"], diffs[f"{m}_b"], diffs[f"{m}_diff"] = va, vb, va - vb
-        tests.append({"metric": m, **stats.paired_comparison(va, vb, n_boot=n_boot, seed=seed)})
-    return diffs, pd.DataFrame(tests)
-
-
-def _summary_view(summary: pd.DataFrame) -> pd.DataFrame:
-    return pd.DataFrame({"metric": summary["metric"],
-                         "mean [95% CI]": [report.fmt_ci(r.mean, r.ci_lo, r.ci_hi) for r in summary.itertuples()],
-                         "n": summary["n"], "unit": summary["unit"], "non-finite dropped": summary["n_dropped"]})
-
-
-def _comparison_view(tests: pd.DataFrame) -> pd.DataFrame:
-    return pd.DataFrame({"metric": tests["metric"], "mean A": tests["mean_a"], "mean B": tests["mean_b"],
-                         "A - B [95% CI]": [report.fmt_ci(r.mean_diff, r.diff_lo, r.diff_hi)
-                                            for r in tests.itertuples()],
-                         "Wilcoxon p": tests["p_value"],
-                         "A better / B better / ties": [
-                             f"{a}/{b}/{t}" if report.higher_is_better(m) else f"{b}/{a}/{t}"
-                             for m, a, b, t in zip(tests["metric"], tests["n_a_higher"], tests["n_b_higher"],
-                                                   tests["n_ties"])],
-                         "n": tests["n"]})
-
 
 def worst_cases_figure(per_image: pd.DataFrame, pairs: Sequence[Pair], settings: EvalSettings, path: Path,
                        k: int = 6, other: dict[str, Pair] | None = None, metric: str = "psnr") -> str | None:
@@ -383,30 +215,19 @@ def worst_cases_figure(per_image: pd.DataFrame, pairs: Sequence[Pair], settings:
                       "outputs": outs, "data_range": row.data_range})
     return report.plot_worst_cases(cases, path)
 
-
 # ---------------------------------------------------------------- orchestration
-
-
-def collect_pairs(outputs: str | Path, references: str | Path | None = None, manifest: str | Path | None = None,
-                  split: str | None = None, inputs: str | Path | None = None, degradations: list | None = None,
-                  volume_pattern: str | None = None, allow_missing: bool = False) -> list[Pair]:
-    """Pairs from a manifest when given, otherwise from the two folders."""
-    if manifest:
-        return pairs_from_manifest(outputs, manifest, split, allow_missing)
-    if not references:
-        raise ValueError("pass --references DIR (folder mode) or --manifest manifest.jsonl")
-    return pairs_from_folders(outputs, references, inputs, degradations, volume_pattern, allow_missing)
-
 
 def run_evaluation(outputs: str | Path, out_dir: str | Path, settings: EvalSettings,
                    references: str | Path | None = None, manifest: str | Path | None = None,
                    compare: str | Path | None = None, split: str | None = None, inputs: str | Path | None = None,
                    degradations: list | None = None, volume_pattern: str | None = None,
                    allow_missing: bool = False, n_boot: int = 10000, seed: int = 0, worst: int = 6,
-                   progress: bool = True, title: str = "Evaluation") -> dict[str, Any]:
+                   progress: bool = True, title: str = "Evaluation", allow_nonfinite: bool = False) -> dict[str, Any]:
     """Evaluate ``outputs`` (and ``compare``), write CSVs, ``summary.md``, ``summary.json`` and figures to ``out_dir``.
 
-    Returns the tables (``per_image``, ``per_volume``, ``summary``, ``comparison``) and the unit used.
+    Returns the tables (``per_image``, ``per_volume``, ``summary``, ``comparison``), the unit used and
+    ``nonfinite`` (output files holding NaN/Inf, per run). Such outputs are failures: counted in the tables, scored
+    as losses in the comparison, and, unless ``allow_nonfinite``, a :class:`RunFailed` after the report is written.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -423,10 +244,11 @@ def run_evaluation(outputs: str | Path, out_dir: str | Path, settings: EvalSetti
     summary.to_csv(out_dir / "summary.csv", index=False)
     result: dict[str, Any] = {"per_image": per_image, "per_volume": per_volume, "summary": summary, "unit": unit,
                               "pairs": pairs, "comparison": None}
-    other_pairs = None
+    other_pairs, bad = None, {"A": _nonfinite_files(per_image)}
     if compare:
         other_pairs = collect_pairs(compare, **kw)
         img_b, vol_b, _ = evaluate_pairs(other_pairs, settings, progress)
+        bad["B"] = _nonfinite_files(img_b)
         img_b.to_csv(out_dir / "compare_per_image.csv", index=False)
         diffs_img, _ = compare_tables(per_image, img_b, "pair_id", n_boot, seed)
         diffs_img.to_csv(out_dir / "comparison_per_image.csv", index=False)
@@ -437,22 +259,43 @@ def run_evaluation(outputs: str | Path, out_dir: str | Path, settings: EvalSetti
         result["comparison"] = tests
         notes.append(f"A = {Path(outputs).name}, B = {Path(compare).name}; Wilcoxon signed-rank on per-{unit} "
                      "differences (two-sided)")
+        if bad["A"] or bad["B"]:
+            notes.append("in the comparison a failed (NaN/Inf) output scores one observed range worse than the worst "
+                         "finite value of either run: it loses against any output and ties with another failure")
     if unit == "volume":
         notes.append("intervals resample volumes (slices of a volume are not independent)")
     fig = worst_cases_figure(per_image, pairs, settings, out_dir / "worst_cases.png", worst,
                              {p.pair_id: p for p in other_pairs} if other_pairs else None)
+    result["nonfinite"] = bad
+    failed_note = {"failed outputs (NaN/Inf)": "; ".join(
+        f"{run}: {len(files)}" + (f" ({', '.join(Path(f).name for f in files[:5])})" if files else "")
+        for run, files in bad.items())}
     md = report.summary_markdown(title, {**settings.describe(), "images": str(len(per_image)),
-                                         "volumes": str(0 if per_volume is None else len(per_volume))},
+                                         "volumes": str(0 if per_volume is None else len(per_volume)),
+                                         **failed_note},
                                  _summary_view(summary),
                                  _comparison_view(result["comparison"]) if compare else None,
                                  notes, [Path(fig).name] if fig else [])
     (out_dir / "summary.md").write_text(md, encoding="utf-8")
     (out_dir / "summary.json").write_text(json.dumps(
-        {"settings": asdict(settings), "unit": unit, "summary": summary.to_dict("records"),
+        {"settings": asdict(settings), "unit": unit, "summary": summary.to_dict("records"), "nonfinite_outputs": bad,
          "comparison": None if result["comparison"] is None else result["comparison"].to_dict("records")},
         indent=2, default=str), encoding="utf-8")
+    if not allow_nonfinite:
+        check_finite(result, out_dir)
     return result
 
+def check_finite(result: dict[str, Any], out_dir: str | Path) -> None:
+    """Raise :class:`RunFailed` naming the output files that hold NaN/Inf (``result`` of :func:`run_evaluation`)."""
+    failed = [f for files in result["nonfinite"].values() for f in files]
+    if failed:
+        raise RunFailed(f"{len(failed)} output(s) hold NaN/Inf values: {', '.join(failed[:5])}"
+                        f"{' ...' if len(failed) > 5 else ''}; they are scored as failures in "
+                        f"{Path(out_dir) / 'summary.md'}. Fix the restorer, or pass --allow_nonfinite to accept "
+                        "the report as it is")
+
+def _nonfinite_files(per_image: pd.DataFrame) -> list[str]:
+    return [str(f) for f in per_image.loc[failed_units(per_image), "output"]] if len(per_image) else []
 
 def _hu(text: str) -> tuple[float, float]:
     try:
@@ -460,7 +303,6 @@ def _hu(text: str) -> tuple[float, float]:
     except ValueError:
         raise argparse.ArgumentTypeError("--hu_window takes LEVEL,WIDTH in HU, e.g. 40,400") from None
     return level, width
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bagel_sr.eval.evaluate", description=__doc__.split("\n\n")[0],
@@ -482,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_data_consistency", action="store_true")
     p.add_argument("--lpips_weights", help="local LPIPS weights file (optional; never downloaded)")
     p.add_argument("--allow_missing", action="store_true", help="evaluate the pairs that exist")
+    p.add_argument("--allow_nonfinite", action="store_true",
+                   help="exit 0 even when outputs hold NaN/Inf (they are still counted and scored as failures)")
     p.add_argument("--n_boot", type=int, default=10000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worst", type=int, default=6, help="rows in worst_cases.png (0: none)")
@@ -489,18 +333,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="report folder")
     return p
 
+def _check_args(a: argparse.Namespace) -> list | None:
+    """Validate counts and ranges (one line naming the flag); returns the parsed ``--degradations``."""
+    if a.n_boot < 1:
+        raise BadInput(f"--n_boot {a.n_boot}: expected an integer >= 1")
+    if a.worst < 0:
+        raise BadInput(f"--worst {a.worst}: expected an integer >= 0")
+    if a.data_range is not None and not (np.isfinite(a.data_range) and a.data_range > 0):
+        raise BadInput(f"--data_range {a.data_range}: expected a finite number > 0")
+    if not a.degradations:
+        return None
+    try:
+        steps = json.loads(a.degradations)
+    except json.JSONDecodeError as e:
+        raise BadInput(f"--degradations is not JSON ({e.msg}); expected a list such as "
+                       "'[{\"name\": \"bicubic_downsample\", \"scale\": 4}]'") from None
+    if not isinstance(steps, list):
+        raise BadInput(f"--degradations {a.degradations}: expected a JSON list of steps")
+    return steps
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    degradations = _check_args(a)
     settings = EvalSettings(a.data_range, a.ssim_window, a.color, a.convention, a.hu_window,
                             not a.no_data_consistency, a.lpips_weights)
     res = run_evaluation(a.outputs, a.out, settings, a.references, a.manifest, a.compare, a.split, a.inputs,
-                         json.loads(a.degradations) if a.degradations else None, a.volume_pattern,
-                         a.allow_missing, a.n_boot, a.seed, a.worst, not a.no_progress)
+                         degradations, a.volume_pattern, a.allow_missing, a.n_boot, a.seed, a.worst,
+                         not a.no_progress, allow_nonfinite=True)
     print(_summary_view(res["summary"]).to_string(index=False))
     print(f"report: {Path(a.out) / 'summary.md'}")
+    if not a.allow_nonfinite:
+        check_finite(res, a.out)
     return 0
 
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_main(main))

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bagel_sr.errors import BadInput, MissingInput
+
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".npy")
 COLOR_MODES = ("gray", "luma", "rgb")
 _LUMA = np.array([0.299, 0.587, 0.114])
@@ -33,14 +35,19 @@ class LoadedImage:
 
 
 def _read_raw(path: Path) -> np.ndarray:
-    if path.suffix.lower() == ".npy":
-        return np.load(path, allow_pickle=False)
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    with Image.open(path) as im:
-        if im.mode in ("P", "LA", "PA", "CMYK", "YCbCr", "HSV"):
-            im = im.convert("RGBA" if "A" in im.mode else "RGB")
-        return np.array(im)
+    if not path.is_file():
+        raise MissingInput(f"image {path} does not exist")
+    try:
+        if path.suffix.lower() == ".npy":
+            return np.load(path, allow_pickle=False)
+        with Image.open(path) as im:
+            if im.mode in ("P", "LA", "PA", "CMYK", "YCbCr", "HSV"):
+                im = im.convert("RGBA" if "A" in im.mode else "RGB")
+            return np.array(im)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise BadInput(f"image {path} cannot be read ({type(e).__name__}: {e}); expected a PNG, TIFF or .npy array")
 
 
 def _to_unit(raw: np.ndarray) -> tuple[np.ndarray, bool]:
@@ -50,17 +57,17 @@ def _to_unit(raw: np.ndarray) -> tuple[np.ndarray, bool]:
         return raw.astype(np.float64) / float(np.iinfo(raw.dtype).max), True
     if np.issubdtype(raw.dtype, np.floating):
         return raw.astype(np.float64), False
-    raise ValueError(f"unsupported pixel type {raw.dtype}")
+    raise BadInput(f"unsupported pixel type {raw.dtype}")
 
 
 def to_channels(x: np.ndarray, color: str = "gray", name: str = "image") -> np.ndarray:
     """Apply the colour convention to (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); returns (H, W) or (H, W, 3)."""
     if color not in COLOR_MODES:
-        raise ValueError(f"color must be one of {COLOR_MODES}, got {color!r}")
+        raise BadInput(f"color must be one of {COLOR_MODES}, got {color!r}")
     if x.ndim == 2:
         return x if color != "rgb" else np.repeat(x[..., None], 3, axis=-1)
     if x.ndim != 3 or x.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"{name}: expected (H, W) or (H, W, C) with C in 1, 3, 4; got shape {x.shape}")
+        raise BadInput(f"{name}: expected (H, W) or (H, W, C) with C in 1, 3, 4; got shape {x.shape}")
     if x.shape[-1] == 1:
         return to_channels(x[..., 0], color, name)
     rgb = x[..., :3]
@@ -70,7 +77,7 @@ def to_channels(x: np.ndarray, color: str = "gray", name: str = "image") -> np.n
         return rgb @ _LUMA
     if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]):
         return rgb[..., 0]
-    raise ValueError(f"{name} has differing colour channels; the default color='gray' only accepts grayscale "
+    raise BadInput(f"{name} has differing colour channels; the default color='gray' only accepts grayscale "
                      "(identical channels). Pass color='luma' (--color luma) for BT.601 luma or "
                      "color='rgb' (--color rgb) for metrics over the three channels.")
 
@@ -79,7 +86,7 @@ def load_image(path: str | Path, color: str = "gray") -> LoadedImage:
     """Read one image file and apply the intensity and colour conventions of this module."""
     path = Path(path)
     if path.suffix.lower() not in IMAGE_SUFFIXES:
-        raise ValueError(f"{path}: unsupported suffix; use one of {IMAGE_SUFFIXES}")
+        raise BadInput(f"{path}: unsupported suffix; use one of {IMAGE_SUFFIXES}")
     arr, was_int = _to_unit(_read_raw(path))
     while arr.ndim > 2 and arr.shape[0] == 1:  # (1, H, W) arrays saved by tensor code
         arr = arr[0]
@@ -90,13 +97,13 @@ def list_images(folder: str | Path) -> dict[str, Path]:
     """Map the stem of every image under ``folder`` (recursive; key = relative path without suffix) to its path."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"not a folder: {folder}")
+        raise MissingInput(f"not a folder: {folder}")
     found: dict[str, Path] = {}
     for p in sorted(folder.rglob("*")):
         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
             key = p.relative_to(folder).with_suffix("").as_posix()
             if key in found:
-                raise ValueError(f"two images share the stem {key!r}: {found[key].name} and {p.name}")
+                raise BadInput(f"two images share the stem {key!r}: {found[key].name} and {p.name}")
             found[key] = p
     return found
 

@@ -4,9 +4,11 @@
         --bagel_root PATH --model_path hf/BAGEL-7B-MoT [--checkpoint results/checkpoints/0005000/ema.safetensors]
     python -m bagel_sr.eval.infer --inputs MANIFEST.jsonl|DIR --out OUTPUTS --embedded_run outputs/embedded/seed0/pixel
 
-Outputs are ``OUTPUTS/<pair_id>.png`` (what ``bagel_sr.eval.evaluate`` reads).  Resumable: a pair whose output
-exists is skipped, and each output is written to a temporary name and renamed, so an interruption loses at most
-the image in flight.  With a checkout, restoration runs through the checkout's own ``InterleaveInferencer``
+Outputs are ``OUTPUTS/<pair_id>.png`` (what ``bagel_sr.eval.evaluate`` reads).  Resumable: the folder's ledger
+(``bagel_sr.outputs``) holds the sampling settings and a fingerprint of the weights; a rerun with the same ones
+skips the outputs that exist, a rerun with other ones refuses (``--overwrite`` deletes only the outputs infer wrote
+and redoes them).  Each output is written to a temporary name and renamed, so a kill loses at most the image in
+flight.  With a checkout, restoration runs through the checkout's own ``InterleaveInferencer``
 (editing with the condition image and the instruction), with its sampling flags.
 """
 import argparse
@@ -18,6 +20,9 @@ from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 from PIL import Image
+
+from bagel_sr.errors import UserError, cli_main
+from bagel_sr.outputs import Ledger, claim, file_fingerprint
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DEFAULT_INSTRUCTION = "Restore this image: remove the noise and recover the fine detail."
@@ -61,7 +66,7 @@ def jobs_from_manifest(path: Path, split: Optional[str], instruction: Optional[s
             text = instruction or (row.get("instructions") or [DEFAULT_INSTRUCTION])[0]
             jobs.append(Job(str(row["pair_id"]), (path.parent / lr), text))
     if not jobs:
-        raise SystemExit(
+        raise UserError(
             f"{path}: no held-out inputs found{'' if split is None else f' for split {split!r}'}; the data builder "
             "writes them for the val and test splits (rows with heldout.lr)."
         )
@@ -72,7 +77,7 @@ def jobs_from_folder(path: Path, instruction: Optional[str]) -> List[Job]:
     """Every image in a folder; the output is named by the file's stem."""
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise SystemExit(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) to restore")
+        raise UserError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) to restore")
     return [Job(p.stem, p, instruction or DEFAULT_INSTRUCTION) for p in files]
 
 
@@ -84,24 +89,56 @@ def pending(jobs: Sequence[Job], out: Path) -> List[Job]:
 def save_atomically(image: Image.Image, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     image.save(tmp, format="PNG")
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
+def _read_input(job: Job) -> Image.Image:
+    try:
+        with Image.open(job.input_path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise UserError(f"input {job.input_path} (pair {job.pair_id}) does not exist") from None
+    except OSError as e:
+        raise UserError(f"input {job.input_path} (pair {job.pair_id}) is not a readable image: {e}") from None
+
+
 def run_jobs(jobs: Sequence[Job], out: Path, restore: Callable[[Image.Image, str], Image.Image],
-             progress: bool = True) -> Tuple[int, int]:
-    """Restore every pending job with ``restore(image, instruction)``; returns ``(done, skipped)``."""
+             progress: bool = True, ledger: Optional[Ledger] = None) -> Tuple[int, int]:
+    """Restore every pending job with ``restore(image, instruction)``; returns ``(done, skipped)``.
+
+    ``ledger``: where each output is recorded before it is written (see ``bagel_sr.outputs``).
+    """
     from tqdm import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.png.tmp"):  # a killed run's image in flight
+        stale.unlink()
     todo = pending(jobs, out)
     for job in tqdm(todo, desc="restoring", unit="image", disable=not progress):
-        with Image.open(job.input_path) as im:
-            image = im.convert("RGB")
+        image = _read_input(job)
         result = restore(image, job.instruction)
         if result.size != image.size:
             result = result.resize(image.size, Image.BICUBIC)
+        if ledger is not None:
+            ledger.record(f"{job.pair_id}.png")
         save_atomically(result, out / f"{job.pair_id}.png")
+    if ledger is not None and not ledger.complete:
+        ledger.mark_complete()
     return len(todo), len(jobs) - len(todo)
+
+
+def run_settings(args: argparse.Namespace) -> Tuple[dict, Optional[str]]:
+    """What an output folder's outputs depend on (flags) and a fingerprint of the weights they came from."""
+    keys = ["inputs", "split", "instruction", "seed", "embedded_run", "model_path", "checkpoint",
+            *asdict(SamplingArgs())]
+    settings = {k: getattr(args, k) for k in keys}
+    settings["inputs"] = str(Path(args.inputs).absolute())
+    weights = args.embedded_run or args.checkpoint or (
+        str(Path(args.model_path) / "ema.safetensors") if args.model_path else None)
+    fingerprint = file_fingerprint(weights) if weights and Path(weights).exists() else None
+    return settings, fingerprint
 
 
 # ------------------------------------------------------------------------------------------------ a checkout
@@ -140,7 +177,7 @@ def load_checkout_inferencer(bagel_root: str, model_path: str, checkpoint: Optio
     checkout.add_to_sys_path(root)
     cpu.install_flash_attn_stand_in()
     if not torch.cuda.is_available():
-        raise SystemExit("inference with a released BAGEL needs a GPU; use --embedded_run for the CPU demo")
+        raise UserError("inference with a released BAGEL needs a GPU; use --embedded_run for the CPU demo")
     bagel = importlib.import_module("modeling.bagel")
     ae_mod = importlib.import_module("modeling.autoencoder")
     qwen2 = importlib.import_module("modeling.qwen2")
@@ -197,34 +234,44 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--embedded_run", default=None, help="a run folder of the embedded default (CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo a folder made with other settings or weights (deletes only the outputs infer wrote)")
     for name, value in asdict(SamplingArgs()).items():
         p.add_argument(f"--{name}", type=type(value), default=value, help="BAGEL inference setting")
     return p.parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Tuple[int, int]:
+    """Restore the inputs into ``--out``; returns ``(restored, already there)``."""
     args = parse_args(argv)
     inputs = Path(args.inputs)
     if not inputs.exists():
-        raise SystemExit(f"--inputs {inputs}: no such file or folder")
+        raise UserError(f"--inputs {inputs}: no such file or folder")
+    if args.num_timesteps < 1:
+        raise UserError(f"--num_timesteps {args.num_timesteps}: expected an integer >= 1")
+    for flag in ("embedded_run", "model_path", "checkpoint"):
+        if getattr(args, flag) and not Path(getattr(args, flag)).exists():
+            raise UserError(f"--{flag} {getattr(args, flag)}: no such file or folder")
     split = None if args.split == "all" else args.split
     jobs = jobs_from_manifest(inputs, split, args.instruction) if inputs.is_file() else jobs_from_folder(inputs, args.instruction)
     sampling = SamplingArgs(**{k: getattr(args, k) for k in asdict(SamplingArgs())})
+    if not (args.embedded_run or (args.bagel_root and args.model_path)):
+        raise UserError("say what restores: --bagel_root PATH --model_path DIR [--checkpoint FILE] for BAGEL, "
+                        "or --embedded_run DIR for the embedded default")
+    settings, fingerprint = run_settings(args)
+    ledger, _ = claim(args.out, "bagel_sr.eval.infer", settings, fingerprint, args.overwrite)
     if args.embedded_run:
         from bagel_sr.embedded.inference import embedded_restorer
 
         restore = embedded_restorer(args.embedded_run, num_timesteps=sampling.num_timesteps,
                                     timestep_shift=sampling.timestep_shift, seed=args.seed)
-    elif args.bagel_root and args.model_path:
+    else:
         restore = checkout_restorer(load_checkout_inferencer(args.bagel_root, args.model_path, args.checkpoint),
                                     sampling, args.seed)
-    else:
-        raise SystemExit("say what restores: --bagel_root PATH --model_path DIR [--checkpoint FILE] for BAGEL, "
-                         "or --embedded_run DIR for the embedded default")
-    done, skipped = run_jobs(jobs, Path(args.out), restore, progress=not args.no_progress)
+    done, skipped = run_jobs(jobs, Path(args.out), restore, progress=not args.no_progress, ledger=ledger)
     print(f"restored {done} image(s), {skipped} already there, into {args.out}")
     return done, skipped
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli_main(main))

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable
 import yaml
 
 from bagel_sr.data import layout
+from bagel_sr.names import check_names  # noqa: F401 (re-exported: the wrapper's name check)
 
 
 class DatasetRegistrationError(RuntimeError):
@@ -178,3 +179,21 @@ def register_datasets(ctx) -> Callable[[], None]:
     (``data.dataset_info`` of the checkout when unset); returns the handle's undo."""
     module = ctx.module("dataset_info_module", "data.dataset_info")
     return register_built_datasets(list(ctx.dataset_yamls), module).undo
+
+
+# -- names checked against what exists (the check itself: bagel_sr.names.check_names) -------------------------
+
+def dataset_config_names(parsed: Iterable[Any]) -> list[str] | None:
+    """Group names of the ``--dataset_config_file`` among parsed argument dataclasses (what BAGEL's loop puts in
+    ``batch_data_indexes``), or ``None`` when no such file is named or it does not exist (BAGEL reports that)."""
+    for item in parsed:
+        path = getattr(item, "dataset_config_file", None)
+        if path and Path(path).is_file():
+            from bagel_sr.errors import UserError
+
+            try:
+                meta = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+            except (OSError, yaml.YAMLError) as e:
+                raise UserError(f"--dataset_config_file {path}: cannot be read as YAML ({e})") from None
+            return list(meta) if isinstance(meta, dict) else []
+    return None

@@ -15,6 +15,8 @@ import torch
 from bagel_sr import distributed, flow, monitoring, weighting
 from bagel_sr.config import PixelLossConfig, pixel_loss_arguments_class
 from bagel_sr.extension import with_pixel_loss
+from bagel_sr.names import check_names
+from bagel_sr.patches.datasets import dataset_config_names
 
 from . import fold
 from .context import PatchContext, RunState, Undo, replace_attribute
@@ -158,6 +160,10 @@ def patch_parser(ctx: PatchContext) -> Undo:
                         "--pixel_loss_weight > 0 needs --mse_weight > 0: the pixel term rides on the flow loss's "
                         "reduction; set --pixel_loss_weight 0 or a positive --mse_weight."
                     )
+                # issue 15: --pixel_loss_datasets names must exist in the --dataset_config_file's groups
+                known = dataset_config_names(parsed)
+                if run.config.enabled and known is not None:
+                    check_names("--pixel_loss_datasets", run.config.dataset_names, known)
                 run.banner = banner(run.config, float(run.training_args.timestep_shift), run.applied)
                 if distributed.is_rank0():
                     print(run.banner, flush=True)

@@ -19,7 +19,7 @@ from pydicom.uid import generate_uid
 from bagel_sr.data import build as build_mod
 from bagel_sr.data import build_dataset, load_build_config
 from bagel_sr.data.__main__ import main as cli_main
-from bagel_sr.data.errors import BuildError, OutputExistsError
+from bagel_sr.data.errors import BuildError, ConfigError, OutputExistsError
 from bagel_sr.data.writer import BuildState
 from bagel_sr.patches.datasets import DatasetRegistrationError, register_built_datasets
 
@@ -324,12 +324,12 @@ def test_example_configs_validate(name):
     assert cfg.degradations and cfg.name
 
 
-def test_output_inside_input_is_not_rescanned_and_2d_volume_errors(tmp_path):
+def test_output_inside_input_is_refused_and_2d_volume_errors(tmp_path):
     make_png_patients(tmp_path / "imgs", patients=("p1", "p2"), per_patient=1)
     cfg = images_config(tmp_path, output_dir=str(tmp_path / "imgs" / "built"), splits={"fractions": {"train": 1.0}})
-    first = build_dataset(cfg, progress=False)
-    again = build_dataset(cfg, overwrite=True, progress=False)
-    assert first.pairs == again.pairs == {"train": 2, "val": 0, "test": 0} and not again.skipped_files
+    with pytest.raises(ConfigError, match="'output_dir'.*lies inside input.path"):
+        build_dataset(cfg, progress=False)
+    assert not (tmp_path / "imgs" / "built").exists()
 
     (tmp_path / "one").mkdir()
     shutil.copy(get_testdata_file("CT_small.dcm"), tmp_path / "one" / "ct.dcm")

@@ -10,6 +10,8 @@ from scipy import stats as sps
 from skimage import metrics as skm
 
 from bagel_sr.eval import evaluate as E
+from bagel_sr.eval import pairs as pairs_mod
+from bagel_sr.eval import pairs as pairs_mod
 from bagel_sr.eval import operators as ops
 from bagel_sr.eval.images import load_image
 
@@ -215,7 +217,7 @@ def test_data_builder_manifest_schema(tmp_path):
     rows.append({**rows[0], "pair_id": "train_pair", "split": "train", "heldout": None})
     (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match="train_pair.*heldout"):
-        E._row_paths(rows[-1], tmp_path)
+        pairs_mod._row_paths(rows[-1], tmp_path)
     pairs = E.pairs_from_manifest(tmp_path / "out", tmp_path / "manifest.jsonl", split="test")
     assert [p.volume_id for p in pairs] == ["nifti:ct.nii.gz"] * 3 and [p.slice_index for p in pairs] == [0, 1, 2]
     res = E.run_evaluation(tmp_path / "out", tmp_path / "rep", E.EvalSettings(), manifest=tmp_path / "manifest.jsonl",

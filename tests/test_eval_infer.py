@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from bagel_sr.eval import infer
+from bagel_sr.errors import UserError
 
 
 def _image(path: Path, value: int, size=(32, 32)) -> Path:
@@ -33,7 +34,7 @@ def test_jobs_from_folder_and_manifest(tmp_path):
     jobs = infer.jobs_from_manifest(build / "manifest.jsonl", "test", None)
     assert [(j.pair_id, j.instruction) for j in jobs] == [("p1", "Super-resolve this MR slice by 4x")]
     assert jobs[0].input_path == build / "heldout/test/lr/p1.png"
-    with pytest.raises(SystemExit, match="no held-out inputs"):
+    with pytest.raises(UserError, match="no held-out inputs"):
         infer.jobs_from_manifest(build / "manifest.jsonl", "val", None)
 
 
@@ -68,7 +69,7 @@ def test_run_jobs_is_resumable_and_keeps_sizes(tmp_path):
 
 def test_cli_needs_a_restorer(tmp_path):
     _image(tmp_path / "a.png", 1)
-    with pytest.raises(SystemExit, match="--embedded_run"):
+    with pytest.raises(UserError, match="--embedded_run"):
         infer.main(["--inputs", str(tmp_path), "--out", str(tmp_path / "o"), "--bagel_root", ""])
 
 
@@ -129,4 +130,4 @@ def test_embedded_restorer_through_the_cli(tmp_path):
         arr = np.asarray(im)
     assert arr.dtype == np.uint8 and (arr[..., 0] == arr[..., 1]).all()
     assert infer.main(["--inputs", str(src), "--out", str(tmp_path / "out"), "--embedded_run", str(run),
-                       "--no_progress"]) == (0, 1)
+                       "--num_timesteps", "2", "--timestep_shift", "1.0", "--no_progress"]) == (0, 1)

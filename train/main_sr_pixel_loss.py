@@ -6,7 +6,10 @@
 Without a checkout (no --bagel_root, no BAGEL_ROOT) it runs the embedded default experiment on CPU.
 The logic lives in ``bagel_sr.patches.launch``; see the README for every flag.
 """
+import sys
+
+from bagel_sr.errors import cli_main
 from bagel_sr.patches.launch import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli_main(main))  # a user error: one line, exit 2

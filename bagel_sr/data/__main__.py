@@ -10,10 +10,16 @@ from typing import Sequence
 
 from .build import build_dataset
 from .config import load_build_config
-from .errors import BuildError, ConfigError, OutputExistsError
+from ..errors import cli_main as _cli_main
+from .errors import BuildError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and build; a user error prints one line and returns 2 (no pairs: 1)."""
+    return _cli_main(_main, argv)
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bagel_sr.data", description="Build paired restoration datasets in BAGEL's editing format.")
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build (or resume) a paired restoration set from a YAML config")
@@ -23,19 +29,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
 
-    try:
-        cfg = load_build_config(args.config)
-        if args.output_dir:
-            import os
+    cfg = load_build_config(args.config)
+    if args.output_dir:
+        import os
 
-            cfg.data["output_dir"] = os.path.abspath(args.output_dir)
+        cfg.data["output_dir"] = os.path.abspath(args.output_dir)
+    try:
         summary = build_dataset(cfg, overwrite=args.overwrite, progress=not args.no_progress)
-    except (ConfigError, OutputExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except BuildError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        if getattr(e, "summary", None) is not None:
+            print(e.summary.format())
+        raise
     print(summary.format())
     return 0
 

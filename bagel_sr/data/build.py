@@ -23,12 +23,12 @@ from PIL import Image
 from . import layout
 from .config import BuildConfig, load_build_config
 from .degradations import apply_chain
-from .errors import BuildError, OutputExistsError, SourceError
+from .errors import BuildError, ConfigError, OutputExistsError, SourceError
 from .instructions import instructions_for, load_templates
 from .intensity import compute_mapping
 from .readers import SkippedFile, SourceRef, read_source, scan_sources
-from .splits import assign_splits, group_key, resolve_group_by
-from .writer import BuildState, Pair, ShardWriter, atomic_write_text, clear_output
+from .splits import assign_splits, check_no_subject_leak, group_key, groups_by_field, resolve_group_by
+from .writer import BuildState, Pair, ShardWriter, atomic_write_text, remove_build
 
 
 def pair_seed(base_seed: int, source_id: str, slice_index: int) -> int:
@@ -73,8 +73,9 @@ def make_pairs(ref: SourceRef, cfg: BuildConfig, split: str, group: tuple[str, s
     mapping = compute_mapping(
         src.array, modality=src.modality, mode=cfg.intensity["mode"], window=cfg.intensity["window"],
         percentiles=tuple(cfg.intensity["percentiles"]), fixed_range=cfg.intensity["range"],
-        source_dtype=src.source_dtype, is_image_file=ref.kind == "image",
+        source_dtype=src.source_dtype, is_image_file=ref.kind == "image", bits_stored=src.info.get("bits_stored"),
     )
+    intensity = {**mapping.as_dict(), **{k: src.info[k] for k in ("bits_stored", "bits_source", "note") if k in src.info}}
     clean = mapping.to_working(src.array)
     context = {"value_range": list(mapping.working_range()), "pixel_size_mm": src.pixel_size_mm}
     degraded, vol_records, vol_seed = clean, [], None
@@ -121,14 +122,15 @@ def make_pairs(ref: SourceRef, cfg: BuildConfig, split: str, group: tuple[str, s
         source_info = {
             "id": ref.source_id, "kind": ref.kind, "path": ref.rel_path, "modality": src.modality,
             "slice_axis": axis, "slice_index": k, "num_slices": n, "pixel_size_mm": src.pixel_size_mm,
-            **{key: v for key, v in ref.meta.items() if key != "modality"}, **src.info,
+            **{key: v for key, v in ref.meta.items() if key != "modality"},
+            **{key: v for key, v in src.info.items() if key not in ("bits_source", "note")},
         }
         if src.slice_files is not None and axis == 2:
             source_info["file"] = src.slice_files[k]
         manifest = {
             "pair_id": pid, "split": split, "group": group[0], "group_by": group[1], "source": source_info,
             "crop": {"top": top, "left": left, "height": ch, "width": cw, "original_size": list(full_hw)},
-            "intensity": mapping.as_dict(), "degradations": records,
+            "intensity": intensity, "degradations": records,
             "seed": {"base": cfg.seed, "pair": seed, "volume": vol_seed},
             "task": task, "instructions": variants, "size": [ch, cw],
         }
@@ -150,6 +152,8 @@ class BuildSummary:
     blank_slices: int = 0
     resumed_sources: int = 0
     fractions: dict[str, float] = field(default_factory=dict)
+    group_fields: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def registration_file(self) -> Path:
@@ -164,6 +168,9 @@ class BuildSummary:
         for s in layout.SPLITS:
             lines.append(f"{s:<8}{self.groups.get(s, 0):>8}{self.sources.get(s, 0):>9}{self.pairs.get(s, 0):>9}")
         lines.append(f"{'total':<8}{sum(self.groups.values()):>8}{sum(self.sources.values()):>9}{sum(self.pairs.values()):>9}")
+        if self.group_fields:
+            lines.append("groups keyed by: " + ", ".join(f"{how} ({n})" for how, n in self.group_fields.items()))
+        lines += [f"note: {n}" for n in self.notes]
         empty = [s for s in ("val", "test") if self.fractions.get(s, 0) > 0 and not self.pairs.get(s)]
         if empty:
             lines.append(f"note: {' and '.join(empty)} got no pairs: only {sum(self.groups.values())} group(s) to split "
@@ -195,8 +202,8 @@ def _prepare_output(cfg: BuildConfig, fingerprint: str, overwrite: bool, log: Ca
             f"output_dir {out} is not empty and holds no bagel-sr build ({layout.STATE_FILE} missing); refusing to "
             f"write into it (also with --overwrite). Choose a new or empty output_dir.")
     if overwrite:
-        log(f"--overwrite: removing the previous build in {out}")
-        clear_output(out)
+        removed = remove_build(out)
+        log(f"--overwrite: removed the {removed} file(s) of the previous build in {out} (other files are kept)")
         return None
     try:
         state = BuildState.load(out)
@@ -263,6 +270,22 @@ def _write_final_files(cfg: BuildConfig, writer: ShardWriter, info_paths: dict[s
     atomic_write_text(out / layout.REGISTRATION_FILE, yaml.safe_dump(registration, sort_keys=False))
 
 
+def _refuse_nested(input_path: Path, output_dir: Path) -> None:
+    """The output may not lie inside the input (it would be read back as input) nor the input inside the output."""
+    inp, out = input_path.absolute(), output_dir.absolute()
+    if out == inp or inp in out.parents:
+        raise ConfigError(f"config key 'output_dir' ({out}) lies inside input.path ({inp}): the next build would read "
+                          "its own outputs back as input; choose an output_dir outside the input folder")
+    if out in inp.parents:
+        raise ConfigError(f"config key 'input.path' ({inp}) lies inside output_dir ({out}); choose an output_dir "
+                          "outside the input folder")
+
+
+def _input_stats(refs: list) -> list:
+    """Size and modification time of every input file: a rerun on changed files is not resumed."""
+    return [[r.source_id, [[f.stat().st_size, f.stat().st_mtime_ns] for f in r.files]] for r in refs]
+
+
 def build_dataset(
     config: str | Path | dict[str, Any] | BuildConfig,
     *,
@@ -283,6 +306,7 @@ def build_dataset(
     cfg = load_build_config(config, base_dir=base_dir)
     templates = load_templates(cfg.templates_path)
     fingerprint = cfg.fingerprint(extra=templates)
+    _refuse_nested(cfg.input_path, cfg.output_dir)
     state = _prepare_output(cfg, fingerprint, overwrite, log)
 
     refs, skipped = scan_sources(cfg.input_path, cfg.input["kind"], exclude=cfg.output_dir)
@@ -297,8 +321,9 @@ def build_dataset(
             group_errors[ref.source_id] = str(e)
     split_seed = cfg.splits["seed"] if cfg.splits["seed"] is not None else cfg.seed
     assignment = assign_splits([g for g, _ in groups.values()], cfg.splits["fractions"], split_seed)
+    check_no_subject_leak(refs, groups, assignment)
 
-    digest = hashlib.sha256(json.dumps([ids, assignment], sort_keys=True).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps([ids, assignment, _input_stats(refs)], sort_keys=True).encode()).hexdigest()[:16]
     resumed = state is not None
     if state is None:
         out = cfg.output_dir
@@ -321,7 +346,7 @@ def build_dataset(
             writer.mark_failed(sid, reason)
 
     done_before = len(state.done) + len(state.failed)
-    blank = 0
+    blank, notes = 0, set()
     total_pairs = sum(state.pairs(s) for s in layout.SPLITS)
     task_seen: str | None = None
     bar = tqdm(total=len(refs), initial=done_before, desc=f"{cfg.name}: files", unit="src", disable=not progress,
@@ -340,6 +365,7 @@ def build_dataset(
                 writer.mark_failed(sid, f"{ref.label}: {type(e).__name__}: {e}")
             else:
                 blank += n_blank
+                notes.update(p.manifest["intensity"].get("note", "") for p in pairs[:1] if p.manifest["intensity"].get("note"))
                 total_pairs += len(pairs)
                 task_seen = task_seen or (pairs[0].manifest["task"] if pairs else None)
                 writer.add(split, sid, pairs)
@@ -365,18 +391,24 @@ def build_dataset(
         blank_slices=blank,
         resumed_sources=done_before if resumed else 0,
         fractions=cfg.splits["fractions"],
+        group_fields=groups_by_field(groups),
+        notes=sorted(notes),
     )
     report = {
         "name": cfg.name,
         "counts": {"pairs": summary.pairs, "sources": summary.sources, "groups": summary.groups},
+        "groups_keyed_by": summary.group_fields,
+        "notes": summary.notes,
         "skipped_files": [f.as_dict() for f in skipped],
         "failed_sources": [{"source": k, "reason": v} for k, v in state.failed.items()],
     }
     atomic_write_text(cfg.output_dir / layout.REPORT_FILE, json.dumps(report, indent=1))
     if n_manifest == 0:
-        raise BuildError(f"no pairs were produced from {cfg.input_path}: {len(skipped)} file(s) skipped, "
-                         f"{len(state.failed)} source(s) failed; see {cfg.output_dir / layout.REPORT_FILE}\n"
-                         + summary.format())
+        err = BuildError(f"no pairs were produced from {cfg.input_path}: {len(skipped)} file(s) skipped, "
+                         f"{len(state.failed)} source(s) failed; see {cfg.output_dir / layout.REPORT_FILE}"
+                         + (f" (first failure: {next(iter(state.failed.values()))})" if state.failed else ""))
+        err.summary = summary
+        raise err
     _write_final_files(cfg, writer, info_paths, task_seen)
     state.complete = True
     state.save_header(cfg.output_dir)

@@ -24,7 +24,7 @@ from .instructions import TASKS
 
 INPUT_KINDS = ("images", "dicom", "nifti")
 MODALITIES = ("auto", "CT", "MR", "other")
-GROUP_BY = ("auto", "patient", "study", "series", "regex", "parent_dir", "file")
+GROUP_BY = ("auto", "subject", "patient", "study", "series", "regex", "parent_dir", "file")
 
 DEFAULTS: dict[str, Any] = {
     "name": None,
@@ -41,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
         "volume_index": 0,
         "rescale": {"slope": 1.0, "intercept": 0.0},
         "color": "gray",
+        "bits_stored": None,
     },
     "intensity": {"mode": "auto", "window": "abdomen", "percentiles": [0.0, 99.5], "range": None},
     "degradations": None,
@@ -201,6 +202,9 @@ def _validate(d: dict[str, Any]) -> tuple[DegradationStep, ...]:
     _check(isinstance(resc, dict) and set(resc) <= {"slope", "intercept"} and all(_is_num(v) for v in resc.values()),
            "input.rescale", resc, "{slope: number, intercept: number} (images and NIfTI only; DICOM uses its own tags)")
     inp["rescale"] = {"slope": 1.0, "intercept": 0.0, **resc}
+    _check(inp["bits_stored"] is None or (_is_int(inp["bits_stored"]) and 1 <= inp["bits_stored"] <= 32),
+           "input.bits_stored", inp["bits_stored"], "null (DICOM BitsStored / the container's depth) or an integer in "
+           "[1, 32], e.g. 12 for 12-bit values in 16-bit PNGs")
     _check(inp["color"] in ("gray", "rgb"), "input.color", inp["color"], "'gray' or 'rgb' (images only)")
 
     inten = d["intensity"]

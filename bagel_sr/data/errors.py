@@ -1,10 +1,12 @@
-"""Exceptions raised by the dataset builder."""
+"""Exceptions raised by the dataset builder (user errors share :class:`bagel_sr.errors.UserError`)."""
 from __future__ import annotations
 
 from typing import Any
 
+from ..errors import RunFailed, UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A build-config value is invalid. The message names the YAML key, the value and what is allowed."""
 
     @classmethod
@@ -16,9 +18,13 @@ class SourceError(RuntimeError):
     """One input source (file, DICOM series, volume) cannot be turned into pairs; it is reported and skipped."""
 
 
-class OutputExistsError(RuntimeError):
+class OutputExistsError(UserError, RuntimeError):
     """The output directory already holds a build (or foreign files) and overwriting was not requested."""
 
 
-class BuildError(RuntimeError):
+class LeakError(UserError, RuntimeError):
+    """One subject would land in two splits (train and held-out): the build is refused."""
+
+
+class BuildError(RunFailed, RuntimeError):
     """The build ran but produced no usable pairs (every file skipped or failed; see report.json)."""

@@ -124,6 +124,7 @@ def compute_mapping(
     fixed_range: tuple[float, float] | None = None,
     source_dtype: np.dtype = np.dtype(np.float64),
     is_image_file: bool = False,
+    bits_stored: int | None = None,
 ) -> IntensityMapping:
     """Build the mapping of one source from its clean physical array (stats over the whole volume)."""
     if mode == "auto":
@@ -141,12 +142,16 @@ def compute_mapping(
         low, high = float(x.min()), float(x.max())
     elif mode == "dtype":
         rng = dtype_range(source_dtype)
+        if rng is not None and bits_stored and rng[0] == 0:  # unsigned data of a declared/detected depth
+            rng = (0.0, float(2 ** int(bits_stored) - 1))
         if rng is None:  # float data has no dtype range: fall back to min/max and say so
             mode, (low, high) = "minmax", (float(x.min()), float(x.max()))
             details = {"fallback_from": "dtype"}
         else:
             low, high = rng
             details = {"dtype": str(np.dtype(source_dtype))}
+            if bits_stored:
+                details["bits_stored"] = int(bits_stored)
     elif mode == "fixed":
         assert fixed_range is not None
         low, high = float(fixed_range[0]), float(fixed_range[1])

@@ -217,9 +217,27 @@ def _read_image(ref: SourceRef, inp: dict[str, Any]) -> SourceData:
     if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] == 3)):
         raise SourceError(f"cannot use {ref.rel_path}: array of shape {a.shape} is not a 2D gray or RGB image")
     dtype = a.dtype
+    depth = bit_depth(a, dtype, inp.get("bits_stored"), "input.bits_stored")
     if a.ndim == 3 and inp["color"] == "gray":
         a = a.astype(np.float64) @ np.array([0.299, 0.587, 0.114])  # ITU-R 601 luma, as Pillow's "L"
-    return SourceData(_rescaled(a, inp), False, _modality("", inp["modality"]), dtype, None)
+    return SourceData(_rescaled(a, inp), False, _modality("", inp["modality"]), dtype, None, info=depth)
+
+
+def bit_depth(a: np.ndarray, dtype: np.dtype, declared: int | None, what: str) -> dict[str, Any]:
+    """Bit depth of integer pixel data: the declared one (config / DICOM BitsStored), else the container's, with a
+    note when the data's maximum suggests fewer bits (e.g. 12-bit values in a 16-bit PNG). ``{}`` for floats."""
+    dtype = np.dtype(dtype)
+    if not np.issubdtype(dtype, np.integer) or dtype.kind == "b":
+        return {}
+    container = dtype.itemsize * 8 - (1 if dtype.kind == "i" else 0)
+    if declared:
+        return {"bits_stored": int(declared), "bits_source": what}
+    info: dict[str, Any] = {"bits_stored": container, "bits_source": "container"}
+    used = int(np.max(a)).bit_length() if a.size and np.max(a) > 0 else 0
+    if container > 8 and 0 < used <= container - 4:
+        info["note"] = (f"{dtype} data whose maximum fits in {used} bits was scaled over the full {container}-bit "
+                        f"range; set input.bits_stored (e.g. 12) if the values are {used}-bit")
+    return info
 
 
 def _read_nifti(ref: SourceRef, inp: dict[str, Any]) -> SourceData:
@@ -251,7 +269,7 @@ def _read_dicom(ref: SourceRef, root: Path, inp: dict[str, Any]) -> SourceData:
     except ImportError:  # pydicom < 3
         from pydicom.pixel_data_handlers.util import apply_modality_lut
 
-    slices, files, spacing, dtype = [], [], None, None
+    slices, files, spacing, dtype, bits = [], [], None, None, None
     for path in ref.files:
         rel = _rel(path, root)
         try:
@@ -261,6 +279,7 @@ def _read_dicom(ref: SourceRef, root: Path, inp: dict[str, Any]) -> SourceData:
         except Exception as e:
             raise SourceError(f"cannot read pixels of {rel}: {type(e).__name__}: {e}") from e
         dtype = dtype or raw.dtype
+        bits = bits or ds.get("BitsStored")
         if spacing is None and "PixelSpacing" in ds:
             spacing = float(ds.PixelSpacing[0])
         if arr.ndim == 3 and int(ds.get("NumberOfFrames", 1) or 1) > 1:
@@ -276,5 +295,7 @@ def _read_dicom(ref: SourceRef, root: Path, inp: dict[str, Any]) -> SourceData:
             raise SourceError(f"series {ref.meta.get('series_uid')}: slices have different sizes {sorted(shapes)} "
                               f"(first differing file: {rel})")
     vol = np.stack(slices, axis=-1)
+    depth = {"bits_stored": int(inp.get("bits_stored") or bits), "bits_source": "input.bits_stored" if inp.get("bits_stored")
+             else "DICOM BitsStored"} if (inp.get("bits_stored") or bits) else {}
     return SourceData(vol, True, _modality(ref.meta.get("modality", ""), inp["modality"]), dtype,
-                      spacing, slice_files=files, info={"n_files": len(ref.files)})
+                      spacing, slice_files=files, info={"n_files": len(ref.files), **depth})

@@ -1,9 +1,13 @@
-"""Train/val/test splits by patient or study, never by slice.
+"""Train/val/test splits by subject, never by slice.
 
-Every source gets a *group key* (DICOM PatientID, falling back to StudyInstanceUID; or a regex on
-the path; ...). Groups are ordered by a seeded SHA-256 hash and cut by the configured fractions, so
-the assignment is deterministic, balanced even for a handful of patients, and every source of a
-group lands in the same split.
+Every source gets a *group key*. ``auto`` takes the subject: DICOM PatientID (falling back to the study), else a
+BIDS ``sub-`` entity (then ``ses-``) or a patient-like folder (``patient07``, ``case_3``, ``subj-2``) in the path,
+else the first folder below the input root, else the file. ``group_by``/``group_regex`` override it. Groups are
+ordered by a seeded SHA-256 hash and cut by the configured fractions, so the assignment is deterministic, balanced
+even for a handful of patients, and every source of a group lands in the same split.
+
+Whatever the grouping, :func:`check_no_subject_leak` refuses an assignment in which one *recognised* subject
+(PatientID, BIDS subject, patient-like folder) has sources in two splits.
 """
 from __future__ import annotations
 
@@ -11,22 +15,60 @@ import hashlib
 import re
 from typing import Any
 
-from .errors import SourceError
+from .errors import LeakError, SourceError
 from .readers import SourceRef
 
 SPLIT_ORDER = ("train", "val", "test")
 
 
+#: Path components that name a subject: BIDS ``sub-<label>``, or ``patient07``, ``case_3``, ``subj-2`` ...
+_BIDS = {"sub": re.compile(r"(?:^|_)(sub-[A-Za-z0-9]+)"), "ses": re.compile(r"(?:^|_)(ses-[A-Za-z0-9]+)")}
+_SUBJECT_DIR = re.compile(r"^(?:patient|pat|subject|subj|case|pt)[-_ ]?[A-Za-z0-9]*\d[A-Za-z0-9]*$", re.I)
+#: ``how`` values of keys that identify a subject (the leak check trusts only these).
+SUBJECT_FIELDS = ("patient_id", "bids_subject", "subject_folder")
+
+
 def resolve_group_by(group_by: str, kind: str) -> str:
-    """``auto`` -> ``patient`` for DICOM, ``file`` for NIfTI volumes, ``parent_dir`` for image files."""
+    """``auto`` -> ``patient`` for DICOM, ``subject`` (see the module docstring) for NIfTI and image files."""
     if group_by != "auto":
         return group_by
-    return {"dicom": "patient", "nifti": "file", "images": "parent_dir"}[kind]
+    return "patient" if kind == "dicom" else "subject"
+
+
+def subject_key(ref: SourceRef) -> tuple[str, str] | None:
+    """``(key, how)`` of the subject a source recognisably belongs to, or ``None``."""
+    if ref.meta.get("patient_id"):
+        return ref.meta["patient_id"], "patient_id"
+    parts = ref.rel_path.split("/")
+    for part in parts:
+        found = _BIDS["sub"].search(part)
+        if found:
+            return found.group(1), "bids_subject"
+    for part in parts[:-1]:
+        if _SUBJECT_DIR.match(part):
+            return part, "subject_folder"
+    return None
+
+
+def _auto_subject(ref: SourceRef) -> tuple[str, str]:
+    known = subject_key(ref)
+    if known:
+        return known
+    parts = ref.rel_path.split("/")
+    for part in parts:
+        found = _BIDS["ses"].search(part)
+        if found:
+            return found.group(1), "bids_session"
+    if len(parts) > 1:
+        return parts[0], "top_folder"
+    return ref.rel_path, "file"
 
 
 def group_key(ref: SourceRef, group_by: str, regex: str | None = None) -> tuple[str, str]:
     """``(key, how)`` for one source; ``how`` says which field gave the key (recorded in the manifest)."""
     m = ref.meta
+    if group_by == "subject":
+        return _auto_subject(ref)
     if group_by == "patient":
         for field in ("patient_id", "study_uid", "series_uid"):
             if m.get(field):
@@ -78,6 +120,33 @@ def assign_splits(groups: list[str], fractions: dict[str, float], seed: int) -> 
     for k in keys[i:]:
         out[k] = "train"
     return out
+
+
+def check_no_subject_leak(refs: list[SourceRef], groups: dict[str, tuple[str, str]],
+                          assignment: dict[str, str]) -> None:
+    """Raise :class:`LeakError` when one recognised subject has sources in two splits."""
+    seen: dict[str, tuple[str, str]] = {}
+    for ref in refs:
+        if ref.source_id not in groups:
+            continue
+        subject = subject_key(ref)
+        if subject is None:
+            continue
+        split = assignment[groups[ref.source_id][0]]
+        first = seen.setdefault(subject[0], (split, ref.rel_path))
+        if first[0] != split:
+            raise LeakError(
+                f"subject {subject[0]!r} ({subject[1]}) would be in two splits: {first[1]} in {first[0]}, "
+                f"{ref.rel_path} in {split}; group by subject (splits.group_by: auto) or make "
+                f"splits.group_regex capture the subject")
+
+
+def groups_by_field(groups: dict[str, tuple[str, str]]) -> dict[str, int]:
+    """Number of distinct group keys per field that gave them (for the summary and report)."""
+    out: dict[str, set] = {}
+    for key, how in groups.values():
+        out.setdefault(how, set()).add(key)
+    return {how: len(keys) for how, keys in sorted(out.items())}
 
 
 def split_report(assignment: dict[str, str]) -> dict[str, Any]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,11 +226,11 @@ class ShardWriter:
         for line in manifest_text.splitlines():
             held = json.loads(line).get("heldout") or {}
             wanted.update(held.values())
-        root = self.out / layout.HELDOUT_DIR
-        if root.is_dir():
-            for f in root.rglob("*.png"):
-                if f.relative_to(self.out).as_posix() not in wanted:
-                    f.unlink()
+        for split in layout.HELDOUT_SPLITS:  # only our own folders: heldout/<split>/<lr|hr>/
+            for side in ("lr", "hr"):
+                for f in (self.out / layout.HELDOUT_DIR / split / side).glob("*.png"):
+                    if f.relative_to(self.out).as_posix() not in wanted:
+                        f.unlink()
 
     def write_parquet_info(self) -> dict[str, str]:
         """``parquet_info/<split>.json``: ``{absolute parquet path: {num_row_groups, num_rows}}`` per split.
@@ -254,6 +253,32 @@ class ShardWriter:
         return paths
 
 
-def clear_output(out_dir: Path) -> None:
-    """Remove a previous build (only called with ``overwrite``; the folder must hold our state file)."""
-    shutil.rmtree(out_dir)
+#: Files a build writes: fixed names, and name patterns inside the folders it owns (an interrupted commit may
+#: have left some of them before the journal recorded them). Anything else in the output folder is not ours.
+OWN_FILES = (layout.REGISTRATION_FILE, layout.DATASET_CONFIG_FILE, layout.MANIFEST_FILE, layout.REPORT_FILE,
+             layout.STATE_FILE, layout.CONFIG_COPY_FILE)
+OWN_PATTERNS = tuple(
+    [f"{layout.PARQUET_DIR}/{s}/part-*.parquet" for s in layout.SPLITS]
+    + [f"{layout.PARQUET_DIR}/{s}/.part-*.parquet.tmp*" for s in layout.SPLITS]
+    + [f"{layout.PARQUET_INFO_DIR}/{s}{ext}" for s in layout.SPLITS for ext in (".json", ".resolved.json")]
+    + [f"{layout.HELDOUT_DIR}/{s}/{side}/{name}" for s in layout.HELDOUT_SPLITS for side in ("lr", "hr")
+       for name in ("*.png", ".*.png.tmp*")]
+    + [f"{layout.PARTS_DIR}/{layout.JOURNAL_FILE}", f"{layout.PARTS_DIR}/manifest-*.jsonl",
+       f"{layout.PARTS_DIR}/.manifest-*.jsonl.tmp*"]
+    + [f".{name}.tmp*" for name in (layout.REGISTRATION_FILE, layout.DATASET_CONFIG_FILE, layout.MANIFEST_FILE,
+                                     layout.REPORT_FILE, layout.STATE_FILE, layout.CONFIG_COPY_FILE)])
+
+
+def remove_build(out_dir: Path) -> int:
+    """Delete the files of a previous build (``--overwrite``) and the folders they leave empty; files the build did
+    not write (a user's notes, other results) are kept. Returns the number of files removed."""
+    files = {out_dir / f for f in OWN_FILES} | {p for pat in OWN_PATTERNS for p in out_dir.glob(pat)}
+    removed = 0
+    for f in sorted(files):
+        if f.is_file():
+            f.unlink()
+            removed += 1
+    for d in sorted((p for p in out_dir.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        if not any(d.iterdir()):
+            d.rmdir()
+    return removed

@@ -154,6 +154,10 @@ def fixed_patches(split: str, size: int = PATCH, per_source: int = 8) -> List[Tu
 
 
 # -- samples -------------------------------------------------------------------------------------------------------
+#: The ``dataset_name`` of each kind of sample (what ``--pixel_loss_datasets`` can name).
+DATASET_NAMES = ("sr_pairs", "t2i")
+
+
 @dataclass
 class Sample:
     """One packed-to-be sample. ``condition`` is None for t2i samples. Images are (3, H, W) in [-1, 1]."""

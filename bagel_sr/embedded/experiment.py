@@ -15,6 +15,7 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
@@ -24,9 +25,12 @@ import numpy as np
 import torch
 
 from ..config import CONSERVATIVE_DEFAULTS, PixelLossConfig, pixel_loss_arguments_class
+from ..errors import BadInput
+from ..names import check_names
+from ..outputs import Ledger, OutputFolderError, claim
 from . import data, sampling
 from .backbone import TinyBagelConfig
-from .train import LatentPool, TrainConfig, train
+from .train import LatentPool, TrainConfig, train, validate_train_config
 from .vae import load_meta, load_vae
 
 
@@ -49,6 +53,9 @@ class ExperimentArguments(TrainConfig):
     save_checkpoints: bool = field(default=True, metadata={"help": "Write model/ema safetensors per arm."})
     grid_rows: int = field(default=8, metadata={"help": "Examples in grid.png."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Redo a finished run in --output_dir (deletes only the files that run wrote there)."})
 
 
 ARMS = ("flow_only", "pixel")
@@ -60,10 +67,41 @@ def parse(argv: Optional[Sequence[str]] = None):
     parser = HfArgumentParser((ExperimentArguments, pixel_loss_arguments_class(defaults=CONSERVATIVE_DEFAULTS)))
     args, pixel_args = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
     if args.eval_split not in ("heldout", "val"):
-        raise ValueError(f"--eval_split: got {args.eval_split!r}; allowed: 'heldout', 'val'")
-    if args.seeds < 1:
-        raise ValueError(f"--seeds: got {args.seeds}; allowed: an integer >= 1")
-    return args, PixelLossConfig.from_namespace(pixel_args)
+        raise BadInput(f"--eval_split: got {args.eval_split!r}; allowed: 'heldout', 'val'")
+    for name, low in (("seeds", 1), ("sample_steps", 1), ("grid_rows", 0), ("hidden_size", 1),
+                      ("num_hidden_layers", 1), ("num_attention_heads", 1), ("num_key_value_heads", 1),
+                      ("intermediate_size", 1)):
+        if getattr(args, name) < low:
+            raise BadInput(f"--{name} {getattr(args, name)}: expected an integer >= {low}")
+    validate_train_config(args)
+    pixel = PixelLossConfig.from_namespace(pixel_args)
+    check_names("--pixel_loss_datasets", pixel.dataset_names, data.DATASET_NAMES)  # issue 15
+    return args, pixel
+
+
+TOOL = "bagel_sr.embedded.experiment"
+
+
+def claim_output_dir(args: ExperimentArguments, pixel: PixelLossConfig) -> Ledger:
+    """The ``--output_dir`` ledger; a finished run there is refused unless ``--overwrite`` (see bagel_sr.outputs)."""
+    settings = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("output_dir", "overwrite", "progress")}
+    settings.update(pixel.to_flags())
+    old = Ledger.read(Path(args.output_dir)) if os.path.isdir(args.output_dir) else None
+    if old is not None and old.complete:
+        if not args.overwrite:
+            raise OutputFolderError(f"--output_dir {args.output_dir} holds a finished run; pass --overwrite to redo it "
+                                    "(deletes only the files that run wrote) or choose another --output_dir")
+        old.remove_written()
+        return Ledger(Path(args.output_dir), TOOL, settings).start()
+    return claim(args.output_dir, TOOL, settings, overwrite=args.overwrite)[0]
+
+
+def checkpoint_files(arm_dir: str, cfg: TrainConfig) -> List[str]:
+    """Files :func:`train` writes under ``arm_dir`` (final and intermediate checkpoints)."""
+    names = ("model.safetensors", "ema.safetensors", "config.json")
+    steps = [s for s in range(cfg.save_every, cfg.steps, cfg.save_every)] if cfg.save_every else []
+    dirs = [arm_dir] + [os.path.join(arm_dir, f"{s:07d}") for s in steps]
+    return [os.path.join(d, n) for d in dirs for n in names]
 
 
 def _summary(values: np.ndarray) -> Dict[str, float]:
@@ -80,7 +118,8 @@ def _arm_metrics(pred: torch.Tensor, pairs: List[data.Sample]) -> Dict:
     return out
 
 
-def run_seed(args: ExperimentArguments, pixel: PixelLossConfig, seed: int, vae, pairs, unpaired, tokenizer) -> Dict:
+def run_seed(args: ExperimentArguments, pixel: PixelLossConfig, seed: int, vae, pairs, unpaired, tokenizer,
+             ledger: Optional[Ledger] = None) -> Dict:
     model_config = TinyBagelConfig(
         vocab_size=len(tokenizer), hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
         num_attention_heads=args.num_attention_heads, num_key_value_heads=args.num_key_value_heads,
@@ -97,6 +136,8 @@ def run_seed(args: ExperimentArguments, pixel: PixelLossConfig, seed: int, vae, 
         arm_pixel = (dataclasses.replace(pixel, weight=0.0) if arm == "flow_only" else
                      dataclasses.replace(pixel, log_grad_norms_every=pixel.log_grad_norms_every or 10))
         out_dir = os.path.join(args.output_dir, f"seed{seed}", arm) if args.save_checkpoints else None
+        for rel in checkpoint_files(os.path.join(f"seed{seed}", arm), train_cfg) if out_dir and ledger else []:
+            ledger.record(rel)
         run = train(dataclasses.replace(model_config), train_cfg, arm_pixel, vae, seed=seed, output_dir=out_dir,
                     progress=args.progress, desc=f"seed {seed} {arm}", tokenizer=tokenizer, pool=pool)
         model = run.ema_model if args.eval_ema else run.model
@@ -200,7 +241,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         torch.set_num_threads(args.num_threads)
     if not pixel.enabled:
         print("note: --pixel_loss_weight 0: both arms are flow-only")
-    os.makedirs(args.output_dir, exist_ok=True)
+    ledger = claim_output_dir(args, pixel)
     vae = load_vae(args.vae_dir)
     vae_meta = load_meta(args.vae_dir)
     tokenizer = data.WordTokenizer.default()
@@ -216,12 +257,12 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     results, tables = [], []
     for k in range(args.seeds):
         seed = args.seed + k
-        seed_result, preds = run_seed(args, pixel, seed, vae, pairs, unpaired, tokenizer)
+        seed_result, preds = run_seed(args, pixel, seed, vae, pairs, unpaired, tokenizer, ledger)
         results.append(seed_result)
         tables.append(format_table(seed_result, base, pixel, len(pairs), args.eval_split))
         print(tables[-1], flush=True)
         if k == 0:
-            save_grid(os.path.join(args.output_dir, "grid.png"), pairs, preds, args.grid_rows)
+            save_grid(str(ledger.record("grid.png")), pairs, preds, args.grid_rows)
     report = dict(
         command="python train/main_sr_pixel_loss.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         arguments=dataclasses.asdict(args),
@@ -247,11 +288,14 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                          f"{a['ssim']['mean']:.3f} ± {a['ssim']['std']:.3f}  unpaired flow "
                          f"{a['unpaired_flow_loss']['mean']:.4f} ± {a['unpaired_flow_loss']['std']:.4f}")
         print("\n".join(lines))
-    with open(os.path.join(args.output_dir, "metrics.json"), "w", encoding="utf-8") as f:
+    with open(ledger.record("metrics.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
+    ledger.mark_complete()
     print(f"wrote {os.path.join(args.output_dir, 'metrics.json')} and grid.png in {report['seconds']:.0f} s")
     return report
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from ..errors import cli_main
+
+    sys.exit(cli_main(main, sys.argv[1:]))

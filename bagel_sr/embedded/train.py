@@ -10,6 +10,7 @@ AdamW, the LR schedule (``transformers``' cosine with a minimum LR, or constant,
 """
 import copy
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,6 +23,7 @@ import torch
 
 from ..config import PixelLossConfig
 from ..extension import with_pixel_loss
+from ..names import check_names
 from . import data
 from .backbone import TinyBagel, TinyBagelConfig
 
@@ -59,6 +61,30 @@ class TrainConfig:
     log_every: int = field(default=50, metadata={"help": "Record the losses every N optimizer steps."})
     save_every: int = field(default=0, metadata={"help": "Checkpoint every N steps (0 = only at the end)."})
     num_threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)."})
+
+
+#: (flag, lowest allowed value) of every count and size of :class:`TrainConfig`.
+_MINIMUM = {"steps": 1, "batch_size": 1, "gradient_accumulation_steps": 1, "warmup_steps": 0, "pool_size": 0,
+            "log_every": 1, "save_every": 0, "num_threads": 0}
+_FRACTIONS = ("t2i_ratio", "vae_cond_dropout_prob", "text_cond_dropout_prob", "ema")
+
+
+def validate_train_config(cfg: TrainConfig) -> None:
+    """One line naming the flag for a count/size out of range (``--steps 0``, ``--batch_size -1`` ...)."""
+    from ..errors import BadInput
+
+    for name, low in _MINIMUM.items():
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value < low:
+            raise BadInput(f"--{name} {value}: expected an integer >= {low}")
+    for name in _FRACTIONS:
+        value = getattr(cfg, name)
+        if not 0.0 <= value <= 1.0:
+            raise BadInput(f"--{name} {value}: expected a number in [0, 1]")
+    for name in ("lr", "max_grad_norm"):
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value > 0):
+            raise BadInput(f"--{name} {value}: expected a finite number > 0")
 
 
 class LatentPool:
@@ -198,6 +224,9 @@ def train(model_config: TinyBagelConfig, cfg: TrainConfig, pixel: PixelLossConfi
     """
     from tqdm import tqdm
 
+    validate_train_config(cfg)
+    if pixel.enabled:
+        check_names("--pixel_loss_datasets", pixel.dataset_names, data.DATASET_NAMES)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     tokenizer = tokenizer or data.WordTokenizer.default()

@@ -1,0 +1,47 @@
+"""User errors: "you gave us something wrong", shown as one line with exit code 2; tracebacks only for our bugs.
+
+Every command-line tool runs its ``main`` through :func:`cli_main`, which prints a :class:`UserError` as
+``error: <message>`` (one line naming the input and what is expected) and exits with the error's code.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable, Optional, Sequence
+
+
+class UserError(Exception):
+    """An input, flag, file or folder the user gave is wrong; the message names it and says what is expected."""
+
+    exit_code = 2
+
+
+class BadInput(UserError, ValueError):
+    """A value, file content or setting the user gave is not what is expected."""
+
+
+class MissingInput(UserError, FileNotFoundError):
+    """A file or folder the user named (or that their inputs imply) does not exist."""
+
+
+class RunFailed(UserError):
+    """The tool ran but its result must not be trusted as is (e.g. non-finite outputs); exit code 1."""
+
+    exit_code = 1
+
+
+def one_line(message: str) -> str:
+    """The message on one line (newlines folded), as the CLI prints it."""
+    return " ".join(str(message).split())
+
+
+def cli_main(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``main(argv)``; a :class:`UserError` becomes ``error: ...`` on stderr and its exit code.
+
+    ``main`` may return an int exit code (anything else counts as 0).
+    """
+    try:
+        rc = main(argv)
+    except UserError as e:
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
+        return e.exit_code
+    return rc if isinstance(rc, int) else 0
