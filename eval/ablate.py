@@ -43,6 +43,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from bagel_sr.errors import BadInput, MissingInput, cli_main, one_line
+from bagel_sr.outputs import claim
 
 from . import report
 from .evaluate import EvalSettings, collect_pairs, compare_tables, metric_columns, run_evaluation, unit_table
@@ -50,6 +51,9 @@ from .images import load_image
 
 DEFAULT_BASE_COMMAND = "python train/main_sr_pixel_loss.py"
 DONE, FAILED = "DONE", "FAILED"
+TOOL = "bagel_sr.eval.ablate"
+#: What ablate writes in each run folder (recorded in its ledger before they are written).
+RUN_FILES = ("command.sh", "run.json", "log.txt", DONE, FAILED)
 
 
 @dataclass
@@ -219,10 +223,12 @@ def command_script(run: Run, workdir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plan(grid_path: str | Path, check: bool = True) -> list[Run]:
+def plan(grid_path: str | Path, check: bool = True, overwrite: bool = False) -> list[Run]:
     """Write ``command.sh`` and ``run.json`` of every unfinished run and ``OUTPUT_ROOT/commands.txt``.
 
-    A finished run keeps its files; if its flags changed since, a warning says to delete its folder to rerun it.
+    Each folder is claimed through :func:`bagel_sr.outputs.claim` (a ledger of what ablate wrote): a run folder
+    holding something ablate did not write is refused; a run made with another command is refused unless
+    ``overwrite``, which deletes only ablate's own files there (the target's outputs have their own ledger).
     With ``check``, the whole plan is validated first: every flag against the target's ``--help``.
     """
     cfg = load_grid(grid_path)
@@ -232,20 +238,21 @@ def plan(grid_path: str | Path, check: bool = True) -> list[Run]:
         raise MissingInput(f"workdir {workdir}: no such folder")
     if check:
         check_flags(cfg, target_flags(cfg.get("base_command") or DEFAULT_BASE_COMMAND, workdir))
-    for run in runs:
-        run.run_dir.mkdir(parents=True, exist_ok=True)
+    root = runs[0].run_dir.parent
+    root_ledger, _ = claim(root, TOOL, {}, flag="--overwrite")
+    ledgers = [claim(run.run_dir, TOOL, {"command": run.train_command, "infer": run.infer_command},
+                     overwrite=overwrite, flag="--overwrite")[0] for run in runs]  # all refusals before any write
+    for run, ledger in zip(runs, ledgers):
+        if run.done:
+            continue
+        for name in RUN_FILES:
+            ledger.record(name)
         script = command_script(run, workdir)
         meta = {"name": run.name, "flags": run.flags, "command": run.train_command, "infer": run.infer_command}
-        if run.done:
-            old = json.loads((run.run_dir / "run.json").read_text()) if (run.run_dir / "run.json").is_file() else {}
-            if old.get("command") != run.train_command or old.get("infer") != run.infer_command:
-                print(f"warning: run {run.name} finished with another command; delete {run.run_dir} to rerun it",
-                      file=sys.stderr)
-            continue
         (run.run_dir / "command.sh").write_text(script, encoding="utf-8")
         os.chmod(run.run_dir / "command.sh", 0o755)
         (run.run_dir / "run.json").write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
-    root = runs[0].run_dir.parent
+    root_ledger.record("commands.txt")
     (root / "commands.txt").write_text(
         "".join(f"# {r.name}: {r.train_command}\nbash {shlex.quote(str(r.run_dir / 'command.sh'))} > "
                 f"{shlex.quote(str(r.run_dir / 'log.txt'))} 2>&1\n" for r in runs), encoding="utf-8")
@@ -291,7 +298,7 @@ def eval_settings(ev: dict[str, Any]) -> EvalSettings:
     return EvalSettings(data_range=ev.get("data_range"), window=ev.get("ssim_window", "uniform7"),
                         color=ev.get("color", "gray"), convention=ev.get("convention", "plain"),
                         hu_window=tuple(hu) if hu else None, data_consistency=ev.get("data_consistency", True),
-                        lpips_weights=ev.get("lpips_weights"))
+                        lpips_weights=ev.get("lpips_weights"), bits_stored=ev.get("bits_stored"))
 
 
 def _outputs_of(run: Run, ev: dict[str, Any]) -> Path:
@@ -323,9 +330,9 @@ def _image_grid(runs: Sequence[Run], ev: dict[str, Any], per_image: dict[str, pd
     for pid in chosen:
         cols = []
         if first[pid].degraded is not None:
-            cols.append(("input", load_image(first[pid].degraded, settings.color).array))
-        cols.append(("reference", load_image(first[pid].reference, settings.color).array))
-        cols += [(r.name, load_image(pair_lists[r.name][pid].output, settings.color).array)
+            cols.append(("input", load_image(first[pid].degraded, settings.color, settings.bits_stored).array))
+        cols.append(("reference", load_image(first[pid].reference, settings.color, settings.bits_stored).array))
+        cols += [(r.name, load_image(pair_lists[r.name][pid].output, settings.color, settings.bits_stored).array)
                  for r in runs if pid in pair_lists[r.name]]
         rows.append((str(pid), cols))
     return report.image_grid(rows, path)
@@ -343,7 +350,7 @@ def build_report(grid_path: str | Path, out: str | Path | None = None, n_boot: i
     if not ev.get("references") and not ev.get("manifest"):
         raise BadInput(f"{grid_path}: the report needs eval.references (a folder) or eval.manifest")
     out = Path(out) if out else runs[0].run_dir.parent / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    ledger, _ = claim(out, TOOL + ".report", {}, flag="--out")  # a report folder holds only what reports wrote
     settings = eval_settings(ev)
     n_boot = int(n_boot or ev.get("n_boot", 10000))
     rows, unit_tables, per_image = [], {}, {}
@@ -368,15 +375,17 @@ def build_report(grid_path: str | Path, out: str | Path | None = None, n_boot: i
     baseline = ev.get("baseline")
     if baseline:
         table = _add_baseline_columns(table, unit_tables, baseline, sort_by, n_boot)
+    ledger.record("ablation.csv")
     table.to_csv(out / "ablation.csv", index=False)
-    figures = _figures(cfg, table, settings, out)
+    figures = _figures(cfg, table, settings, out, ledger)
     by_name = {r.name: r for r in runs}
     grid_png = _image_grid([by_name[n] for n in table["run"]], ev, per_image, settings,
-                           out / "image_grid.png", int(ev.get("grid_images", 4)))
+                           ledger.record("image_grid.png"), int(ev.get("grid_images", 4)))
     if grid_png:
         figures.append(grid_png)
     pending = [r.name for r in runs if not r.done]
     md = _report_markdown(cfg, table, sort_by, settings, pending, figures)
+    ledger.record("report.md")
     (out / "report.md").write_text(md, encoding="utf-8")
     return {"table": table, "report": out / "report.md", "figures": figures}
 
@@ -398,7 +407,7 @@ def _add_baseline_columns(table: pd.DataFrame, unit_tables: dict, baseline: str,
                            f"{metric}_vs_{baseline}_hi": hi, f"{metric}_vs_{baseline}_p": p})
 
 
-def _figures(cfg: dict[str, Any], table: pd.DataFrame, settings: EvalSettings, out: Path) -> list[str]:
+def _figures(cfg: dict[str, Any], table: pd.DataFrame, settings: EvalSettings, out: Path, ledger) -> list[str]:
     params = _default_plots(cfg, table)
     figs = []
     for metric in ("psnr", f"ssim_{settings.window}"):
@@ -407,7 +416,8 @@ def _figures(cfg: dict[str, Any], table: pd.DataFrame, settings: EvalSettings, o
         for param in params:
             others = [p for p in params if p != param]
             hue = others[0] if others else None
-            figs.append(report.plot_metric_vs_param(table, param, metric, out / f"{metric}_vs_{param}.png", hue))
+            path = ledger.record(f"{metric}_vs_{param}.png")
+            figs.append(report.plot_metric_vs_param(table, param, metric, path, hue))
     return figs
 
 
@@ -451,13 +461,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--n_boot", type=int, help="report: bootstrap resamples (default eval.n_boot or 10000)")
     p.add_argument("--no_progress", action="store_true")
     p.add_argument("--no_flag_check", action="store_true", help="plan/run: skip checking flags against BASE --help")
+    p.add_argument("--overwrite", action="store_true", help="plan/run: redo runs whose command changed (deletes only "
+                   "the files ablate wrote in their folders)")
     a = p.parse_args(argv)
     if a.action == "plan":
-        runs = plan(a.grid, not a.no_flag_check)
+        runs = plan(a.grid, not a.no_flag_check, a.overwrite)
         print(f"planned {len(runs)} runs; commands in {runs[0].run_dir.parent / 'commands.txt'}")
         return 0
     if a.action == "run":
-        runs = plan(a.grid, not a.no_flag_check)
+        runs = plan(a.grid, not a.no_flag_check, a.overwrite)
         if a.only:
             unknown = sorted(set(a.only) - {r.name for r in runs})
             if unknown:

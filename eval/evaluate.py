@@ -48,8 +48,11 @@ class EvalSettings:
     hu_window: tuple[float, float] | None = None  # (level, width) in HU
     data_consistency: bool = True
     lpips_weights: str | None = None
+    bits_stored: int | None = None  # bit depth of integer images (else their container's)
 
     def __post_init__(self) -> None:
+        if self.bits_stored is not None and not 1 <= int(self.bits_stored) <= 32:
+            raise BadInput(f"--bits_stored {self.bits_stored}: expected an integer in [1, 32]")
         M.ssim_key(self.window)
         if self.convention not in ("plain", "fastmri"):
             raise BadInput(f"convention must be 'plain' or 'fastmri', got {self.convention!r}")
@@ -65,7 +68,8 @@ class EvalSettings:
         elif self.data_range is not None:
             dr = f"{self.data_range:g} (given)"
         else:
-            dr = "1.0 (integer images scaled to [0, 1] by their dtype maximum)"
+            dr = ("1.0 (integer images scaled to [0, 1] by " + (f"2^{self.bits_stored} - 1, --bits_stored)"
+                  if self.bits_stored else "their dtype maximum; --bits_stored for 12-bit data in 16-bit files)"))
         windows = {"uniform7": "uniform 7x7, sample covariance (scikit-image default)",
                    "gaussian11": "Gaussian 11x11, sigma 1.5 (Wang et al. 2004)"}
         return {"data_range": dr, "SSIM window": windows[self.window],
@@ -111,7 +115,7 @@ def _dc_row(pair: Pair, out_raw: np.ndarray, ref_raw: np.ndarray, s: EvalSetting
     """Data consistency in the units the degradation ran in (unwindowed values; the builder's working units)."""
     if not (s.data_consistency and pair.degraded is not None and pair.degradations):
         return {}
-    degraded, work_range = _working(load_image(pair.degraded, s.color).array, pair.intensity)
+    degraded, work_range = _working(load_image(pair.degraded, s.color, s.bits_stored).array, pair.intensity)
     out_w, ref_w = _working(out_raw, pair.intensity)[0], _working(ref_raw, pair.intensity)[0]
     dc_range = work_range or (s.hu_window[1] if s.hu_window else dr)
     return M.data_consistency(out_w, degraded, pair.degradations, dc_range, reference=ref_w)
@@ -139,7 +143,8 @@ def evaluate_pairs(pairs: Sequence[Pair], settings: EvalSettings, progress: bool
     groups = _groups(pairs)
     bar = tqdm(total=len(pairs), desc="evaluate", disable=not progress, unit="img")
     for key, group in groups.items():
-        loaded = [(load_image(p.reference, s.color), load_image(p.output, s.color)) for p in group]
+        loaded = [(load_image(p.reference, s.color, s.bits_stored), load_image(p.output, s.color, s.bits_stored))
+                  for p in group]
         refs = [_prepare(r, s) for r, _ in loaded]
         outs = [_prepare(o, s) for _, o in loaded]
         vol_max = float(max(r.max() for r in refs)) if s.convention == "fastmri" else None
@@ -207,10 +212,11 @@ def worst_cases_figure(per_image: pd.DataFrame, pairs: Sequence[Pair], settings:
     cases = []
     for row in worst.itertuples():
         p = by_id[row.pair_id]
-        ref = _prepare(load_image(p.reference, settings.color), settings)
-        outs = [("output A" if other else "output", _prepare(load_image(p.output, settings.color), settings))]
+        load = lambda path: _prepare(load_image(path, settings.color, settings.bits_stored), settings)  # noqa: E731
+        ref = load(p.reference)
+        outs = [("output A" if other else "output", load(p.output))]
         if other and row.pair_id in other:
-            outs.append(("output B", _prepare(load_image(other[row.pair_id].output, settings.color), settings)))
+            outs.append(("output B", load(other[row.pair_id].output)))
         cases.append({"title": f"{row.pair_id}\n{metric}={report.fmt(getattr(row, metric))}", "reference": ref,
                       "outputs": outs, "data_range": row.data_range})
     return report.plot_worst_cases(cases, path)
@@ -315,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inputs", help="folder mode: degraded inputs, for data consistency with --degradations")
     p.add_argument("--degradations", help="folder mode: JSON list of degradation steps applied to every pair")
     p.add_argument("--data_range", type=float, help="intensity range (required for float images)")
+    p.add_argument("--bits_stored", type=int, help="bit depth of integer images (e.g. 12 for 12-bit MR/CT values in "
+                   "16-bit PNGs); default: the container's")
     p.add_argument("--convention", choices=("plain", "fastmri"), default="plain",
                    help="fastmri: data_range = max of the ground truth per volume, volume PSNR/NMSE")
     p.add_argument("--hu_window", type=_hu, help="CT: LEVEL,WIDTH in HU; metrics on the window mapped to [0, 1]")
@@ -356,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     degradations = _check_args(a)
     settings = EvalSettings(a.data_range, a.ssim_window, a.color, a.convention, a.hu_window,
-                            not a.no_data_consistency, a.lpips_weights)
+                            not a.no_data_consistency, a.lpips_weights, a.bits_stored)
     res = run_evaluation(a.outputs, a.out, settings, a.references, a.manifest, a.compare, a.split, a.inputs,
                          degradations, a.volume_pattern, a.allow_missing, a.n_boot, a.seed, a.worst,
                          not a.no_progress, allow_nonfinite=True)

@@ -1,7 +1,8 @@
 """Image reading for evaluation: PNG/TIFF (8 or 16 bit, or float TIFF) and ``.npy`` arrays.
 
 Intensity convention (stated once, used everywhere in ``bagel_sr.eval``):
-- integer images (uint8, uint16, ...) are divided by their dtype's maximum, so they arrive in [0, 1]
+- integer images (uint8, uint16, ...) are divided by ``2**bits_stored - 1`` when the bit depth is given, else by
+  their dtype's maximum (with a warning when the values suggest fewer bits), so they arrive in [0, 1]
   and ``data_range=1.0`` is their natural range;
 - float images (``.npy``, float TIFF) keep their values; metrics on them need an explicit ``data_range``
   (or the fastMRI convention, or a CT HU window).
@@ -13,6 +14,7 @@ three colour channels are identical into one channel and refuses a true-colour i
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,11 +52,33 @@ def _read_raw(path: Path) -> np.ndarray:
         raise BadInput(f"image {path} cannot be read ({type(e).__name__}: {e}); expected a PNG, TIFF or .npy array")
 
 
-def _to_unit(raw: np.ndarray) -> tuple[np.ndarray, bool]:
+_WARNED_DEPTH: set[str] = set()
+
+
+def integer_scale(raw: np.ndarray, bits_stored: int | None, name: str) -> float:
+    """Divisor that maps integer pixels to [0, 1]: ``2**bits_stored - 1`` when declared (values above it are
+    refused), else the container's maximum, with a one-time warning when the data's maximum suggests fewer bits
+    (12-bit values in a 16-bit PNG, as most MR/CT exports are)."""
+    from bagel_sr.data.readers import bit_depth
+
+    top = int(raw.max()) if raw.size else 0
+    if bits_stored:
+        if top > 2 ** int(bits_stored) - 1:
+            raise BadInput(f"{name}: value {top} exceeds --bits_stored {bits_stored} (max {2 ** int(bits_stored) - 1})")
+        return float(2 ** int(bits_stored) - 1)
+    info = bit_depth(raw, raw.dtype, None, "container")
+    if info.get("note") and str(raw.dtype) not in _WARNED_DEPTH:
+        _WARNED_DEPTH.add(str(raw.dtype))
+        warnings.warn(f"bagel-sr: {name}: {info['note'].replace('input.bits_stored', '--bits_stored')}; "
+                      "intensities and metrics are otherwise off by the ratio of the ranges", UserWarning)
+    return float(np.iinfo(raw.dtype).max)
+
+
+def _to_unit(raw: np.ndarray, bits_stored: int | None = None, name: str = "image") -> tuple[np.ndarray, bool]:
     if raw.dtype == bool:
         return raw.astype(np.float64), True
     if np.issubdtype(raw.dtype, np.integer):
-        return raw.astype(np.float64) / float(np.iinfo(raw.dtype).max), True
+        return raw.astype(np.float64) / integer_scale(raw, bits_stored, name), True
     if np.issubdtype(raw.dtype, np.floating):
         return raw.astype(np.float64), False
     raise BadInput(f"unsupported pixel type {raw.dtype}")
@@ -82,12 +106,13 @@ def to_channels(x: np.ndarray, color: str = "gray", name: str = "image") -> np.n
                      "color='rgb' (--color rgb) for metrics over the three channels.")
 
 
-def load_image(path: str | Path, color: str = "gray") -> LoadedImage:
-    """Read one image file and apply the intensity and colour conventions of this module."""
+def load_image(path: str | Path, color: str = "gray", bits_stored: int | None = None) -> LoadedImage:
+    """Read one image file and apply the intensity and colour conventions of this module; ``bits_stored``: the bit
+    depth of integer images (e.g. 12 for 12-bit values in 16-bit PNGs), else their container's."""
     path = Path(path)
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise BadInput(f"{path}: unsupported suffix; use one of {IMAGE_SUFFIXES}")
-    arr, was_int = _to_unit(_read_raw(path))
+    arr, was_int = _to_unit(_read_raw(path), bits_stored, str(path))
     while arr.ndim > 2 and arr.shape[0] == 1:  # (1, H, W) arrays saved by tensor code
         arr = arr[0]
     return LoadedImage(to_channels(arr, color, str(path)), was_int, str(path))

@@ -110,3 +110,34 @@ def test_ablation_end_to_end_with_resume(synthetic_grid):
     csv = pd.read_csv(out / "ablation.csv")
     assert list(csv["run"]) == list(table["run"])
     assert (first / "eval" / "per_image.csv").exists()
+
+
+def test_a_changed_run_is_refused_and_overwrite_deletes_only_what_ablate_wrote(synthetic_grid):
+    from bagel_sr.errors import UserError
+
+    grid, tmp = synthetic_grid
+    assert ablate.main(["run", str(grid)]) == 0
+    run = tmp / "runs" / "weight0.1_max_t0.3"
+    (run / "notes.txt").write_text("my notes")                      # a user's file next to ablate's
+    cfg = yaml.safe_load(grid.read_text())
+    cfg["common_flags"]["use_ema"] = False                           # the runs' command changes
+    grid.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    with pytest.raises(UserError, match="weight0.0_max_t0.3 was made with other settings .*--overwrite"):
+        ablate.main(["plan", str(grid)])
+    assert (run / "DONE").exists()                                   # nothing touched by the refusal
+    assert ablate.main(["run", str(grid), "--overwrite"]) == 0
+    assert (run / "notes.txt").read_text() == "my notes"             # not ours: kept
+    assert (run / "count.txt").read_text() == "xx"                   # the target's own file: kept, run again
+    assert "--use_ema False" in (run / "command.sh").read_text() and (run / "DONE").exists()
+
+
+def test_a_run_folder_with_foreign_files_is_refused(synthetic_grid):
+    from bagel_sr.errors import UserError
+
+    grid, tmp = synthetic_grid
+    run = tmp / "runs" / "weight0.0_max_t0.3"
+    run.mkdir(parents=True)
+    (run / "results.csv").write_text("someone else's")
+    with pytest.raises(UserError, match="not empty and was not written by bagel-sr"):
+        ablate.main(["plan", str(grid), "--overwrite"])
+    assert (run / "results.csv").read_text() == "someone else's" and not (run / "command.sh").exists()
