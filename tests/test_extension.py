@@ -195,3 +195,25 @@ def test_attach_validates_its_inputs():
     with pytest.raises(TypeError, match="PixelLossConfig"):
         model.attach_pixel_loss({"weight": 0.05}, LinearDecoder())
     assert with_pixel_loss(Extended) is Extended
+
+
+def test_an_armed_model_warns_once_when_its_filter_admits_no_image():
+    from bagel_sr.monitoring import NoImageWatch
+
+    vae, batch = LinearDecoder(), _batch()
+    config = PixelLossConfig(weight=0.05, max_t=1.0, paired_only=False, max_images=0, datasets="set7")  # a typo
+    model = _model().attach_pixel_loss(config, vae)
+    model.pixel_loss_state.no_image_watch = NoImageWatch(steps=3)   # the default waits 200 micro-steps
+    kwargs = dict(padded_images=batch["padded_images"], batch_data_indexes=batch["batch_data_indexes"])
+    with pytest.warns(RuntimeWarning, match="admitted no image in the first 3 micro-steps.*set7"):
+        for _ in range(3):
+            out, _, _ = _run(model, batch, vae, **kwargs)
+    assert int(out["pixel_images"]) == 0 and model.pixel_loss_state.no_image_watch.done
+    fine = _model().attach_pixel_loss(PixelLossConfig(weight=0.05, max_t=1.0, paired_only=False, datasets="set0"), vae)
+    fine.pixel_loss_state.no_image_watch = NoImageWatch(steps=3)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for _ in range(3):
+            _run(fine, batch, vae, **kwargs)
