@@ -46,7 +46,7 @@ setup(
     ],
     extras_require={
         "gpu": ["flash-attn>=2.5"],
-        "deepspeed": ["deepspeed>=0.14"],
+        "deepspeed": ["deepspeed>=0.14"],  # tested: tests/test_deepspeed.py (ZeRO-2 on CPU, 2 ranks)
         "wandb": ["wandb>=0.17"],
         "lpips": ["lpips>=0.1.4"],
         "dev": ["pytest>=8", "pytest-timeout"],

@@ -10,6 +10,8 @@ from typing import Any, Mapping, Optional
 
 FLAG_PREFIX = "pixel_loss_"
 LOSS_TYPES = ("l2", "l1", "charbonnier")
+#: Other spellings of a loss type (forks' flags, e.g. ``--pixel_loss_type mse``), read as ours.
+LOSS_TYPE_ALIASES = {"mse": "l2", "mae": "l1"}
 SCHEDULES = ("hard", "ramp")
 DECODE_DTYPES = ("autocast", "fp32")
 
@@ -25,7 +27,7 @@ class PixelLossConfig:
     """
 
     weight: float = field(default=0.0, metadata={"help": "Weight lambda of the pixel term (0 = off)."})
-    loss_type: str = field(default="l2", metadata={"help": f"Pixel loss: one of {', '.join(LOSS_TYPES)} (flag --pixel_loss_type)."})
+    loss_type: str = field(default="l2", metadata={"help": f"Pixel loss: one of {', '.join(LOSS_TYPES)}; aliases: mse = l2, mae = l1 (flag --pixel_loss_type)."})
     charbonnier_eps: float = field(default=1e-3, metadata={"help": "Epsilon of the Charbonnier loss."})
     max_t: float = field(default=0.3, metadata={"help": "Largest flow time t (0 = clean, 1 = noise) that gets the term, in (0, 1]."})
     schedule: str = field(
@@ -64,13 +66,15 @@ class PixelLossConfig:
     adaptive_weight_max: float = field(default=10.0, metadata={"help": "Clamp of the adaptive factor."})
 
     def __post_init__(self) -> None:
+        self.loss_type = LOSS_TYPE_ALIASES.get(self.loss_type, self.loss_type)
         self.validate()
 
     # -- validation -------------------------------------------------------------------------------------------
     def validate(self) -> "PixelLossConfig":
         """Raise ``ValueError`` naming the flag, the value and what is allowed."""
         _check(self.weight >= 0 and _finite(self.weight), "weight", self.weight, "a finite number >= 0 (0 turns it off)")
-        _check(self.loss_type in LOSS_TYPES, "loss_type", self.loss_type, f"one of {LOSS_TYPES}")
+        _check(self.loss_type in LOSS_TYPES, "loss_type", self.loss_type,
+               f"one of {LOSS_TYPES} (or the aliases {', '.join(f'{a} = {b}' for a, b in LOSS_TYPE_ALIASES.items())})")
         _check(self.charbonnier_eps > 0, "charbonnier_eps", self.charbonnier_eps, "a number > 0")
         _check(0 < self.max_t <= 1, "max_t", self.max_t, "a number in (0, 1]")
         _check(self.schedule in SCHEDULES, "schedule", self.schedule, f"one of {SCHEDULES}")

@@ -6,10 +6,12 @@ Cost controls live here: a random latent crop with a margin, activation checkpoi
 the decode dtype.
 """
 import contextlib
+import types
 from dataclasses import dataclass
 from typing import Iterator, Optional, Tuple
 
 import torch
+import torch.utils.checkpoint as torch_checkpoint
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -82,14 +84,42 @@ def _checkpoint_targets(module: nn.Module) -> Iterator[nn.Module]:
             yield from _checkpoint_targets(child)
 
 
+_CHECKPOINT_FUNCTIONS = (torch_checkpoint, torch_checkpoint.checkpoint, torch_checkpoint.checkpoint_sequential)
+
+
+def _code_calls_checkpoint(code: types.CodeType, globals_: dict) -> bool:
+    """Whether ``code`` (or code nested in it) names ``checkpoint`` or a global bound to torch's checkpointing."""
+    for name in code.co_names:
+        if name in ("checkpoint", "checkpoint_sequential") or any(globals_.get(name) is f for f in _CHECKPOINT_FUNCTIONS):
+            return True
+    return any(_code_calls_checkpoint(c, globals_) for c in code.co_consts if isinstance(c, types.CodeType))
+
+
+def checkpoints_itself(decoder: nn.Module) -> bool:
+    """Whether the decoder already applies activation checkpointing itself (a fork checkpointing its levels,
+    diffusers' ``gradient_checkpointing``): then :func:`checkpointed_decoder` adds none, since checkpoints nested
+    in it fail at recomputation (``CheckpointError: Recomputed values ... have different metadata``).
+
+    Read from fields (``gradient_checkpointing`` on any submodule decides when present) or else from the code of
+    the decoder's and its submodules' own methods (a call of ``torch.utils.checkpoint``).
+    """
+    flags = [m.gradient_checkpointing for m in decoder.modules() if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
+    if flags:
+        return any(flags)
+    classes = {cls for m in decoder.modules() for cls in type(m).__mro__ if cls.__module__.split(".")[0] != "torch"}
+    return any(_code_calls_checkpoint(f.__code__, f.__globals__) for cls in classes for f in vars(cls).values()
+               if isinstance(f, types.FunctionType))
+
+
 @contextlib.contextmanager
 def checkpointed_decoder(vae) -> Iterator[int]:
-    """Within the block, each decoder block recomputes its activations in backward (yields how many blocks).
+    """Within the block, each decoder block recomputes its activations in backward (yields how many blocks; 0 when
+    the decoder checkpoints itself, :func:`checkpoints_itself`).
 
     Implemented by shadowing each block's ``forward`` with an instance attribute, removed on exit.
     """
     decoder = _decoder_of(vae)
-    blocks = list(_checkpoint_targets(decoder)) if decoder is not None else []
+    blocks = list(_checkpoint_targets(decoder)) if decoder is not None and not checkpoints_itself(decoder) else []
     for block in blocks:
         original = block.forward
 

@@ -11,6 +11,7 @@ The term itself is :func:`bagel_sr.pixel_term.pixel_term`; its weight (warm-up, 
 :mod:`bagel_sr.weighting`'s.  The model gets no parameters, buffers or submodules: the VAE and every counter live
 in one :class:`~bagel_sr.state.PixelLossState` held in ``model.__dict__``.
 """
+import inspect
 from typing import Any, List, Optional
 
 import torch
@@ -19,7 +20,10 @@ from . import weighting
 from .config import PixelLossConfig
 from .pixel_term import Captured, LatentGeometry, pixel_term
 from .monitoring import NoImageWatch
-from .state import CallTensors, PixelLossState
+from .state import KEY_PREFIX, CallTensors, PixelLossState
+
+#: Keys the armed forward adds to the outputs (the wrapper's fold adds ``pixel_weight`` and the monitoring keys).
+OUTPUT_KEYS = ("pixel", "pixel_images", "pixel_skipped")
 
 _STATE_ATTR = "_bagel_sr_pixel_loss"
 
@@ -85,11 +89,15 @@ def with_pixel_loss(base: type) -> type:
     Same constructor.  ``attach_pixel_loss(config, vae)`` arms it; ``forward(**batch, padded_images=...,
     batch_data_indexes=None)`` then returns the parent's ``mse`` and ``ce`` unchanged plus ``pixel`` (0-dim,
     unweighted, differentiable), ``pixel_images`` (how many images it used, a tensor) and ``pixel_skipped`` (how many
-    micro-steps so far dropped a non-finite term, a tensor).  ``next_pixel_weight(flow_loss)`` gives the weight of
+    micro-steps so far dropped a non-finite term, a tensor); when the parent returns one of these keys itself (a fork
+    with its own pixel term) ours are ``bagel_sr_pixel``, ... (``model.pixel_loss_state.key(name)``).  A parent
+    whose ``forward`` takes ``padded_images`` gets them passed through.  ``next_pixel_weight(flow_loss)`` gives the weight of
     this micro-step (:func:`bagel_sr.weighting.next_weight`).  Not armed or weight 0: the parent's forward, untouched.
     """
     if getattr(base, "_bagel_sr_extended", False):
         return base
+    # a host forward with its own pixel term takes the ground truth too: it gets it, armed or not
+    host_takes_images = "padded_images" in inspect.signature(base.forward).parameters
 
     class PixelLoss(base):
         _bagel_sr_extended = True
@@ -128,6 +136,8 @@ def with_pixel_loss(base: type) -> type:
 
         def forward(self, *args, padded_images: Optional[torch.Tensor] = None, batch_data_indexes=None, **kwargs):
             state = self.__dict__.get(_STATE_ATTR)
+            if host_takes_images:
+                kwargs["padded_images"] = padded_images
             if state is None or not state.config.enabled:
                 return super().forward(*args, **kwargs)
             if args:
@@ -148,9 +158,11 @@ def with_pixel_loss(base: type) -> type:
             state.calls += 1
             state.current = CallTensors(capture.v_hat, capture.hidden, grad) if state.wants_call_tensors else None
             out = dict(out)
-            out["pixel"] = pixel
-            out["pixel_images"] = count
-            out["pixel_skipped"] = torch.tensor(float(state.skipped_nonfinite), device=pixel.device)
+            if any(k in out for k in OUTPUT_KEYS):  # the host returns a key of ours: never overwrite it
+                state.key_prefix = KEY_PREFIX
+            out[state.key("pixel")] = pixel
+            out[state.key("pixel_images")] = count
+            out[state.key("pixel_skipped")] = torch.tensor(float(state.skipped_nonfinite), device=pixel.device)
             if state.no_image_watch is not None and not state.no_image_watch.done:  # loud if nothing is admitted
                 state.no_image_watch.observe(float(count), state.config.weight, state.config.datasets)
             return out

@@ -11,6 +11,9 @@ import torch
 
 from .config import PixelLossConfig
 
+#: Prepended to the term's output keys when the host model returns one of them itself.
+KEY_PREFIX = "bagel_sr_"
+
 
 @dataclass
 class CallTensors:
@@ -38,6 +41,8 @@ class PixelLossState:
     ``micro_steps``, ``adaptive_factor``, ``grad_logs``: the pixel-weight controller's state
     (:mod:`bagel_sr.weighting`): micro-steps weighted so far, the latest adaptive factor, the latest
     gradient-norm logs (repeated until the next measurement).
+    ``key_prefix``: prepended to every key the term adds to the model's outputs, set (for good) when the host's own
+    forward returns one of them (a fork with its own ``pixel``): a host key is never overwritten.
     """
 
     config: PixelLossConfig
@@ -50,6 +55,11 @@ class PixelLossState:
     adaptive_factor: Any = 1.0
     grad_logs: Dict[str, torch.Tensor] = field(default_factory=dict)
     no_image_watch: Any = None  # bagel_sr.monitoring.NoImageWatch, set at arming
+    key_prefix: str = ""  # KEY_PREFIX once the host's forward returns one of our keys itself
+
+    def key(self, name: str) -> str:
+        """The output (and logged) key of ``name``: prefixed when the host model returns ``name`` itself."""
+        return self.key_prefix + name
 
     def __deepcopy__(self, memo):
         return self

@@ -104,11 +104,24 @@ def _read_input(job: Job) -> Image.Image:
         raise UserError(f"input {job.input_path} (pair {job.pair_id}) is not a readable image: {e}") from None
 
 
+def fit_size(result: Image.Image, image: Image.Image, job: Job, resize: bool) -> Image.Image:
+    """``result`` at the input's size: as generated, resized (bicubic) only with ``--resize_output``, else refused."""
+    if result.size == image.size:
+        return result
+    if not resize:
+        raise UserError(
+            f"pair {job.pair_id}: the inferencer generated {result.size[0]}x{result.size[1]} for a "
+            f"{image.size[0]}x{image.size[1]} input; pass --resize_output to resize outputs to the input size "
+            "(bicubic, recorded in the output folder's settings)")
+    return result.resize(image.size, Image.BICUBIC)
+
+
 def run_jobs(jobs: Sequence[Job], out: Path, restore: Callable[[Image.Image, str], Image.Image],
-             progress: bool = True, ledger: Optional[Ledger] = None) -> Tuple[int, int]:
+             progress: bool = True, ledger: Optional[Ledger] = None, resize: bool = False) -> Tuple[int, int]:
     """Restore every pending job with ``restore(image, instruction)``; returns ``(done, skipped)``.
 
-    ``ledger``: where each output is recorded before it is written (see ``bagel_sr.outputs``).
+    ``ledger``: where each output is recorded before it is written (see ``bagel_sr.outputs``); ``resize``: an
+    output of another size than its input is resized to it (else :func:`fit_size` refuses).
     """
     from tqdm import tqdm
 
@@ -118,9 +131,7 @@ def run_jobs(jobs: Sequence[Job], out: Path, restore: Callable[[Image.Image, str
     todo = pending(jobs, out)
     for job in tqdm(todo, desc="restoring", unit="image", disable=not progress):
         image = _read_input(job)
-        result = restore(image, job.instruction)
-        if result.size != image.size:
-            result = result.resize(image.size, Image.BICUBIC)
+        result = fit_size(restore(image, job.instruction), image, job, resize)
         if ledger is not None:
             ledger.record(f"{job.pair_id}.png")
         save_atomically(result, out / f"{job.pair_id}.png")
@@ -131,7 +142,7 @@ def run_jobs(jobs: Sequence[Job], out: Path, restore: Callable[[Image.Image, str
 
 def run_settings(args: argparse.Namespace) -> Tuple[dict, Optional[str]]:
     """What an output folder's outputs depend on (flags) and a fingerprint of the weights they came from."""
-    keys = ["inputs", "split", "instruction", "seed", "embedded_run", "model_path", "checkpoint",
+    keys = ["inputs", "split", "instruction", "seed", "embedded_run", "model_path", "checkpoint", "resize_output",
             *asdict(SamplingArgs())]
     settings = {k: getattr(args, k) for k in keys}
     settings["inputs"] = str(Path(args.inputs).absolute())
@@ -143,17 +154,29 @@ def run_settings(args: argparse.Namespace) -> Tuple[dict, Optional[str]]:
 
 # ------------------------------------------------------------------------------------------------ a checkout
 
+def takes_image_shapes(inferencer) -> bool:
+    """Whether the inferencer's generation takes ``image_shapes`` (then the input's size is passed: a fork whose
+    inferencer ignores the input image's size generates at it too)."""
+    import inspect
+
+    method = getattr(inferencer, "interleave_inference", None)
+    return method is not None and "image_shapes" in inspect.signature(method).parameters
+
+
 def checkout_restorer(inferencer, sampling: SamplingArgs, seed: int = 0) -> Callable[[Image.Image, str], Image.Image]:
-    """``restore(image, instruction)`` through the checkout's ``InterleaveInferencer`` (editing mode)."""
+    """``restore(image, instruction)`` through the checkout's ``InterleaveInferencer`` (editing mode), asking for
+    the input's size (``image_shapes``, height first) when the inferencer takes it."""
     import torch
 
     hyper = dict(asdict(sampling), cfg_interval=[sampling.cfg_interval, 1.0])  # start of the CFG window, end fixed at 1
+    pass_size = takes_image_shapes(inferencer)
 
     def restore(image: Image.Image, instruction: str) -> Image.Image:
         torch.manual_seed(seed)
         on_cpu = next(inferencer.model.parameters()).device.type == "cpu"
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=on_cpu):  # the inferencer autocasts CUDA only
-            result = inferencer(image=image, text=instruction, think=False, **hyper)
+            size = {"image_shapes": (image.size[1], image.size[0])} if pass_size else {}
+            result = inferencer(image=image, text=instruction, think=False, **hyper, **size)
         if result.get("image") is None:
             raise RuntimeError("the checkout's inferencer returned no image; is visual generation enabled?")
         return result["image"]
@@ -234,6 +257,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--embedded_run", default=None, help="a run folder of the embedded default (CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--resize_output", action="store_true",
+                   help="resize an output the inferencer generated at another size to its input's size (bicubic; "
+                   "recorded in the folder's settings); without it such an output stops infer")
     p.add_argument("--overwrite", action="store_true",
                    help="redo a folder made with other settings or weights (deletes only the outputs infer wrote)")
     for name, value in asdict(SamplingArgs()).items():
@@ -268,7 +294,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Tuple[int, int]:
     else:
         restore = checkout_restorer(load_checkout_inferencer(args.bagel_root, args.model_path, args.checkpoint),
                                     sampling, args.seed)
-    done, skipped = run_jobs(jobs, Path(args.out), restore, progress=not args.no_progress, ledger=ledger)
+    done, skipped = run_jobs(jobs, Path(args.out), restore, progress=not args.no_progress, ledger=ledger,
+                             resize=args.resize_output)
     print(f"restored {done} image(s), {skipped} already there, into {args.out}")
     return done, skipped
 

@@ -10,6 +10,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from bagel_sr.config import CONSERVATIVE_DEFAULTS, PixelLossConfig
 
+from .host import DEFAULT_HOST_MODE
+
 Undo = Callable[[], None]
 
 
@@ -27,6 +29,8 @@ class RunState:
     vae: Any = None
     applied: Dict[str, str] = field(default_factory=dict)
     banner: str = ""
+    host: Any = None  # bagel_sr.patches.host.HostPixelLoss: the checkout's own pixel term, if any
+    host_mode: str = "none"  # what was decided for it: "none" (no host term), "off" or "keep"
 
     @property
     def gradient_accumulation_steps(self) -> int:
@@ -39,7 +43,8 @@ class PatchContext:
 
     ``train_module``: the imported training script; ``batch_module``: ``data.dataset_base``; ``navit_module``:
     ``modeling.bagel.qwen2_navit``; ``dataset_info_module``: ``data.dataset_info``; ``dataset_yamls``: built sets to
-    register; ``fsdp_module``: ``train.fsdp_utils``; ``dry_run``: apply the ``dryrun`` rows; ``defaults``: the ``--pixel_loss_*`` defaults of the patched TrainingArguments (field name -> value).
+    register; ``fsdp_module``: ``train.fsdp_utils``; ``dry_run``: apply the ``dryrun`` rows; ``host_mode``: ``--bagel_sr_host_pixel_loss`` (off, keep, refuse: what
+    to do with a checkout's own pixel term, :mod:`bagel_sr.patches.host`); ``defaults``: the ``--pixel_loss_*`` defaults of the patched TrainingArguments (field name -> value).
     """
 
     train_module: Optional[ModuleType] = None
@@ -49,6 +54,7 @@ class PatchContext:
     fsdp_module: Optional[ModuleType] = None
     dataset_yamls: Sequence[str] = ()
     dry_run: bool = False
+    host_mode: str = DEFAULT_HOST_MODE
     defaults: Dict[str, Any] = field(default_factory=lambda: dict(CONSERVATIVE_DEFAULTS))
     run: RunState = field(default_factory=RunState)
 

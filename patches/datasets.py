@@ -5,8 +5,8 @@ its ``PackedDataset``; BAGEL's ``data.dataset_base`` holds the same ``DATASET_IN
 entries added here are seen there. Accepted paths: a built set's ``bagel_sr_dataset.yaml``, its
 ``dataset_config.yaml`` (the sibling file is used) or the output folder itself.
 
-Fact checked before patching: ``data.dataset_info.DATASET_INFO`` is a dict with a ``'unified_edit'``
-mapping and ``DATASET_REGISTRY['unified_edit']`` exists.
+Fact checked before patching: ``data.dataset_info.DATASET_REGISTRY['unified_edit']`` exists and
+``DATASET_INFO`` is a dict; its ``'unified_edit'`` group is created when a fork holds only its own groups.
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ class DatasetRegistration:
     added: dict[str, dict[str, Any]]
     previous: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     undone: bool = False
+    info: dict[str, Any] | None = None  # DATASET_INFO, when the group was created here (undo removes it)
 
     @property
     def names(self) -> list[str]:
@@ -50,6 +51,8 @@ class DatasetRegistration:
                 self.group.pop(name, None)
             else:
                 self.group[name] = old
+        if self.info is not None and not self.group:
+            self.info.pop(layout.BAGEL_GROUP, None)
         self.undone = True
 
     __call__ = undo
@@ -124,19 +127,27 @@ def load_built_dataset(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]
     return entries
 
 
-def _check_checkout(module: ModuleType) -> dict[str, Any]:
+def _check_checkout(module: ModuleType) -> tuple[dict[str, Any], bool]:
+    """``(DATASET_INFO['unified_edit'], created)``: the group, created (empty) when the registry maps the type but
+    ``DATASET_INFO`` holds no group for it (forks keep only their own groups)."""
     info = getattr(module, "DATASET_INFO", None)
     registry = getattr(module, "DATASET_REGISTRY", None)
     where = getattr(module, "__file__", module.__name__)
-    if not isinstance(info, dict) or not isinstance(info.get(layout.BAGEL_GROUP), dict):
-        raise DatasetRegistrationError(
-            f"BAGEL checkout mismatch: {where} has no DATASET_INFO['{layout.BAGEL_GROUP}'] dict; bagel-sr registers "
-            f"built sets there (needs a BAGEL version with UnifiedEditIterableDataset)")
     if not isinstance(registry, dict) or layout.BAGEL_GROUP not in registry:
         raise DatasetRegistrationError(
             f"BAGEL checkout mismatch: {where} has no DATASET_REGISTRY['{layout.BAGEL_GROUP}']; the built sets need "
-            f"BAGEL's UnifiedEditIterableDataset")
-    return info[layout.BAGEL_GROUP]
+            f"BAGEL's UnifiedEditIterableDataset registered under that name")
+    if not isinstance(info, dict):
+        raise DatasetRegistrationError(f"BAGEL checkout mismatch: {where} has no DATASET_INFO dict to register into")
+    group = info.get(layout.BAGEL_GROUP)
+    if group is None:
+        info[layout.BAGEL_GROUP] = {}
+        return info[layout.BAGEL_GROUP], True
+    if not isinstance(group, dict):
+        raise DatasetRegistrationError(
+            f"BAGEL checkout mismatch: {where}: DATASET_INFO['{layout.BAGEL_GROUP}'] is a "
+            f"{type(group).__name__}, not a dict of data sets")
+    return group, False
 
 
 def register_built_datasets(
@@ -154,7 +165,7 @@ def register_built_datasets(
     if isinstance(yaml_paths, (str, os.PathLike)):
         yaml_paths = [yaml_paths]
     module = dataset_info_module or importlib.import_module("data.dataset_info")
-    group = _check_checkout(module)
+    group, created = _check_checkout(module)
     entries: dict[str, dict[str, Any]] = {}
     for p in yaml_paths:
         for name, entry in load_built_dataset(p).items():
@@ -167,7 +178,7 @@ def register_built_datasets(
             raise DatasetRegistrationError(
                 f"DATASET_INFO['{layout.BAGEL_GROUP}'] already has '{name}' with data_dir {old.get('data_dir')!r}; "
                 f"rename the built set (config key 'name') or pass replace=True")
-    handle = DatasetRegistration(group=group, added=entries)
+    handle = DatasetRegistration(group=group, added=entries, info=module.DATASET_INFO if created else None)
     for name, entry in entries.items():
         handle.previous[name] = group.get(name)
         group[name] = entry

@@ -1,7 +1,7 @@
 """The wrapper's logic: find the checkout, patch its training script, run its own ``main()``.
 
 ``python train/main_sr_pixel_loss.py [--bagel_root PATH] [--bagel_train_script PATH] [--bagel_sr_datasets YAML[,YAML]]
-<the checkout's own flags> [--pixel_loss_* ...]``.  Without a checkout (no flag, no ``BAGEL_ROOT``) it runs the
+[--bagel_sr_host_pixel_loss off|keep|refuse] <the checkout's own flags> [--pixel_loss_* ...]``.  Without a checkout (no flag, no ``BAGEL_ROOT``) it runs the
 embedded default experiment (``bagel_sr.embedded``) with the same ``--pixel_loss_*`` flags.
 """
 import os
@@ -12,10 +12,11 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from bagel_sr.config import CONSERVATIVE_DEFAULTS, FLAG_PREFIX, PixelLossConfig, flag_name, pixel_loss_arguments_class
 
-from . import checkout, registry
+from . import checkout, host, registry
 from .checkout import CheckoutError
 from .context import PatchContext
 from .datasets import DatasetRegistrationError
+from .host import HostPixelLossError
 from .training import IncompatibleCheckoutError
 
 WRAPPER_FLAGS = {
@@ -23,6 +24,8 @@ WRAPPER_FLAGS = {
     "bagel_train_script": "Training script inside the checkout (default: train/main.py, else train/pretrain_unified_navit.py).",
     "bagel_sr_datasets": "Comma-separated dataset YAMLs written by `python -m bagel_sr.data build`, registered into "
     "the checkout's DATASET_INFO at run time.",
+    "bagel_sr_host_pixel_loss": "What to do when the checkout carries its own pixel loss: "
+    + "; ".join(f"{k}: {v}" for k, v in host.HOST_MODES.items()) + f" (default {host.DEFAULT_HOST_MODE}).",
 }
 
 HOW_TO_POINT = (
@@ -38,6 +41,7 @@ class WrapperArgs:
     bagel_root: Optional[str] = None
     bagel_train_script: Optional[str] = None
     bagel_sr_datasets: Optional[str] = None
+    bagel_sr_host_pixel_loss: str = host.DEFAULT_HOST_MODE
     help: bool = False
 
 
@@ -73,18 +77,20 @@ def wrapper_help() -> str:
 
 
 def prepare_checkout(root: str, script: Optional[str] = None, dataset_yamls: Optional[str] = None, *,
-                     pixel_loss: bool = True, dry_run: bool = False) -> Tuple[ModuleType, registry.Handle]:
+                     pixel_loss: bool = True, dry_run: bool = False, host_mode: str = host.DEFAULT_HOST_MODE
+                     ) -> Tuple[ModuleType, registry.Handle]:
     """Import the checkout's training script and apply every row of :data:`registry.PATCHES` that holds here.
 
     The ``checkout`` stage (CPU compatibility) goes first, since importing the script imports BAGEL's modelling
     code.  Returns ``(train_module, handle)``; ``handle.undo()`` undoes every patch, ``handle.run`` holds what they
     learn while ``main()`` runs.  ``pixel_loss=False`` leaves the ``training`` rows out (the stock script, for
-    comparisons); ``dry_run=True`` adds the ``dryrun`` rows (``main()`` on CPU under gloo, ``bagel_sr.smoke``).
+    comparisons); ``dry_run=True`` adds the ``dryrun`` rows (``main()`` on CPU under gloo, ``bagel_sr.smoke``);
+    ``host_mode``: ``--bagel_sr_host_pixel_loss`` (:mod:`.host`).
     """
     root_path = checkout.find_checkout(root)
     checkout.add_to_sys_path(root_path)
     ctx = PatchContext(dataset_yamls=[p for p in (dataset_yamls or "").split(",") if p.strip()],
-                       defaults=dict(CONSERVATIVE_DEFAULTS), dry_run=dry_run)
+                       defaults=dict(CONSERVATIVE_DEFAULTS), dry_run=dry_run, host_mode=host.check_mode(host_mode))
     groups = [g for g in registry.GROUPS if pixel_loss or g != "training"]
     handle = registry.apply(ctx, stage="checkout", groups=groups)
     try:
@@ -145,9 +151,10 @@ def main(argv: Optional[Sequence[str]] = None, *, before_main: Optional[Callable
     wargs, rest = split_wrapper_args(sys.argv[1:] if argv is None else argv)
     root = wargs.bagel_root or os.environ.get("BAGEL_ROOT")
     try:
-        if not wargs.help:
+        host.check_mode(wargs.bagel_sr_host_pixel_loss)
+        if not wargs.help and wargs.bagel_sr_host_pixel_loss != "keep":  # under keep the flags are the host's
             validate_pixel_loss_flags(rest)
-    except UsageError as err:
+    except (UsageError, HostPixelLossError) as err:
         raise SystemExit(f"bagel-sr: {err}") from None
     if not root:
         from bagel_sr.embedded import experiment
@@ -159,8 +166,9 @@ def main(argv: Optional[Sequence[str]] = None, *, before_main: Optional[Callable
         return experiment.main(rest)  # its parser holds the same defaults
     try:
         module, _handle = prepare_checkout(root, wargs.bagel_train_script, wargs.bagel_sr_datasets,
-                                           pixel_loss=pixel_loss, dry_run=dry_run)
-    except (CheckoutError, IncompatibleCheckoutError, DatasetRegistrationError) as err:
+                                           pixel_loss=pixel_loss, dry_run=dry_run,
+                                           host_mode=wargs.bagel_sr_host_pixel_loss)
+    except (CheckoutError, IncompatibleCheckoutError, DatasetRegistrationError, HostPixelLossError) as err:
         raise SystemExit(f"bagel-sr: {err}") from None
     if wargs.help:
         print_checkout_help(module)

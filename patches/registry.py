@@ -46,6 +46,10 @@ def _fsdp_name(name: str) -> Callable[[PatchContext], Any]:
     return lambda ctx: vars(cpu_main.fsdp_module(ctx) or ctx).get(name)
 
 
+def _copy(group: Optional[dict]) -> Optional[dict]:
+    return None if group is None else dict(group)
+
+
 def _dry_run(ctx: PatchContext) -> bool:
     return ctx.dry_run
 
@@ -82,7 +86,7 @@ PATCHES: Tuple[Patch, ...] = (
     Patch("register_datasets", "data.dataset_info.DATASET_INFO['unified_edit']", "datasets", "script",
           "adds the sets of --bagel_sr_datasets",
           datasets.register_datasets,
-          lambda ctx: dict(ctx.module("dataset_info_module", "data.dataset_info").DATASET_INFO["unified_edit"]),
+          lambda ctx: _copy(ctx.module("dataset_info_module", "data.dataset_info").DATASET_INFO.get("unified_edit")),
           when=lambda ctx: bool(ctx.dataset_yamls), condition="--bagel_sr_datasets given"),
     Patch("patch_cuda_queries", "<script>.torch, train.fsdp_utils.torch", "dryrun", "script",
           "torch.cuda seen as available, one device whose rank-derived id is the CPU, no-op sync/cache",

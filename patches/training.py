@@ -18,8 +18,10 @@ from bagel_sr.extension import with_pixel_loss
 from bagel_sr.names import check_names
 from bagel_sr.patches.datasets import dataset_config_names
 
-from . import fold
-from .context import PatchContext, RunState, Undo, replace_attribute
+from bagel_sr.state import KEY_PREFIX
+
+from . import fold, host
+from .context import PatchContext, RunState, Undo, noop, replace_attribute
 
 #: Keyword arguments of ``Bagel.forward`` the pixel loss reads (BAGEL_CONTRACT.md, generation path).
 REQUIRED_FORWARD_ARGS = ("sample_lens", "patchified_vae_latent_shapes", "packed_vae_token_indexes", "packed_timesteps", "mse_loss_indexes")
@@ -55,11 +57,14 @@ class PixelLossInputs:
         self.batch_data_indexes = batch_data_indexes
 
 
-def banner(config: PixelLossConfig, timestep_shift: float, applied: Optional[dict] = None) -> str:
-    """The start-up report: settings in force, the share of target images the gate admits, the patches in force."""
+def banner(config: PixelLossConfig, timestep_shift: float, applied: Optional[dict] = None, host_line: str = "") -> str:
+    """The start-up report: settings in force, the share of target images the gate admits, the host's own pixel
+    term (taken over or kept), the patches in force."""
     share = flow.admitted_share(config.max_t, timestep_shift)
     mean_w = flow.mean_gate_weight(config.max_t, timestep_shift, config.schedule)
     lines = ["bagel-sr pixel loss " + ("ON" if config.enabled else "OFF (weight 0: stock BAGEL training)")]
+    if host_line:
+        lines.append(host_line)
     lines.append(config.describe())
     if config.enabled:
         lines.append(
@@ -106,14 +111,19 @@ def make_training_model_class(bagel_cls: type, run: RunState) -> type:
                         "built (is --visual_gen False?)."
                     )
                 self.attach_pixel_loss(run.config, run.vae)
+                if run.host_mode == "off":  # the host logs its own pixel keys: ours never overwrite them
+                    self.pixel_loss_state.key_prefix = KEY_PREFIX
 
         def forward(self, **kwargs):
             inputs = kwargs.pop("pixel_loss_inputs", None)
+            if run.host_mode == "off":  # bagel-sr took over: the host's own term stays off whatever its loop passes
+                kwargs.update({name: 0.0 for name in run.host.weight_args})
             state = self.pixel_loss_state
             if state is None or not state.config.enabled:
                 return super().forward(**kwargs)
+            host_images = kwargs.pop("padded_images", None)  # a host loop that keeps them passes them itself
             out = super().forward(
-                padded_images=inputs.padded_images if inputs is not None else None,
+                padded_images=inputs.padded_images if inputs is not None else host_images,
                 batch_data_indexes=inputs.batch_data_indexes if inputs is not None else None,
                 **kwargs,
             )
@@ -121,10 +131,11 @@ def make_training_model_class(bagel_cls: type, run: RunState) -> type:
             tokens = fold.global_token_count(len(kwargs["mse_loss_indexes"]), out["mse"].device)
             flow_loss = monitoring.flow_term(out["mse"], tokens, mse_weight) if state.wants_call_tensors else None
             step = weighting.next_weight(state, flow_loss, run.gradient_accumulation_steps)
-            out["mse"] = fold.fold_into_mse(out["mse"], out["pixel"], step.weight, mse_weight, tokens)
-            out["pixel"] = out["pixel"].detach()
-            out["pixel_weight"] = torch.as_tensor(step.weight, dtype=torch.float32, device=out["pixel"].device).detach()
-            out.update(state.grad_logs)  # the latest measurement, repeated until the next one
+            pixel = out[state.key("pixel")]
+            out["mse"] = fold.fold_into_mse(out["mse"], pixel, step.weight, mse_weight, tokens)
+            out[state.key("pixel")] = pixel.detach()
+            out[state.key("pixel_weight")] = torch.as_tensor(step.weight, dtype=torch.float32, device=pixel.device).detach()
+            out.update({state.key(k): v for k, v in state.grad_logs.items()})  # latest measurement, until the next
             return out
 
     PixelLossFold.__name__ = PixelLossFold.__qualname__ = f"{bagel_cls.__name__}WithPixelLossFold"
@@ -135,8 +146,17 @@ def make_training_model_class(bagel_cls: type, run: RunState) -> type:
 # -- one function per replaced name (rows of bagel_sr.patches.registry.PATCHES) ---------------------------------
 
 def patch_training_arguments(ctx: PatchContext) -> Undo:
-    """``TrainingArguments`` gains the ``--pixel_loss_*`` fields, defaults from ``ctx.defaults``."""
+    """``TrainingArguments`` gains the ``--pixel_loss_*`` fields, defaults from ``ctx.defaults``.
+
+    A checkout with its own pixel term (:mod:`.host`) is decided on here: ``refuse`` stops, ``keep`` leaves its
+    arguments alone (nothing replaced), ``off`` makes the fields it shares with ours ours (the host's weights are
+    set to 0 after parsing, in :func:`patch_parser`).
+    """
     check_training_module(ctx.train_module)
+    ctx.run.host = host.detect(ctx.train_module)
+    ctx.run.host_mode = host.decide(ctx.run.host, ctx.host_mode)
+    if ctx.run.host_mode == "keep":
+        return noop
     base = ctx.train_module.TrainingArguments
     args_cls = pixel_loss_arguments_class(base, name=base.__name__, defaults=ctx.defaults)
     return replace_attribute(ctx.train_module, "TrainingArguments", args_cls)
@@ -153,7 +173,10 @@ def patch_parser(ctx: PatchContext) -> Undo:
             for item in parsed:
                 if hasattr(item, "pixel_loss_weight") and hasattr(item, "mse_weight"):
                     run.training_args = item
-                    run.config = PixelLossConfig.from_namespace(item)
+                    run.config = PixelLossConfig.from_namespace(item) if run.host_mode != "keep" else PixelLossConfig()
+            if run.host_mode == "off" and run.training_args is not None:
+                for name in run.host.weight_fields:  # read into run.config above; the host's own loop now sees 0
+                    setattr(run.training_args, name, 0.0)
             if run.config is not None:
                 if run.config.enabled and float(run.training_args.mse_weight) <= 0:
                     raise ValueError(
@@ -164,7 +187,8 @@ def patch_parser(ctx: PatchContext) -> Undo:
                 known = dataset_config_names(parsed)
                 if run.config.enabled and known is not None:
                     check_names("--pixel_loss_datasets", run.config.dataset_names, known)
-                run.banner = banner(run.config, float(run.training_args.timestep_shift), run.applied)
+                host_line = host.banner_line(run.host, run.host_mode, KEY_PREFIX)
+                run.banner = banner(run.config, float(run.training_args.timestep_shift), run.applied, host_line)
                 if distributed.is_rank0():
                     print(run.banner, flush=True)
             return parsed

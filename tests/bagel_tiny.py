@@ -35,12 +35,56 @@ DATASET_NAMES = dict(edit="unified_edit", edit_dropped="unified_edit", chain="un
 NOT_FORWARD_KEYS = ("batch_data_indexes", "ce_loss_weights", "padded_images")
 
 
-def bagel_root() -> str | None:
+#: The checkout shapes the ``bagel`` tests run on where it matters (fixture ``checkout_shape`` in conftest.py):
+#: ``$BAGEL_ROOT`` itself, and a fork generated from it (tests/fork_checkout.py).
+CHECKOUT_SHAPES = ("upstream", "fork")
+_SHAPE = {"name": "upstream", "fork_root": None}
+
+
+def upstream_root() -> str | None:
     """The checkout named by ``$BAGEL_ROOT``, or None."""
     return os.environ.get("BAGEL_ROOT") or None
 
 
-requires_bagel = pytest.mark.skipif(bagel_root() is None, reason=REQUIRES_BAGEL_REASON)
+def bagel_root() -> str | None:
+    """The checkout the tests use now: ``$BAGEL_ROOT``, or the fork generated from it (:func:`use_checkout`)."""
+    if upstream_root() is None:
+        return None
+    return _SHAPE["fork_root"] if _SHAPE["name"] == "fork" else upstream_root()
+
+
+def checkout_shape() -> str:
+    """``"upstream"`` or ``"fork"``: the shape :func:`bagel_root` names now."""
+    return _SHAPE["name"]
+
+
+def use_checkout(shape: str) -> str:
+    """Switch the tests to ``shape`` (one of :data:`CHECKOUT_SHAPES`); returns its root.
+
+    The fork is generated once per session (in a temporary folder).  Modules imported from the previous checkout
+    leave ``sys.modules`` so that the next ``import_bagel()`` imports the new one.
+    """
+    import sys
+    import tempfile
+
+    import fork_checkout
+
+    if shape not in CHECKOUT_SHAPES:
+        raise ValueError(f"unknown checkout shape {shape!r}; use one of {CHECKOUT_SHAPES}")
+    if shape == "fork" and _SHAPE["fork_root"] is None:
+        _SHAPE["fork_root"] = str(fork_checkout.make_fork(upstream_root(), tempfile.mkdtemp(prefix="bagel_fork_")
+                                                          + "/Bagel"))
+    if shape != _SHAPE["name"]:
+        old = os.path.realpath(bagel_root()) + os.sep
+        for name, module in list(sys.modules.items()):
+            file = getattr(module, "__file__", None) or ""
+            if os.path.realpath(file).startswith(old):
+                del sys.modules[name]
+        _SHAPE["name"] = shape
+    return bagel_root()
+
+
+requires_bagel = pytest.mark.skipif(upstream_root() is None, reason=REQUIRES_BAGEL_REASON)
 
 
 def import_bagel() -> SimpleNamespace:

@@ -5,3 +5,21 @@ BAGEL's data code imports ``torchvision.transforms``; see ``bagel_sr.patches.cpu
 from bagel_sr.patches.cpu import declare_torchvision_ops
 
 declare_torchvision_ops()
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(params=("upstream", "fork"))
+def checkout_shape(request):
+    """Runs a ``bagel`` test on ``$BAGEL_ROOT`` and on the fork generated from it (tests/fork_checkout.py);
+    yields the shape's name and switches back to upstream afterwards."""
+    from bagel_tiny import upstream_root, use_checkout
+
+    if upstream_root() is None:
+        pytest.skip("set BAGEL_ROOT to a BAGEL checkout to run")
+    use_checkout(request.param)
+    try:
+        yield request.param
+    finally:
+        use_checkout("upstream")

@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from bagel_sr import PixelLossConfig, with_pixel_loss
-from bagel_tiny import (build_tiny_autoencoder, build_tiny_bagel, encode_batch, forward_kwargs, import_bagel,
-                        make_packed_batch, requires_bagel)
+from bagel_tiny import (build_tiny_autoencoder, build_tiny_bagel, checkout_shape, encode_batch, forward_kwargs,
+                        import_bagel, make_packed_batch, requires_bagel)
 
-pytestmark = [pytest.mark.bagel, requires_bagel]
+#: Every test runs on upstream and on the fork shape (tests/fork_checkout.py: a decoder that checkpoints its own
+#: levels, a forward with its own pixel term and outputs, no --gradient_accumulation_steps).
+pytestmark = [pytest.mark.bagel, requires_bagel, pytest.mark.usefixtures("checkout_shape")]
 
 SPECS = [
     {"kind": "edit", "cond_hw": (2, 2), "target_hw": (2, 2), "timesteps": [-1.5]},
@@ -39,12 +41,16 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_armed_forward_backward_reaches_the_model():
+@pytest.mark.parametrize("decode_dtype", ["autocast", "fp32"])
+def test_armed_forward_backward_reaches_the_model(decode_dtype):
+    """With decoder checkpointing on (the default), also when the checkout's decoder checkpoints itself (fork)."""
     ae = build_tiny_autoencoder()
     batch = encode_batch(ae, make_packed_batch(SPECS, seed=1))
     model = build_tiny_bagel(cls=_extended(), llm2vae_std=0.02)
-    model.attach_pixel_loss(PixelLossConfig(weight=0.05, max_t=0.3, max_images=0), ae)
+    model.attach_pixel_loss(PixelLossConfig(weight=0.05, max_t=0.3, max_images=0, decode_dtype=decode_dtype), ae)
     out = _forward(model, batch, padded_images=batch["padded_images"], batch_data_indexes=batch["batch_data_indexes"])
+    out = {k.replace(model.pixel_loss_state.key_prefix, ""): v for k, v in out.items()
+           if k.startswith(model.pixel_loss_state.key_prefix) or k in ("mse", "ce")}  # the fork returns its own pixel
     # sigmoid(-1.5)=0.18 edit, sigmoid(-1.2)=0.23 chain step 1; t2i (0.12) and dropped (0.27) are unpaired;
     # chain step 2 (0.62) is above max_t
     assert int(out["pixel_images"]) == 2
@@ -63,7 +69,7 @@ def test_pixel_gradient_flows_only_through_v_hat():
     model = build_tiny_bagel(cls=_extended(), llm2vae_std=0.02)
     model.attach_pixel_loss(PixelLossConfig(weight=1.0, max_t=0.3), ae)
     out = _forward(model, batch, padded_images=batch["padded_images"])
-    out["pixel"].backward()
+    out[model.pixel_loss_state.key("pixel")].backward()
     assert model.llm2vae.weight.grad.abs().sum() > 0
     # z_t and t are detached: vae2llm and time_embedder only matter through the language model's input,
     # which is reached through v_hat's dependence on them, so their gradients exist but the VAE gets none
@@ -83,7 +89,8 @@ def test_off_is_bit_identical_to_stock_bagel(how):
         _loss(out, batch).backward()
         results.append((out, _grads(model)))
     (out_a, g_a), (out_b, g_b) = results
-    assert set(out_b) == {"mse", "ce"} and torch.equal(out_a["mse"], out_b["mse"])
+    assert set(out_b) == set(out_a) <= {"mse", "ce", "pixel", "ssim"}  # the fork returns its pixel and ssim too
+    assert torch.equal(out_a["mse"], out_b["mse"])
     assert g_a.keys() == g_b.keys() and all(torch.equal(g_a[k], g_b[k]) for k in g_a)
 
 
@@ -123,11 +130,12 @@ def test_patched_training_arguments_parse_inject_and_reject(capsys):
     try:
         parser = module.HfArgumentParser((module.ModelArguments, module.DataArguments, module.TrainingArguments))
         _, _, targs = parser.parse_args_into_dataclasses(["--timestep_shift", "3.0"])
-        assert (targs.pixel_loss_weight, targs.pixel_loss_type, targs.pixel_loss_max_t, targs.pixel_loss_paired_only) == (
+        config = handle.run.config  # the fork's own weight fields read 0 after parsing: ours took over
+        assert (config.weight, targs.pixel_loss_type, targs.pixel_loss_max_t, targs.pixel_loss_paired_only) == (
             0.05, "l2", 0.3, True)
         assert "2.6% of target images" in capsys.readouterr().out
         _, _, targs = parser.parse_args_into_dataclasses(["--pixel_loss_weight", "0.5", "--pixel_loss_type", "l1"])
-        assert (targs.pixel_loss_weight, targs.pixel_loss_type) == (0.5, "l1")
+        assert (handle.run.config.weight, targs.pixel_loss_type) == (0.5, "l1")
         assert handle.run.config.weight == 0.5 and targs.lr > 0  # the script's own fields are still there
         for bad in (["--pixel_loss_weight", "-0.1"], ["--pixel_loss_max_t", "0"], ["--pixel_loss_type", "ssim"]):
             with pytest.raises(ValueError, match=bad[0]):
@@ -144,9 +152,12 @@ def test_patched_loop_step_gradients_equal_the_written_out_loss():
     dataset_base = sys.modules["data.dataset_base"]
     try:
         parser = module.HfArgumentParser((module.ModelArguments, module.DataArguments, module.TrainingArguments))
+        has_ga = hasattr(module.TrainingArguments(), "gradient_accumulation_steps")  # the fork has no such flag
+        ga = 2 if has_ga else 1
         _, _, targs = parser.parse_args_into_dataclasses(
-            ["--pixel_loss_weight", "0.2", "--pixel_loss_max_images", "0", "--gradient_accumulation_steps", "2",
-             "--mse_weight", "0.5"])
+            ["--pixel_loss_weight", "0.2", "--pixel_loss_max_images", "0", "--mse_weight", "0.5"]
+            + (["--gradient_accumulation_steps", "2"] if has_ga else []))
+        assert has_ga == (checkout_shape() == "upstream")
         ae = build_tiny_autoencoder()
         handle.run.vae = ae  # what the patched load_ae records in main()
         model = build_tiny_bagel(cls=module.Bagel, llm2vae_std=0.02)
@@ -161,9 +172,10 @@ def test_patched_loop_step_gradients_equal_the_written_out_loss():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss_dict = model(**data)
         mse = loss_dict["mse"].mean(dim=-1).sum() / len(data["mse_loss_indexes"])
-        (mse * targs.mse_weight / targs.gradient_accumulation_steps).backward()
+        (mse * targs.mse_weight / ga).backward()
         grads = _grads(model)
-        assert float(loss_dict["pixel"]) > 0 and int(loss_dict["pixel_images"]) == 2
+        key = model.pixel_loss_state.key
+        assert float(loss_dict[key("pixel")]) > 0 and int(loss_dict[key("pixel_images")]) == 2
     finally:
         handle.undo()
     ref = build_tiny_bagel(cls=_extended(), llm2vae_std=0.02)
@@ -173,7 +185,7 @@ def test_patched_loop_step_gradients_equal_the_written_out_loss():
     out = _forward(ref, batch, padded_images=batch["padded_images"])
     ref_mse = out["mse"].mean(dim=-1).sum() / len(batch["mse_loss_indexes"])
     torch.testing.assert_close(mse.detach().float(), ref_mse.detach().float())  # logged mse unchanged
-    ((ref_mse * 0.5 + 0.2 * out["pixel"]) / 2).backward()
+    ((ref_mse * 0.5 + 0.2 * out[ref.pixel_loss_state.key("pixel")]) / ga).backward()
     ref_grads = _grads(ref)
     assert grads.keys() == ref_grads.keys()
     for k in grads:  # bf16 model: the fold's scalar passes through bf16 arithmetic like the flow loss does

@@ -1,4 +1,5 @@
 """The wrapper against a real checkout: data-set registration by flag, --help with our flags, missing checkout."""
+import importlib
 import sys
 
 import pytest
@@ -22,9 +23,13 @@ def test_without_a_checkout_the_wrapper_says_how_to_point_at_one(monkeypatch, ca
 
 @pytest.mark.bagel
 @requires_bagel
-def test_dataset_flag_registers_and_help_lists_our_flags(tmp_path, capsys):
+def test_dataset_flag_registers_and_help_lists_our_flags(tmp_path, capsys, checkout_shape):
+    """On the fork DATASET_INFO has no unified_edit group (its registry still maps the type): it is created and
+    removed again by the undo."""
     registration = fake_checkout.built_set(tmp_path)
     import_bagel()
+    had_group = "unified_edit" in importlib.import_module("data.dataset_info").DATASET_INFO
+    assert had_group == (checkout_shape == "upstream")
     sys.modules.pop(checkout.TRAINING_MODULE_NAME, None)
     try:
         module, handle = launch.prepare_checkout(bagel_root(), dataset_yamls=str(registration))
@@ -38,7 +43,9 @@ def test_dataset_flag_registers_and_help_lists_our_flags(tmp_path, capsys):
         launch.print_checkout_help(module)
         text = capsys.readouterr().out
         assert "--bagel_sr_datasets" in text and "--pixel_loss_max_t" in text and "--mse_weight" in text
+        assert "--bagel_sr_host_pixel_loss" in text
     finally:
         handle.undo()
     assert "toy_sr" not in info
+    assert ("unified_edit" in sys.modules["data.dataset_info"].DATASET_INFO) == had_group
     assert not hasattr(module.Bagel, "_bagel_sr_extended")

@@ -309,8 +309,13 @@ def test_registration_patch_adds_undoes_and_rekeys_moved_sets(tmp_path):
         register_built_datasets(tmp_path / "moved", mod)
     bad = types.ModuleType("data.dataset_info")
     bad.DATASET_INFO, bad.DATASET_REGISTRY = {"t2i_pretrain": {}}, {}
-    with pytest.raises(DatasetRegistrationError, match=r"DATASET_INFO\['unified_edit'\]"):
+    with pytest.raises(DatasetRegistrationError, match=r"no DATASET_REGISTRY\['unified_edit'\].*UnifiedEditIterableDataset"):
         register_built_datasets(tmp_path / "moved", bad)
+    fork = types.ModuleType("data.dataset_info")  # a fork: the registry maps the type, DATASET_INFO has no group
+    fork.DATASET_INFO, fork.DATASET_REGISTRY = {"medical_sr": {}}, {"unified_edit": object}
+    with register_built_datasets(tmp_path / "moved", fork) as created:
+        assert "toy_sr" in fork.DATASET_INFO["unified_edit"] and "toy_sr" in created.names
+    assert fork.DATASET_INFO == {"medical_sr": {}}
     with pytest.raises(DatasetRegistrationError, match="no built bagel-sr set"):
         register_built_datasets(tmp_path / "nothing_here", mod)
 

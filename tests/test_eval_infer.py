@@ -57,11 +57,15 @@ def test_run_jobs_is_resumable_and_keeps_sizes(tmp_path):
         return Image.fromarray(255 - np.asarray(image)).resize((80, 48))
 
     out = tmp_path / "out"
+    with pytest.raises(UserError, match="generated 80x48 for a 40x24 input; pass --resize_output"):
+        infer.run_jobs(jobs, out, restore, progress=False)  # never resized silently
+    assert list(out.iterdir()) == []
+    calls.clear()
     with pytest.raises(Interrupted):
-        infer.run_jobs(jobs, out, restore, progress=False)
+        infer.run_jobs(jobs, out, restore, progress=False, resize=True)
     assert sorted(p.name for p in out.iterdir()) == ["x0.png"]  # nothing half-written
     fail_on["call"] = None
-    assert infer.run_jobs(jobs, out, restore, progress=False) == (2, 1)
+    assert infer.run_jobs(jobs, out, restore, progress=False, resize=True) == (2, 1)
     for i in range(3):
         with Image.open(out / f"x{i}.png") as im:
             assert im.size == (40, 24) and np.asarray(im)[0, 0, 0] == 255 - 40 * i
@@ -73,12 +77,18 @@ def test_cli_needs_a_restorer(tmp_path):
         infer.main(["--inputs", str(tmp_path), "--out", str(tmp_path / "o"), "--bagel_root", ""])
 
 
-@pytest.mark.bagel
-def test_checkout_inferencer_restores_through_the_checkout(tmp_path):
-    from bagel_tiny import SPECIAL_TOKENS, build_tiny_autoencoder, build_tiny_bagel, import_bagel, requires_bagel
+def test_resize_output_is_recorded_in_the_folders_settings(tmp_path):
+    args = infer.parse_args(["--inputs", str(tmp_path), "--out", str(tmp_path / "o"), "--resize_output"])
+    assert infer.run_settings(args)[0]["resize_output"] is True
+    assert infer.run_settings(infer.parse_args(["--inputs", "x", "--out", "o"]))[0]["resize_output"] is False
 
-    if requires_bagel.args[0]:
-        pytest.skip(requires_bagel.kwargs["reason"])
+
+@pytest.mark.bagel
+def test_checkout_inferencer_restores_through_the_checkout(tmp_path, checkout_shape):
+    """The fork's inferencer ignores the input's size (it would generate at its 1024x1024 default): infer passes
+    the size through ``image_shapes``, and the output has the input's size without any resize."""
+    from bagel_tiny import SPECIAL_TOKENS, build_tiny_autoencoder, build_tiny_bagel, import_bagel
+
     import_bagel()
     try:
         transforms = importlib.import_module("data.transforms")
@@ -96,6 +106,7 @@ def test_checkout_inferencer_restores_through_the_checkout(tmp_path):
         vae_transform=transforms.ImageTransform(64, 32, 16), vit_transform=transforms.ImageTransform(56, 28, 14),
         new_token_ids=SPECIAL_TOKENS,
     )
+    assert infer.takes_image_shapes(inferencer)
     restore = infer.checkout_restorer(inferencer, infer.SamplingArgs(num_timesteps=3, cfg_text_scale=1.5, cfg_img_scale=1.2))
     src = tmp_path / "in"
     src.mkdir()

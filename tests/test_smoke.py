@@ -109,7 +109,7 @@ def test_launch_log_parsing_and_checks():
 # --------------------------------------------------------------------------- flags checked before main() runs
 
 @pytest.mark.parametrize("flag, value, expected", [
-    ("--pixel_loss_type", "bogus", "--pixel_loss_type: got 'bogus'; allowed: one of ('l2', 'l1', 'charbonnier')."),
+    ("--pixel_loss_type", "bogus", "--pixel_loss_type: got 'bogus'; allowed: one of ('l2', 'l1', 'charbonnier') (or the aliases mse = l2, mae = l1)."),
     ("--pixel_loss_max_t", "1.5", "--pixel_loss_max_t: got 1.5; allowed: a number in (0, 1]."),
     ("--pixel_loss_max_images", "many", "wrong type"),
 ])

@@ -1,0 +1,127 @@
+"""A fork-shaped BAGEL checkout, generated at test time from an upstream one by small, named edits.
+
+Not a test file, and no BAGEL code lives here: :func:`make_fork` copies the checkout named by ``BAGEL_ROOT`` into a
+folder and applies each edit of :data:`EDITS` (a regex replacement that must match exactly once, so an upstream
+change that moves the code fails loudly, naming the edit).  The result has the shape of the research forks users
+bring (issue 14): a decoder that checkpoints its own levels, a ``forward`` with its own pixel/SSIM term and extra
+outputs, a ``train/main.py`` with pixel flags and its own ``loss += ...`` but no ``--gradient_accumulation_steps``,
+a ``DATASET_INFO`` without ``unified_edit`` (the registry still maps it) and an inferencer that ignores the input
+size.  The fork's own term is a stand-in (an L1/L2 of ``z0_hat - z0`` on the gated target tokens): what matters to
+the plugin is its signature, fields and outputs, not its maths.
+"""
+from __future__ import annotations
+
+import pathlib
+import re
+import shutil
+from dataclasses import dataclass
+
+#: The training script of the fork (forks rename upstream's).
+FORK_SCRIPT = "train/main.py"
+UPSTREAM_SCRIPT = "train/pretrain_unified_navit.py"
+#: Keys the fork's forward returns next to ``mse`` and ``ce``.
+FORK_EXTRA_OUTPUTS = ("pixel", "ssim")
+#: The fork's pixel-loss fields and their defaults.
+FORK_FIELDS = {"pixel_loss_weight": 0.0, "pixel_loss_type": "l1", "pixel_loss_max_t": 0.5,
+               "pixel_loss_paired_only": True, "pixel_loss_chunk": 4, "ssim_loss_weight": 0.0}
+#: The fork's own data-set group (DATASET_INFO holds only it and upstream's non-editing groups).
+FORK_GROUP = "medical_sr"
+
+
+@dataclass(frozen=True)
+class Edit:
+    name: str
+    path: str
+    pattern: str
+    replacement: str
+
+
+_FORK_ARGS = "".join(
+    f"    {name}: {type(value).__name__} = field(default={value!r}, metadata={{'help': 'fork: {name}'}})\n"
+    for name, value in FORK_FIELDS.items())
+
+_FORK_TERM = '''
+        pixel = torch.zeros((), device=packed_text_embedding.device)
+        ssim = torch.zeros((), device=packed_text_embedding.device)
+        if pixel_loss_weight > 0 and padded_images is not None and self.config.visual_gen:
+            noisy = (1 - packed_timesteps[:, None]) * packed_latent_clean + packed_timesteps[:, None] * noise
+            t_target = packed_timesteps[has_mse][:, None]
+            z0_hat = noisy[has_mse] - t_target * packed_mse_preds
+            err = z0_hat - packed_latent_clean[has_mse]
+            err = err.abs() if pixel_loss_type == "l1" else err ** 2
+            gate = (t_target <= pixel_loss_max_t).to(err.dtype)
+            pixel = (err * gate).sum() / (gate.sum() * err.shape[-1]).clamp(min=1)
+        return dict(mse=mse, ce=ce, pixel=pixel, ssim=ssim)
+'''
+
+EDITS = (
+    Edit("decoder_checkpoints_levels", "modeling/autoencoder.py",
+         r"(?<=# upsampling\n)(?P<i>        )for i_level in reversed\(range\(self\.num_resolutions\)\):\n"
+         r"(?P<body>(?:            .*\n)+?)(?=\n        # end)",
+         "\\g<i>for i_level in reversed(range(self.num_resolutions)):\n"
+         "            if torch.is_grad_enabled():\n"
+         "                from torch.utils.checkpoint import checkpoint\n"
+         "                h = checkpoint(self._up_level, h, i_level, use_reentrant=False)\n"
+         "            else:\n"
+         "                h = self._up_level(h, i_level)\n"
+         "        h = self._end(h)\n        return h\n\n"
+         "    def _up_level(self, h, i_level):\n"
+         "        for i_block in range(self.num_res_blocks + 1):\n"
+         "            h = self.up[i_level].block[i_block](h)\n"
+         "        if i_level != 0:\n"
+         "            h = self.up[i_level].upsample(h)\n"
+         "        return h\n\n"
+         "    def _end(self, h):"),
+    Edit("forward_pixel_arguments", "modeling/bagel/bagel.py",
+         r"(        mse_loss_indexes: Optional\[torch\.BoolTensor\] = None,\n)(    \) -> torch\.Tensor:)",
+         "\\1        padded_images: Optional[torch.Tensor] = None,\n        pixel_loss_weight: float = 0.0,\n"
+         "        pixel_loss_type: str = 'l1',\n        pixel_loss_max_t: float = 0.5,\n"
+         "        pixel_loss_paired_only: bool = True,\n\\2"),
+    Edit("forward_pixel_term_and_outputs", "modeling/bagel/bagel.py",
+         r"\n        return dict\(mse=mse, ce=ce\)\n", _FORK_TERM),
+    Edit("script_pixel_fields", FORK_SCRIPT,
+         r"(class TrainingArguments:\n)", "\\1" + _FORK_ARGS),
+    Edit("loop_keeps_padded_images", FORK_SCRIPT,
+         r"vae_model\.encode\(data\.pop\('padded_images'\)\)", "vae_model.encode(data['padded_images'])"),
+    Edit("loop_passes_pixel_arguments", FORK_SCRIPT,
+         r"loss_dict = fsdp_model\(\*\*data\)",
+         "loss_dict = fsdp_model(**data, pixel_loss_weight=training_args.pixel_loss_weight, "
+         "pixel_loss_type=training_args.pixel_loss_type, pixel_loss_max_t=training_args.pixel_loss_max_t, "
+         "pixel_loss_paired_only=training_args.pixel_loss_paired_only)"),
+    Edit("loop_adds_its_pixel_loss", FORK_SCRIPT,
+         r"(\n(?P<i>        )loss = loss / training_args\.gradient_accumulation_steps\n)",
+         "\n\\g<i>if training_args.pixel_loss_weight > 0:\n"
+         "\\g<i>    loss += loss_dict['pixel'] * training_args.pixel_loss_weight\n"
+         "\\g<i>loss_dict['pixel'] = loss_dict['pixel'].detach()\n"
+         "\\g<i>loss_dict['ssim'] = loss_dict['ssim'].detach()\\1"),
+    Edit("no_gradient_accumulation_field", FORK_SCRIPT,
+         r"    gradient_accumulation_steps: int = field\(\n(?:        .*\n)+?    \)\n", ""),
+    Edit("no_gradient_accumulation_uses", FORK_SCRIPT,
+         r"training_args\.gradient_accumulation_steps", "1"),
+    Edit("dataset_info_own_groups", "data/dataset_info.py",
+         r"    'unified_edit':\s*\{\n(?:.*\n)*?\t\t\},\n    \},\n",
+         f"    '{FORK_GROUP}': {{}},\n"),
+    Edit("inferencer_ignores_input_size", "inferencer.py",
+         r"\n *image_shapes = input_term\.size\[::-1\]\n", "\n"),
+)
+
+
+def apply_edit(root: pathlib.Path, edit: Edit) -> None:
+    """Apply one edit in place; fail naming it unless its pattern matches exactly once (``uses``: all matches)."""
+    path = root / edit.path
+    text = path.read_text()
+    count = 0 if edit.name.endswith("_uses") else 1
+    edited, n = re.subn(edit.pattern, edit.replacement, text, count=count)
+    if n == 0 or (count == 1 and len(re.findall(edit.pattern, text)) != 1):
+        raise AssertionError(f"fork edit {edit.name!r} does not match {edit.path} exactly once; upstream changed?")
+    path.write_text(edited)
+
+
+def make_fork(upstream: str | pathlib.Path, dest: str | pathlib.Path) -> pathlib.Path:
+    """Copy the checkout ``upstream`` to ``dest`` and apply :data:`EDITS`; returns ``dest``."""
+    dest = pathlib.Path(dest)
+    shutil.copytree(upstream, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".git"))
+    (dest / UPSTREAM_SCRIPT).rename(dest / FORK_SCRIPT)
+    for edit in EDITS:
+        apply_edit(dest, edit)
+    return dest
