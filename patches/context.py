@@ -40,6 +40,7 @@ class PatchContext:
     ``train_module``: the imported training script; ``batch_module``: ``data.dataset_base``; ``navit_module``:
     ``modeling.bagel.qwen2_navit``; ``dataset_info_module``: ``data.dataset_info``; ``dataset_yamls``: built sets to
     register; ``fsdp_module``: ``train.fsdp_utils``; ``dry_run``: apply the ``dryrun`` rows; ``defaults``: the ``--pixel_loss_*`` defaults of the patched TrainingArguments (field name -> value).
+    ``inferencer``: a checkout's ``InterleaveInferencer`` and ``start_t``: its sampling start (the ``inference`` rows).
     """
 
     train_module: Optional[ModuleType] = None
@@ -50,6 +51,8 @@ class PatchContext:
     dataset_yamls: Sequence[str] = ()
     dry_run: bool = False
     defaults: Dict[str, Any] = field(default_factory=lambda: dict(CONSERVATIVE_DEFAULTS))
+    inferencer: Any = None
+    start_t: float = 1.0
     run: RunState = field(default_factory=RunState)
 
     def module(self, attr: str, name: str) -> ModuleType:
