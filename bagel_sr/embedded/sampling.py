@@ -87,6 +87,18 @@ def posterior_samples(model: TinyBagel, vae, samples: Sequence[data.Sample], tok
     return aggregate(runs, how)
 
 
+def back_project(images: torch.Tensor, samples: Sequence[data.Sample], steps: int = 10) -> torch.Tensor:
+    """Data consistency on the bench: ``x <- x + c - up(down(x))`` (``c`` the condition, the bench's own operator,
+    :func:`data.downsample` / :func:`data.upsample` at each pair's ``meta['scale']``); clipped to [-1, 1]."""
+    out = []
+    for x, s in zip(images, samples):
+        x, c = x[None].float(), s.condition[None].float()
+        for _ in range(steps):
+            x = x + c - data.upsample(data.downsample(x, int(s.meta["scale"])), tuple(x.shape[-2:]))
+        out.append(x[0].clamp(-1, 1))
+    return torch.stack(out)
+
+
 def _image_starts(shapes) -> List[int]:
     starts, acc = [], 0
     for h, w in shapes:
