@@ -370,7 +370,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Tuple[int, int]:
         from bagel_sr.embedded.inference import embedded_restorer
 
         restore = embedded_restorer(args.embedded_run, num_timesteps=sampling.num_timesteps,
-                                    timestep_shift=sampling.timestep_shift, seed=args.seed, start_t=fidelity.start_t)
+                                    timestep_shift=sampling.timestep_shift, seed=args.seed,
+                                    **({"start_t": fidelity.start_t} if fidelity.start_t < 1.0 else {}))
     else:
         inferencer = load_checkout_inferencer(args.bagel_root, args.model_path, args.checkpoint)
         if fidelity.start_t < 1.0:
