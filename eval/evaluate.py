@@ -49,6 +49,7 @@ class EvalSettings:
     data_consistency: bool = True
     lpips_weights: str | None = None
     bits_stored: int | None = None  # bit depth of integer images (else their container's)
+    hallucination_threshold: float = 0.1  # share of pixels with |error| > this * data_range
 
     def __post_init__(self) -> None:
         if self.bits_stored is not None and not 1 <= int(self.bits_stored) <= 32:
@@ -74,7 +75,11 @@ class EvalSettings:
                    "gaussian11": "Gaussian 11x11, sigma 1.5 (Wang et al. 2004)"}
         return {"data_range": dr, "SSIM window": windows[self.window],
                 "colour": self.color, "convention": self.convention,
-                "HFEN": "15x15 LoG, sigma 1.5, normalised by the reference's LoG norm"}
+                "HFEN": "15x15 LoG, sigma 1.5, normalised by the reference's LoG norm",
+                "halluc_share": f"share of pixels with |error| > {self.hallucination_threshold:g} x data_range",
+                "bg_mean": "mean output / data_range where the reference is at the range minimum (background)",
+                "std_spearman, std_within_2": "with OUTPUTS/std/<id>.npy (infer --num_samples): Spearman of std "
+                                              "and |error|, share of pixels with |error| <= 2 std"}
 
 def _prepare(img: LoadedImage, s: EvalSettings) -> np.ndarray:
     if s.hu_window:
@@ -182,6 +187,11 @@ def _pair_row(p: Pair, r_img: LoadedImage, o_img: LoadedImage, ref: np.ndarray, 
     if lpips_fn is not None:
         row["lpips"] = lpips_fn(ref, out, dr)
     row.update(_dc_row(p, o_img.array, r_img.array, s, dr))
+    row.update(halluc_share=M.hallucination_share(ref, out, dr, s.hallucination_threshold),
+               bg_mean=M.background_mean(ref, out, dr))
+    std_file = Path(p.output).parent / "std" / f"{Path(p.output).stem}.npy"
+    if std_file.exists() and not s.hu_window and o_img.was_integer:  # the std map is in [0, 1] image units
+        row.update(M.uncertainty_calibration(ref, out, np.load(std_file)))
     return row
 
 def _volume_row(vol: str, refs: list, outs: list, slice_rows: list[dict], s: EvalSettings) -> dict:
@@ -217,7 +227,8 @@ def worst_cases_figure(per_image: pd.DataFrame, pairs: Sequence[Pair], settings:
         outs = [("output A" if other else "output", load(p.output))]
         if other and row.pair_id in other:
             outs.append(("output B", load(other[row.pair_id].output)))
-        cases.append({"title": f"{row.pair_id}\n{metric}={report.fmt(getattr(row, metric))}", "reference": ref,
+        halluc = f"\nhalluc={report.fmt(row.halluc_share, 3)}" if hasattr(row, "halluc_share") else ""
+        cases.append({"title": f"{row.pair_id}\n{metric}={report.fmt(getattr(row, metric))}{halluc}", "reference": ref,
                       "outputs": outs, "data_range": row.data_range})
     return report.plot_worst_cases(cases, path)
 
@@ -331,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--volume_pattern", help=r"folder mode: regex on the stem, e.g. '(?P<volume>.+)_(?P<slice>\d+)'")
     p.add_argument("--no_data_consistency", action="store_true")
     p.add_argument("--lpips_weights", help="local LPIPS weights file (optional; never downloaded)")
+    p.add_argument("--hallucination_threshold", type=float, default=0.1,
+                   help="halluc_share counts pixels with |error| > this x data_range (default 0.1)")
     p.add_argument("--allow_missing", action="store_true", help="evaluate the pairs that exist")
     p.add_argument("--allow_nonfinite", action="store_true",
                    help="exit 0 even when outputs hold NaN/Inf (they are still counted and scored as failures)")
@@ -364,7 +377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     degradations = _check_args(a)
     settings = EvalSettings(a.data_range, a.ssim_window, a.color, a.convention, a.hu_window,
-                            not a.no_data_consistency, a.lpips_weights, a.bits_stored)
+                            not a.no_data_consistency, a.lpips_weights, bits_stored=a.bits_stored,
+                            hallucination_threshold=a.hallucination_threshold)
     res = run_evaluation(a.outputs, a.out, settings, a.references, a.manifest, a.compare, a.split, a.inputs,
                          degradations, a.volume_pattern, a.allow_missing, a.n_boot, a.seed, a.worst,
                          not a.no_progress, allow_nonfinite=True)

@@ -10,6 +10,12 @@ skips the outputs that exist, a rerun with other ones refuses (``--overwrite`` d
 and redoes them).  Each output is written to a temporary name and renamed, so a kill loses at most the image in
 flight.  With a checkout, restoration runs through the checkout's own ``InterleaveInferencer``
 (editing with the condition image and the instruction), with its sampling flags.
+
+Fidelity-aware sampling (:class:`FidelityArgs`, both restorers): ``--start_t T0`` starts from the input noised to
+``T0`` (the checkout through the registry row ``patch_start_t``); ``--num_samples K --aggregate mean|median`` writes
+the aggregate and a per-pixel standard deviation map (``OUTPUTS/std/<pair_id>.png`` scaled to its maximum for
+looking, ``OUTPUTS/std/<pair_id>.npy`` float32 in [0, 1] image units for analysis); ``--data_consistency`` projects
+the (aggregate) output onto the input's recorded degradation (``bagel_sr.eval.consistency``, ``--dc_steps``).
 """
 import argparse
 import json
@@ -19,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 from PIL import Image
 
 from bagel_sr.errors import UserError, cli_main
@@ -42,12 +49,32 @@ class SamplingArgs:
 
 
 @dataclass
+class FidelityArgs:
+    """Sampling that keeps to the input (issue 17); the defaults are the stock sampler."""
+
+    start_t: float = 1.0
+    num_samples: int = 1
+    aggregate: str = "mean"
+    data_consistency: bool = False
+    dc_steps: int = 10
+
+
+@dataclass
 class Job:
-    """One input to restore: where it is, what to call the output, which instruction to give."""
+    """One input to restore: where it is, what to call the output, which instruction to give, how it was degraded."""
 
     pair_id: str
     input_path: Path
     instruction: str
+    degradations: Optional[list] = None
+
+
+@dataclass
+class Restored:
+    """An output and, for an aggregate of several samples, its per-pixel standard deviation (H, W[, C]) in [0, 1]."""
+
+    image: Image.Image
+    std: Optional[np.ndarray] = None
 
 
 def jobs_from_manifest(path: Path, split: Optional[str], instruction: Optional[str]) -> List[Job]:
@@ -64,7 +91,7 @@ def jobs_from_manifest(path: Path, split: Optional[str], instruction: Optional[s
             if lr is None:
                 continue
             text = instruction or (row.get("instructions") or [DEFAULT_INSTRUCTION])[0]
-            jobs.append(Job(str(row["pair_id"]), (path.parent / lr), text))
+            jobs.append(Job(str(row["pair_id"]), (path.parent / lr), text, list(row.get("degradations") or [])))
     if not jobs:
         raise UserError(
             f"{path}: no held-out inputs found{'' if split is None else f' for split {split!r}'}; the data builder "
@@ -116,12 +143,63 @@ def fit_size(result: Image.Image, image: Image.Image, job: Job, resize: bool) ->
     return result.resize(image.size, Image.BICUBIC)
 
 
+def _unit(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
+
+
+def _from_unit(x: np.ndarray) -> Image.Image:
+    return Image.fromarray((np.clip(x, 0.0, 1.0) * 255.0).round().astype(np.uint8))
+
+
+def posterior_restorer(restore: Callable[..., Image.Image], num_samples: int, how: str = "mean",
+                       seed: int = 0) -> Callable[[Image.Image, str], "Restored"]:
+    """``restore(image, instruction, seed=seed + j)`` for j < K -> :class:`Restored` (aggregate, per-pixel std)."""
+    import torch
+
+    from bagel_sr.restoration import aggregate
+
+    def restore_k(image: Image.Image, instruction: str) -> Restored:
+        runs = [_unit(restore(image, instruction, seed=seed + j)) for j in range(num_samples)]
+        size = runs[0].shape
+        runs = [r if r.shape == size else _unit(_from_unit(r).resize(size[1::-1], Image.BICUBIC)) for r in runs]
+        center, std = aggregate(torch.from_numpy(np.stack(runs)), how)
+        return Restored(_from_unit(center.numpy()), std.numpy().astype(np.float32))
+
+    return restore_k
+
+
+def project_on_input(result: Image.Image, degraded: Image.Image, degradations: list, steps: int) -> Tuple[Image.Image, str]:
+    """Data consistency of an output with its input (``bagel_sr.eval.consistency``); (image, note; '' = applied)."""
+    from .consistency import back_project
+
+    try:
+        x, note = back_project(_unit(result), _unit(degraded), degradations, steps)
+    except ValueError as e:  # an operator that does not fit this input (sizes)
+        return result, f"not projected: {e}"
+    return (result if note else _from_unit(x)), note
+
+
+def _save_std(std: np.ndarray, out: Path, pair_id: str, ledger: Optional[Ledger]) -> None:
+    folder = out / "std"
+    folder.mkdir(exist_ok=True)
+    gray = std.mean(-1) if std.ndim == 3 else std
+    for name in (f"std/{pair_id}.npy", f"std/{pair_id}.png"):
+        if ledger is not None:
+            ledger.record(name)
+    np.save(folder / f"{pair_id}.npy", gray.astype(np.float32))
+    peak = float(gray.max())
+    Image.fromarray((gray / peak * 255.0 if peak > 0 else gray * 0).round().astype(np.uint8)).save(folder / f"{pair_id}.png")
+
+
 def run_jobs(jobs: Sequence[Job], out: Path, restore: Callable[[Image.Image, str], Image.Image],
-             progress: bool = True, ledger: Optional[Ledger] = None, resize: bool = False) -> Tuple[int, int]:
+             progress: bool = True, ledger: Optional[Ledger] = None, resize: bool = False, dc_steps: int = 0
+             ) -> Tuple[int, int]:
     """Restore every pending job with ``restore(image, instruction)``; returns ``(done, skipped)``.
 
     ``ledger``: where each output is recorded before it is written (see ``bagel_sr.outputs``); ``resize``: an
-    output of another size than its input is resized to it (else :func:`fit_size` refuses).
+    output of another size than its input is resized to it (else :func:`fit_size` refuses).  ``restore`` may
+    return a :class:`Restored` (its std map goes to ``out/std/``).  ``dc_steps > 0``: project each output onto its
+    job's recorded degradations (:func:`project_on_input`).
     """
     from tqdm import tqdm
 
@@ -131,7 +209,15 @@ def run_jobs(jobs: Sequence[Job], out: Path, restore: Callable[[Image.Image, str
     todo = pending(jobs, out)
     for job in tqdm(todo, desc="restoring", unit="image", disable=not progress):
         image = _read_input(job)
-        result = fit_size(restore(image, job.instruction), image, job, resize)
+        result = restore(image, job.instruction)
+        std = None
+        if isinstance(result, Restored):
+            result, std = result.image, result.std
+        result = fit_size(result, image, job, resize)
+        if dc_steps > 0 and job.degradations:
+            result, _ = project_on_input(result, image, job.degradations, dc_steps)
+        if std is not None:
+            _save_std(std, out, job.pair_id, ledger)
         if ledger is not None:
             ledger.record(f"{job.pair_id}.png")
         save_atomically(result, out / f"{job.pair_id}.png")
@@ -143,7 +229,7 @@ def run_jobs(jobs: Sequence[Job], out: Path, restore: Callable[[Image.Image, str
 def run_settings(args: argparse.Namespace) -> Tuple[dict, Optional[str]]:
     """What an output folder's outputs depend on (flags) and a fingerprint of the weights they came from."""
     keys = ["inputs", "split", "instruction", "seed", "embedded_run", "model_path", "checkpoint", "resize_output",
-            *asdict(SamplingArgs())]
+            *asdict(SamplingArgs()), *asdict(FidelityArgs())]
     settings = {k: getattr(args, k) for k in keys}
     settings["inputs"] = str(Path(args.inputs).absolute())
     weights = args.embedded_run or args.checkpoint or (
@@ -164,15 +250,16 @@ def takes_image_shapes(inferencer) -> bool:
 
 
 def checkout_restorer(inferencer, sampling: SamplingArgs, seed: int = 0) -> Callable[[Image.Image, str], Image.Image]:
-    """``restore(image, instruction)`` through the checkout's ``InterleaveInferencer`` (editing mode), asking for
-    the input's size (``image_shapes``, height first) when the inferencer takes it."""
+    """``restore(image, instruction[, seed])`` through the checkout's ``InterleaveInferencer`` (editing mode),
+    asking for the input's size (``image_shapes``, height first) when the inferencer takes it."""
     import torch
 
     hyper = dict(asdict(sampling), cfg_interval=[sampling.cfg_interval, 1.0])  # start of the CFG window, end fixed at 1
     pass_size = takes_image_shapes(inferencer)
+    default_seed = seed
 
-    def restore(image: Image.Image, instruction: str) -> Image.Image:
-        torch.manual_seed(seed)
+    def restore(image: Image.Image, instruction: str, seed: Optional[int] = None) -> Image.Image:
+        torch.manual_seed(default_seed if seed is None else seed)
         on_cpu = next(inferencer.model.parameters()).device.type == "cpu"
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=on_cpu):  # the inferencer autocasts CUDA only
             size = {"image_shapes": (image.size[1], image.size[0])} if pass_size else {}
@@ -264,7 +351,24 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="redo a folder made with other settings or weights (deletes only the outputs infer wrote)")
     for name, value in asdict(SamplingArgs()).items():
         p.add_argument(f"--{name}", type=type(value), default=value, help="BAGEL inference setting")
+    g = p.add_argument_group("fidelity-aware sampling (issue 17)")
+    g.add_argument("--start_t", type=float, default=1.0,
+                   help="start from the input noised to this flow time (1 = from pure noise, the stock sampler)")
+    g.add_argument("--num_samples", type=int, default=1, help="samples per input; >1 writes the aggregate and std/")
+    g.add_argument("--aggregate", choices=("mean", "median"), default="mean", help="how K samples are combined")
+    g.add_argument("--data_consistency", action="store_true",
+                   help="project each output onto its input's recorded degradation (manifest rows)")
+    g.add_argument("--dc_steps", type=int, default=10, help="back-projection steps of --data_consistency")
     return p.parse_args(argv)
+
+
+def check_fidelity(f: FidelityArgs) -> None:
+    if not 0.0 <= f.start_t <= 1.0:
+        raise UserError(f"--start_t {f.start_t:g}: expected a flow time in [0, 1] (1 = from pure noise)")
+    if f.num_samples < 1:
+        raise UserError(f"--num_samples {f.num_samples}: expected an integer >= 1")
+    if f.data_consistency and f.dc_steps < 1:
+        raise UserError(f"--dc_steps {f.dc_steps}: expected an integer >= 1 with --data_consistency")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Tuple[int, int]:
@@ -284,18 +388,30 @@ def main(argv: Optional[Sequence[str]] = None) -> Tuple[int, int]:
     if not (args.embedded_run or (args.bagel_root and args.model_path)):
         raise UserError("say what restores: --bagel_root PATH --model_path DIR [--checkpoint FILE] for BAGEL, "
                         "or --embedded_run DIR for the embedded default")
+    fidelity = FidelityArgs(**{k: getattr(args, k) for k in asdict(FidelityArgs())})
+    check_fidelity(fidelity)
+    if fidelity.data_consistency and not inputs.is_file():
+        print("note: --data_consistency needs the degradations a manifest records; a folder of images has none")
     settings, fingerprint = run_settings(args)
     ledger, _ = claim(args.out, "bagel_sr.eval.infer", settings, fingerprint, args.overwrite)
     if args.embedded_run:
         from bagel_sr.embedded.inference import embedded_restorer
 
         restore = embedded_restorer(args.embedded_run, num_timesteps=sampling.num_timesteps,
-                                    timestep_shift=sampling.timestep_shift, seed=args.seed)
+                                    timestep_shift=sampling.timestep_shift, seed=args.seed,
+                                    **({"start_t": fidelity.start_t} if fidelity.start_t < 1.0 else {}))
     else:
-        restore = checkout_restorer(load_checkout_inferencer(args.bagel_root, args.model_path, args.checkpoint),
-                                    sampling, args.seed)
+        inferencer = load_checkout_inferencer(args.bagel_root, args.model_path, args.checkpoint)
+        if fidelity.start_t < 1.0:
+            from bagel_sr.patches import registry
+            from bagel_sr.patches.context import PatchContext
+
+            registry.apply(PatchContext(inferencer=inferencer, start_t=fidelity.start_t), groups=("inference",))
+        restore = checkout_restorer(inferencer, sampling, args.seed)
+    if fidelity.num_samples > 1:
+        restore = posterior_restorer(restore, fidelity.num_samples, fidelity.aggregate, args.seed)
     done, skipped = run_jobs(jobs, Path(args.out), restore, progress=not args.no_progress, ledger=ledger,
-                             resize=args.resize_output)
+                             resize=args.resize_output, dc_steps=fidelity.dc_steps if fidelity.data_consistency else 0)
     print(f"restored {done} image(s), {skipped} already there, into {args.out}")
     return done, skipped
 

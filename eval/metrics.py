@@ -192,6 +192,38 @@ def fastmri_volume_metrics(gt: np.ndarray, pred: np.ndarray) -> dict[str, float]
             "data_range": maxval}
 
 
+# ---------------------------------------------------------------- hallucination and calibration (issue 17)
+
+
+def hallucination_share(ref: np.ndarray, pred: np.ndarray, data_range: float, threshold: float = 0.1) -> float:
+    """Share of pixels whose ``|pred - ref|`` exceeds ``threshold * data_range`` (invented or lost structure)."""
+    ref, pred = _pair(ref, pred)
+    return float(np.mean(np.abs(pred.astype(np.float64) - ref) > threshold * data_range))
+
+
+def background_mean(ref: np.ndarray, pred: np.ndarray, data_range: float) -> float:
+    """Mean output intensity (in units of ``data_range``, above the range minimum 0) where the reference is at the
+    range minimum (background); NaN when the reference has no such pixel."""
+    ref, pred = _pair(ref, pred)
+    mask = ref <= 1e-6 * data_range
+    return float(np.mean(pred[mask]) / data_range) if mask.any() else float("nan")
+
+
+def uncertainty_calibration(ref: np.ndarray, pred: np.ndarray, std: np.ndarray) -> dict[str, float]:
+    """How well a per-pixel std map predicts the error: Spearman correlation of ``std`` and ``|pred - ref|``
+    (``std_spearman``) and the share of pixels with ``|error| <= 2 std`` (``std_within_2``); same units."""
+    from scipy.stats import spearmanr
+
+    ref, pred = _pair(ref, pred)
+    err = np.abs(pred.astype(np.float64) - ref)
+    err = err.mean(-1) if err.ndim == 3 else err
+    std = np.asarray(std, dtype=np.float64)
+    if std.shape != err.shape:
+        raise ValueError(f"std map has shape {std.shape} but the error {err.shape}")
+    rho = spearmanr(std.ravel(), err.ravel()).correlation if std.std() > 0 and err.std() > 0 else float("nan")
+    return {"std_spearman": float(rho), "std_within_2": float(np.mean(err <= 2 * std))}
+
+
 # ---------------------------------------------------------------- data consistency
 
 

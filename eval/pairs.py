@@ -54,6 +54,7 @@ def pairs_from_folders(outputs: str | Path, references: str | Path, inputs: str 
     ``volume_pattern``: a regex with named groups ``volume`` (and optionally ``slice``) matched against the stem.
     """
     outs, refs = list_images(outputs), list_images(references)
+    outs = {k: v for k, v in outs.items() if not k.startswith("std/")}  # infer's std maps, not outputs
     ins = list_images(inputs) if inputs else {}
     missing = sorted(set(refs) - set(outs))
     if missing and not allow_missing:

@@ -14,7 +14,7 @@ import pandas as pd  # noqa: E402
 
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False, "nmse": False, "nrmse": False, "hfen": False,
                     "dc_nrmse": False, "dc_psnr": True, "dc_band_nrmse": False, "err_band_nrmse": False,
-                    "err_null_nrmse": False}
+                    "err_null_nrmse": False, "halluc_share": False, "bg_mean": False}
 
 
 def higher_is_better(metric: str) -> bool:

@@ -14,7 +14,8 @@ from . import report, stats
 def metric_columns(df: pd.DataFrame) -> list[str]:
     """The metric columns present in a per-image or per-volume table, in a fixed order."""
     order = ["psnr", "ssim_uniform7", "ssim_gaussian11", "nmse", "nrmse", "hfen", "lpips", "dc_psnr", "dc_nrmse",
-             "dc_ref_nrmse", "dc_band_nrmse", "null_energy_fraction", "err_band_nrmse", "err_null_nrmse"]
+             "dc_ref_nrmse", "dc_band_nrmse", "null_energy_fraction", "err_band_nrmse", "err_null_nrmse",
+             "halluc_share", "bg_mean", "std_spearman", "std_within_2"]
     return [c for c in order if c in df.columns and pd.to_numeric(df[c], errors="coerce").notna().any()]
 
 

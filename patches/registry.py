@@ -1,7 +1,8 @@
 """Every runtime patch of a BAGEL checkout, in one table; ``apply(ctx) -> Handle``; ``Handle.undo()`` undoes all.
 
 A row names the function that applies the patch (it checks the contract fact it needs and returns its undo), the
-name it replaces, its group (``cpu``, ``training``, ``datasets``, ``dryrun``: the CPU dry run of ``main()`` only), its stage (``checkout``: needs only the checkout
+name it replaces, its group (``cpu``, ``training``, ``datasets``, ``dryrun``: the CPU dry run of ``main()`` only, ``inference``: a
+restoring ``InterleaveInferencer``), its stage (``checkout``: needs only the checkout
 on ``sys.path``, applied before the training script is imported; ``script``: needs the imported script), when it
 applies, and how to read the replaced name (how the tests check that ``undo`` restores it).  To add a patch, write
 one function ``patch_x(ctx) -> undo`` and one row.  The start-up banner lists the rows in force.
@@ -16,11 +17,11 @@ from typing import Any, Callable, Collection, List, Optional, Tuple
 
 import torch
 
-from . import cpu, cpu_main, datasets, training
+from . import cpu, cpu_main, datasets, inference, training
 from .context import PatchContext, RunState, Undo, noop
 
 STAGES = ("checkout", "script")
-GROUPS = ("cpu", "training", "datasets", "dryrun")
+GROUPS = ("cpu", "training", "datasets", "dryrun", "inference")
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,11 @@ PATCHES: Tuple[Patch, ...] = (
     Patch("patch_device_mesh", "train.fsdp_utils.init_device_mesh", "dryrun", "script",
           "the HYBRID_SHARD device mesh on 'cpu'",
           cpu_main.patch_device_mesh, _fsdp_name("init_device_mesh"), when=_dry_run, condition="dry run"),
+    Patch("patch_start_t", "<inferencer>.model.generate_image, <inferencer>.update_context_image", "inference",
+          "checkout", "sampling starts from the condition image noised to --start_t (issue 17)",
+          inference.patch_start_t,
+          lambda ctx: (vars(ctx.inferencer.model).get("generate_image"), vars(ctx.inferencer).get("update_context_image")),
+          when=lambda ctx: ctx.inferencer is not None and ctx.start_t < 1.0, condition="--start_t < 1"),
 )
 
 

@@ -54,7 +54,8 @@ def test_experiment_end_to_end(tmp_path):
     argv = ["--steps", "2", "--batch_size", "4", "--sample_steps", "2", "--eval_split", "val", "--output_dir",
             str(tmp_path), "--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_heads", "2",
             "--num_key_value_heads", "1", "--intermediate_size", "64", "--progress", "False", "--num_threads", "1",
-            "--save_checkpoints", "False", "--pool_size", "16", "--pixel_loss_weight", "0.05"]
+            "--save_checkpoints", "False", "--pool_size", "16", "--pixel_loss_weight", "0.05",
+            "--sample_modes", "1:1:0,0.3:2:0,0.3:2:1"]
     report = experiment.main(argv)
     assert (tmp_path / "metrics.json").exists() and (tmp_path / "grid.png").exists()
     saved = json.loads((tmp_path / "metrics.json").read_text())
@@ -65,3 +66,9 @@ def test_experiment_end_to_end(tmp_path):
     assert arms["flow_only"]["pixel_loss"]["pixel_loss_weight"] == 0.0
     assert arms["pixel"]["pixel_loss"]["pixel_loss_weight"] == 0.05
     assert report["n_pairs"] == len(data.eval_pairs("val"))
+    # inference modes (issue 17): a row per mode and arm, one chosen on val, DC moves the output toward the input
+    modes = arms["pixel"]["modes"]
+    assert list(modes) == ["T0=1 K=1", "T0=0.3 K=2", "T0=0.3 K=2 +DC"]
+    assert modes["T0=1 K=1"]["psnr"]["mean"] == arms["pixel"]["psnr"]["mean"]  # the stock sampler, same seed
+    assert saved["seeds"][0]["chosen_mode"] in modes
+    assert modes["T0=0.3 K=2 +DC"]["psnr"]["mean"] != modes["T0=0.3 K=2"]["psnr"]["mean"]

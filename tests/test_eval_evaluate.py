@@ -226,3 +226,31 @@ def test_data_builder_manifest_schema(tmp_path):
     assert res["unit"] == "volume" and len(res["per_volume"]) == 1
     assert (img["dc_ref_nrmse"] < 0.02).all() and (img["dc_nrmse"] > img["dc_ref_nrmse"]).all()
     assert "[-160, 240] HU" in (tmp_path / "rep" / "summary.md").read_text()
+
+
+def test_hallucination_share_background_and_std_calibration(tmp_path):
+    """halluc_share counts pixels off by more than 0.1 of the range, bg_mean reads the output where the reference is
+    background, std maps written by infer (--num_samples) are scored, and all enter the summary and comparison."""
+    ref = np.zeros((20, 20), np.uint8)
+    ref[5:15, 5:15] = 200
+    out_a, out_b = ref.copy(), ref.copy()
+    out_a[0:2, :] = 102  # 40 invented bright background pixels (> 0.1 * 255 off)
+    out_b[0:2, :] = 20  # off by less than the threshold
+    for name, arr in (("ref", ref), ("a", out_a), ("b", out_b)):
+        (tmp_path / name).mkdir()
+        Image.fromarray(arr).save(tmp_path / name / "x.png")
+    (tmp_path / "a/std").mkdir()
+    std = np.full((20, 20), 0.01, np.float32)
+    std[0:2, :] = 0.3  # the spread flags the invented rows
+    np.save(tmp_path / "a/std/x.npy", std)
+    res = E.run_evaluation(tmp_path / "a", tmp_path / "rep", E.EvalSettings(), tmp_path / "ref", compare=tmp_path / "b",
+                           progress=False, n_boot=200)
+    row = res["per_image"].iloc[0]
+    assert row["halluc_share"] == pytest.approx(40 / 400)
+    assert row["bg_mean"] == pytest.approx(40 * 102 / 255 / 300)
+    assert row["std_within_2"] == 1.0 and row["std_spearman"] > 0.9
+    assert set(res["summary"]["metric"]) >= {"halluc_share", "bg_mean", "std_spearman", "std_within_2"}
+    comp = res["comparison"].set_index("metric")
+    assert comp.loc["halluc_share", "mean_diff"] == pytest.approx(0.1)
+    md = (tmp_path / "rep/summary.md").read_text()
+    assert "halluc_share" in md and "bg_mean" in md

@@ -142,3 +142,135 @@ def test_embedded_restorer_through_the_cli(tmp_path):
     assert arr.dtype == np.uint8 and (arr[..., 0] == arr[..., 1]).all()
     assert infer.main(["--inputs", str(src), "--out", str(tmp_path / "out"), "--embedded_run", str(run),
                        "--num_timesteps", "2", "--timestep_shift", "1.0", "--no_progress"]) == (0, 1)
+
+
+def _tiny_inferencer():
+    from bagel_tiny import SPECIAL_TOKENS, build_tiny_autoencoder, build_tiny_bagel, import_bagel, requires_bagel
+
+    if requires_bagel.args[0]:
+        pytest.skip(requires_bagel.kwargs["reason"])
+    import_bagel()
+    try:
+        transforms = importlib.import_module("data.transforms")
+        inferencer_mod = importlib.import_module("inferencer")
+    except ModuleNotFoundError as err:
+        pytest.skip(f"the checkout's inference code needs {err.name}, not installed here")
+
+    class Tokenizer:
+        def encode(self, text):
+            return [2 + (ord(c) % 20) for c in text[:8]]
+
+    import torch
+
+    torch.manual_seed(0)
+    model = build_tiny_bagel(visual_und=True).eval()
+    return inferencer_mod.InterleaveInferencer(
+        model=model, vae_model=build_tiny_autoencoder(), tokenizer=Tokenizer(),
+        vae_transform=transforms.ImageTransform(64, 32, 16), vit_transform=transforms.ImageTransform(56, 28, 14),
+        new_token_ids=SPECIAL_TOKENS,
+    )
+
+
+@pytest.mark.bagel
+def test_start_t_patch_of_the_checkout_sampler():
+    """--start_t through the real checkout: T0 = 1 is the stock sampler bit for bit, T0 = 0 the VAE round trip of
+    the input, a small T0 close to it; the registry row undoes both names."""
+    import torch
+
+    from bagel_sr.patches import registry
+    from bagel_sr.patches.context import PatchContext
+    from bagel_sr.patches.inference import patch_start_t
+
+    inferencer = _tiny_inferencer()
+    sampling = infer.SamplingArgs(num_timesteps=21, timestep_shift=1.0, cfg_text_scale=1.0, cfg_img_scale=1.0)
+    restore = infer.checkout_restorer(inferencer, sampling, seed=3)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8))
+
+    def run(start_t=None):
+        if start_t is None:
+            return np.asarray(restore(image, "Denoise this"), np.float64)
+        undo = patch_start_t(PatchContext(inferencer=inferencer, start_t=start_t))
+        try:
+            return np.asarray(restore(image, "Denoise this"), np.float64)
+        finally:
+            undo()
+
+    stock = run()
+    assert np.array_equal(run(1.0), stock)
+    resized = inferencer.vae_transform.resize_transform(image)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        latent = inferencer.vae_model.encode(inferencer.vae_transform(resized)[None])
+        trip = inferencer.vae_model.decode(latent)
+    trip = ((trip.float() * 0.5 + 0.5).clamp(0, 1)[0].permute(1, 2, 0) * 255).to(torch.uint8).numpy().astype(np.float64)
+    dist = {t: np.abs(run(t) - trip).mean() for t in (0.0, 0.1)}
+    assert dist[0.0] <= 1.0  # the round trip (up to bf16 rounding)
+    assert dist[0.1] < np.abs(stock - trip).mean() / 2
+
+    ctx = PatchContext(inferencer=inferencer, start_t=0.5)
+    row = next(p for p in registry.PATCHES if p.name == "patch_start_t")
+    before = row.read(ctx)
+    with registry.apply(ctx, groups=("inference",)) as handle:
+        assert handle.applied == ["patch_start_t"] and row.read(ctx) != before
+    assert row.read(ctx) == before == (None, None)
+    assert registry.apply(PatchContext(inferencer=inferencer, start_t=1.0), groups=("inference",)).applied == []
+
+
+def test_start_t_patch_refuses_a_checkout_without_the_sampler_it_relies_on():
+    from bagel_sr.patches.context import PatchContext
+    from bagel_sr.patches.inference import patch_start_t
+    from bagel_sr.patches.training import IncompatibleCheckoutError
+
+    class Model:
+        def generate_image(self, packed_init_noises, num_timesteps=24):  # no timestep_shift
+            return packed_init_noises
+
+    class Inferencer:
+        model = Model()
+        vae_model = type("V", (), {"encode": lambda self, x: x})()
+
+        def update_context_image(self, image, gen_context, vae=True, vit=True):
+            return gen_context
+
+        def vae_transform(self, image):
+            return image
+
+    with pytest.raises(IncompatibleCheckoutError, match="generate_image"):
+        patch_start_t(PatchContext(inferencer=Inferencer(), start_t=0.3))
+
+
+def test_embedded_posterior_mean_writes_a_std_map_and_projects_on_the_input(tmp_path):
+    """--num_samples 2 --start_t 0.5 --data_consistency: aggregate, std map (PNG + float), band of the input kept."""
+    import dataclasses
+
+    from bagel_sr.embedded.backbone import TinyBagelConfig
+    from bagel_sr.embedded.data import WordTokenizer
+    from bagel_sr.embedded.train import build_model, save_checkpoint
+    from bagel_sr.eval import operators
+
+    config = TinyBagelConfig(vocab_size=len(WordTokenizer.default()), hidden_size=32, num_hidden_layers=1,
+                             max_latent_size=8)
+    model = build_model(config, seed=0)
+    save_checkpoint(str(tmp_path / "run"), model, model, {"model": dataclasses.asdict(config)})
+    build = tmp_path / "build"
+    (build / "lr").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    band = [{"name": "kspace_truncation", "scale": 4}]
+    lr = operators.apply_forward(rng.random((32, 48)), band)[0].clip(0, 1)
+    Image.fromarray((lr * 255).round().astype(np.uint8)).convert("RGB").save(build / "lr/p.png")
+    row = {"pair_id": "p", "split": "test", "degradations": band, "heldout": {"lr": "lr/p.png", "hr": "hr/p.png"}}
+    (build / "manifest.jsonl").write_text(json.dumps(row) + "\n")
+    infer.main(["--inputs", str(build / "manifest.jsonl"), "--out", str(tmp_path / "out"), "--embedded_run",
+                str(tmp_path / "run"), "--num_timesteps", "4", "--start_t", "0.5", "--num_samples", "2",
+                "--data_consistency", "--dc_steps", "1", "--no_progress"])
+    std = np.load(tmp_path / "out/std/p.npy")
+    assert std.shape == (32, 48) and std.dtype == np.float32 and std.max() > 0
+    with Image.open(tmp_path / "out/std/p.png") as im:
+        assert im.size == (48, 32) and np.asarray(im).max() == 255
+    with Image.open(tmp_path / "out/p.png") as im:
+        out = np.asarray(im.convert("L"), np.float64) / 255
+    measured = np.asarray(Image.open(build / "lr/p.png").convert("L"), np.float64) / 255
+    assert np.abs(operators.apply_forward(out, band)[0] - measured).mean() < 0.01  # the measured band is the input's
+    with pytest.raises(UserError, match="--start_t"):
+        infer.main(["--inputs", str(build / "manifest.jsonl"), "--out", str(tmp_path / "o2"), "--embedded_run",
+                    str(tmp_path / "run"), "--start_t", "1.5"])

@@ -96,11 +96,20 @@ def degrade(hr: torch.Tensor, scale: int, sigma: float, generator: Optional[torc
     """Low-resolution version of ``hr`` ((H, W) in [0, 1]) at the same size: anti-aliased bicubic down by ``scale``,
     Gaussian noise of std ``sigma``, bicubic up; clipped to [0, 1]."""
     h, w = hr.shape[-2:]
-    x = hr.reshape(1, 1, h, w).float()
-    lr = F.interpolate(x, size=(h // scale, w // scale), mode="bicubic", antialias=True, align_corners=False)
+    lr = downsample(hr.reshape(1, 1, h, w).float(), scale)
     lr = lr + sigma * torch.randn(lr.shape, generator=generator)
-    up = F.interpolate(lr, size=(h, w), mode="bicubic", align_corners=False)
-    return up.clamp(0, 1).reshape(h, w)
+    return upsample(lr, (h, w)).clamp(0, 1).reshape(h, w)
+
+
+def downsample(x: torch.Tensor, scale: int) -> torch.Tensor:
+    """The bench's down-sampling of (N, C, H, W): anti-aliased bicubic to (H // scale, W // scale)."""
+    h, w = x.shape[-2:]
+    return F.interpolate(x, size=(h // scale, w // scale), mode="bicubic", antialias=True, align_corners=False)
+
+
+def upsample(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """The bench's up-sampling of (N, C, h, w) back to ``size``: bicubic."""
+    return F.interpolate(x, size=size, mode="bicubic", align_corners=False)
 
 
 def _augment(patch: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -43,6 +43,12 @@ class ExperimentArguments(TrainConfig):
     eval_ema: bool = field(default=True, metadata={"help": "Evaluate the EMA weights (else the raw weights)."})
     sample_steps: int = field(default=25, metadata={"help": "Euler steps of the sampler."})
     sample_timestep_shift: float = field(default=1.0, metadata={"help": "Timestep shift of the sampler schedule."})
+    sample_modes: str = field(
+        default="",
+        metadata={"help": "Inference modes measured for both arms, comma-separated START_T:NUM_SAMPLES:DC (DC 1: "
+                          "back-projection onto the input, 10 steps), e.g. 1:1:0,0.3:1:0,0.3:4:0,0.3:4:1; the mode "
+                          "with the best mean PSNR of the + pixel arm on the val split is marked as chosen. Empty "
+                          "(default, until their cost within the 10-minute budget is measured): none."})
     # the backbone's size: TinyBagelConfig holds the defaults
     hidden_size: int = field(default=TinyBagelConfig.hidden_size, metadata={"help": "Backbone width."})
     num_hidden_layers: int = field(default=TinyBagelConfig.num_hidden_layers, metadata={"help": "Backbone depth."})
@@ -61,6 +67,52 @@ class ExperimentArguments(TrainConfig):
 ARMS = ("flow_only", "pixel")
 
 
+@dataclass(frozen=True)
+class Mode:
+    """An inference mode: start time, samples averaged (mean), data consistency on/off."""
+
+    start_t: float = 1.0
+    num_samples: int = 1
+    dc: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"T0={self.start_t:g} K={self.num_samples}{' +DC' if self.dc else ''}"
+
+
+def parse_modes(text: str) -> List[Mode]:
+    """``"1:1:0,0.3:4:1"`` -> modes; a ``BadInput`` for anything else."""
+    modes = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        try:
+            t0, k, dc = item.split(":")
+            mode = Mode(float(t0), int(k), bool(int(dc)))
+        except ValueError:
+            raise BadInput(f"--sample_modes {item!r}: expected START_T:NUM_SAMPLES:DC, e.g. 0.3:4:1") from None
+        if not (0.0 <= mode.start_t <= 1.0 and mode.num_samples >= 1):
+            raise BadInput(f"--sample_modes {item!r}: START_T in [0, 1], NUM_SAMPLES >= 1")
+        modes.append(mode)
+    return modes
+
+
+def sample_modes(model, vae, pairs, tokenizer, modes: Sequence[Mode], args, seed: int) -> Dict[str, Dict]:
+    """Predictions and sampling seconds of every mode (modes that differ only in DC share their samples)."""
+    out, cache = {}, {}
+    for mode in modes:
+        key = (mode.start_t, mode.num_samples)
+        t0 = time.time()
+        if key not in cache:
+            pred, _ = sampling.posterior_samples(model, vae, pairs, tokenizer, num_samples=mode.num_samples, seed=seed,
+                                                 steps=args.sample_steps, timestep_shift=args.sample_timestep_shift,
+                                                 start_t=mode.start_t)
+            cache[key] = (pred, time.time() - t0)
+        pred, seconds = cache[key]
+        if mode.dc:
+            pred = sampling.back_project(pred, pairs)
+        out[mode.name] = dict(pred=pred, seconds=seconds + time.time() - t0 if mode.dc else seconds)
+    return out
+
+
 def parse(argv: Optional[Sequence[str]] = None):
     from transformers import HfArgumentParser
 
@@ -74,6 +126,7 @@ def parse(argv: Optional[Sequence[str]] = None):
         if getattr(args, name) < low:
             raise BadInput(f"--{name} {getattr(args, name)}: expected an integer >= {low}")
     validate_train_config(args)
+    parse_modes(args.sample_modes)
     pixel = PixelLossConfig.from_namespace(pixel_args)
     check_names("--pixel_loss_datasets", pixel.dataset_names, data.DATASET_NAMES)  # issue 15
     return args, pixel
@@ -119,7 +172,7 @@ def _arm_metrics(pred: torch.Tensor, pairs: List[data.Sample]) -> Dict:
 
 
 def run_seed(args: ExperimentArguments, pixel: PixelLossConfig, seed: int, vae, pairs, unpaired, tokenizer,
-             ledger: Optional[Ledger] = None) -> Dict:
+             ledger: Optional[Ledger] = None, val_pairs: Optional[List[data.Sample]] = None) -> Dict:
     model_config = TinyBagelConfig(
         vocab_size=len(tokenizer), hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
         num_attention_heads=args.num_attention_heads, num_key_value_heads=args.num_key_value_heads,
@@ -144,10 +197,21 @@ def run_seed(args: ExperimentArguments, pixel: PixelLossConfig, seed: int, vae, 
         t0 = time.time()
         pred = sampling.euler_sample(model, vae, pairs, tokenizer, steps=args.sample_steps,
                                      timestep_shift=args.sample_timestep_shift, seed=seed)
+        sample_seconds = time.time() - t0
         metrics = _arm_metrics(pred, pairs)
+        modes = parse_modes(args.sample_modes)
+        if modes:
+            runs = sample_modes(model, vae, pairs, tokenizer, modes, args, seed)
+            metrics["modes"] = {name: dict(_arm_metrics(r["pred"], pairs), sample_seconds=round(r["seconds"], 1))
+                                for name, r in runs.items()}
+            val = val_pairs if val_pairs is not None else pairs
+            val_runs = runs if val_pairs is None else sample_modes(model, vae, val, tokenizer, modes, args, seed)
+            metrics["modes_val_psnr"] = {n: float(_arm_metrics(r["pred"], val)["psnr"]["mean"]) for n, r in val_runs.items()}
+        t_flow = time.time()
         metrics["unpaired_flow_loss"] = sampling.flow_loss(model, vae, unpaired, tokenizer, seed=seed)
         metrics["paired_flow_loss"] = sampling.flow_loss(model, vae, pairs, tokenizer, seed=seed)
-        metrics.update(train_seconds=round(run.seconds, 1), eval_seconds=round(time.time() - t0, 1),
+        metrics.update(train_seconds=round(run.seconds, 1), eval_seconds=round(time.time() - t_flow + sample_seconds, 1),
+                       sample_seconds=round(sample_seconds, 1),
                        final_log=run.history[-1] if run.history else {}, history=run.history,
                        pixel_loss=arm_pixel.to_flags())
         ratios = [h["grad_norm_ratio"] for h in run.history if "grad_norm_ratio" in h]
@@ -158,7 +222,10 @@ def run_seed(args: ExperimentArguments, pixel: PixelLossConfig, seed: int, vae, 
             metrics["train_pixel_loss_last"] = float(pix[-1])
         result[arm] = metrics
         preds[arm] = pred
-    return dict(seed=seed, pool_seconds=pool_seconds, arms=result), preds
+    out = dict(seed=seed, pool_seconds=pool_seconds, arms=result)
+    if "modes_val_psnr" in result["pixel"]:  # chosen on the val split, never on held-out
+        out["chosen_mode"] = max(result["pixel"]["modes_val_psnr"], key=result["pixel"]["modes_val_psnr"].get)
+    return out, preds
 
 
 def baselines(vae, pairs: List[data.Sample]) -> Dict:
@@ -192,6 +259,21 @@ def format_table(seed_result: Dict, base: Dict, pixel: PixelLossConfig, n_pairs:
     lines.append(f"{'difference (+pixel - flow only)':{w}}{d_psnr.mean():+6.2f} ± {d_psnr.std():4.2f}   "
                  f"{d_ssim.mean():+.3f} ± {d_ssim.std():.3f}   (per-image paired differences; "
                  f"{int((d_psnr > 0).sum())}/{len(d_psnr)} images better in PSNR)")
+    if "modes" in arms["pixel"]:
+        chosen = seed_result["chosen_mode"]
+        lines.append(f"inference modes ({split}; T0 start time, K samples averaged, +DC back-projection); "
+                     f"chosen on val by the + pixel arm's PSNR: {chosen}")
+        lines.append(f"{'':{w}}{'PSNR (dB)':>15}   {'SSIM':>13}   {'val PSNR':>8}   {'sample s':>8}")
+        for name in arms["pixel"]["modes"]:
+            for arm, label in (("flow_only", "flow only"), ("pixel", "+ pixel")):
+                m = arms[arm]["modes"][name]
+                mark = "  <- chosen on val" if name == chosen else ""
+                lines.append(f"{label + ', ' + name:{w}}{_fmt(m)}   {arms[arm]['modes_val_psnr'][name]:8.2f}   "
+                             f"{m['sample_seconds']:8.1f}{mark}")
+    lines.append(f"wall time (s): train flow only {arms['flow_only']['train_seconds']:.0f}, + pixel "
+                 f"{arms['pixel']['train_seconds']:.0f} (x{arms['pixel']['train_seconds'] / max(arms['flow_only']['train_seconds'], 1e-9):.2f}); "
+                 f"stock sampling flow only {arms['flow_only'].get('sample_seconds', float('nan')):.0f}, + pixel "
+                 f"{arms['pixel'].get('sample_seconds', float('nan')):.0f}")
     if "grad_norm_ratio" in arms["pixel"]:
         lines.append(f"gradient norm on llm2vae, weighted pixel term / flow term: "
                      f"{arms['pixel']['grad_norm_ratio']['mean']:.2g} (mean over training)")
@@ -230,6 +312,10 @@ def _across_seeds(results: List[Dict]) -> Dict:
         vals["unpaired_flow_loss"] = [r["arms"][arm]["unpaired_flow_loss"]["mean"] for r in results]
         vals["paired_flow_loss"] = [r["arms"][arm]["paired_flow_loss"]["mean"] for r in results]
         out[arm] = {k: dict(mean=float(np.mean(v)), std=float(np.std(v)), values=v) for k, v in vals.items()}
+        for name in results[0]["arms"][arm].get("modes", {}):
+            for k in ("psnr", "ssim"):
+                v = [r["arms"][arm]["modes"][name][k]["mean"] for r in results]
+                out[arm][f"{name} {k}"] = dict(mean=float(np.mean(v)), std=float(np.std(v)), values=v)
     return out
 
 
@@ -247,6 +333,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     tokenizer = data.WordTokenizer.default()
     pairs = data.eval_pairs(args.eval_split)
     unpaired = data.eval_unpaired(args.eval_split)
+    val_pairs = data.eval_pairs("val") if args.eval_split != "val" and parse_modes(args.sample_modes) else None
     base = baselines(vae, pairs)
     print(f"embedded bench: {len(pairs)} {args.eval_split} pairs from {len({p.meta['source'] for p in pairs})} sources, "
           f"{len(unpaired)} unpaired; VAE held-out reconstruction PSNR {vae_meta.get('heldout_psnr', float('nan')):.2f} dB; "
@@ -257,7 +344,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     results, tables = [], []
     for k in range(args.seeds):
         seed = args.seed + k
-        seed_result, preds = run_seed(args, pixel, seed, vae, pairs, unpaired, tokenizer, ledger)
+        seed_result, preds = run_seed(args, pixel, seed, vae, pairs, unpaired, tokenizer, ledger, val_pairs)
         results.append(seed_result)
         tables.append(format_table(seed_result, base, pixel, len(pairs), args.eval_split))
         print(tables[-1], flush=True)

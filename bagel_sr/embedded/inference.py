@@ -36,18 +36,22 @@ def _to_image(x: torch.Tensor, size) -> Image.Image:
 
 
 def embedded_restorer(run_dir: str, num_timesteps: int = 25, timestep_shift: float = 1.0, seed: int = 0,
-                      vae_dir: Optional[str] = None) -> Callable[[Image.Image, str], Image.Image]:
-    """``restore(image, instruction)`` with the EMA weights of ``run_dir`` and the Euler sampler (no CFG)."""
+                      vae_dir: Optional[str] = None, start_t: float = 1.0) -> Callable[..., Image.Image]:
+    """``restore(image, instruction[, seed])`` with the EMA weights of ``run_dir`` and the Euler sampler (no CFG),
+    starting from the input noised to ``start_t`` when it is below 1."""
     model = load_checkpoint(run_dir, "ema")
     vae = load_vae(vae_dir)
     tokenizer = data.WordTokenizer.default()
     max_side = int(model.max_latent_size) * TOKEN_PIXELS
 
-    def restore(image: Image.Image, instruction: str) -> Image.Image:
+    default_seed = seed
+
+    def restore(image: Image.Image, instruction: str, seed: Optional[int] = None) -> Image.Image:
         condition = _to_model(image, max_side)
         sample = data.Sample("sr_pairs", instruction, torch.zeros_like(condition), condition)
         out = sampling.euler_sample(model, vae, [sample], tokenizer, steps=num_timesteps,
-                                    timestep_shift=timestep_shift, seed=seed)[0]
+                                    timestep_shift=timestep_shift, seed=default_seed if seed is None else seed,
+                                    start_t=start_t)[0]
         return _to_image(out, image.size)
 
     return restore

@@ -3,6 +3,9 @@
 - :func:`euler_sample`: BAGEL's Euler flow sampler in one packed sequence per chunk: condition image (clean, t = 0),
   instruction, noisy target; timesteps ``linspace(1, 0, steps + 1)`` with BAGEL's inference shift
   ``s*t / (1 + (s-1)*t)``; ``z <- z - v_hat * dt`` (the velocity points from data to noise).  No CFG.
+  ``start_t < 1`` starts from the condition (the degraded input at the output size) noised to the first grid time
+  ``<= start_t`` (:mod:`bagel_sr.restoration`).
+- :func:`posterior_samples`: ``K`` samples (seeds ``seed .. seed + K - 1``), their mean or median and per-pixel std.
 - :func:`flow_loss`: the model's flow loss (per-token mean squared velocity error) on fixed samples at fixed flow
   times with fixed noise, identical for every arm.
 - :func:`image_metrics`: PSNR and SSIM of grayscale images in [0, 1] (channel mean of the [-1, 1] RGB, clipped),
@@ -15,6 +18,7 @@ import numpy as np
 import torch
 
 from ..flow import unshift_timesteps
+from ..restoration import aggregate, check_start_t, start_index, start_latent
 from . import data
 from .backbone import TinyBagel
 
@@ -34,12 +38,16 @@ def _encode(vae, images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def euler_sample(model: TinyBagel, vae, samples: Sequence[data.Sample], tokenizer: data.WordTokenizer,
-                 steps: int = 25, timestep_shift: float = 1.0, seed: int = 0, chunk: int = 16) -> torch.Tensor:
-    """Generate the target of every sample from its condition and text; returns (N, 3, H, W) in [-1, 1]."""
+                 steps: int = 25, timestep_shift: float = 1.0, seed: int = 0, chunk: int = 16,
+                 start_t: float = 1.0) -> torch.Tensor:
+    """Generate the target of every sample from its condition and text; returns (N, 3, H, W) in [-1, 1].
+
+    ``start_t < 1``: start from the condition's latent noised to the first grid time ``<= start_t``."""
     model.eval()
     generator = torch.Generator().manual_seed(seed)
     ts = torch.linspace(1.0, 0.0, steps + 1)
     ts = timestep_shift * ts / (1 + (timestep_shift - 1) * ts)
+    first = start_index(ts.tolist(), check_start_t(start_t))
     outputs = []
     for part in _chunks(list(samples), chunk):
         # the target pixels are not needed (and must not leak): pack a blank of the same size
@@ -50,7 +58,13 @@ def euler_sample(model: TinyBagel, vae, samples: Sequence[data.Sample], tokenize
         clean = model.patchify(_encode(vae, batch["padded_images"]), shapes)
         is_target = torch.isfinite(batch["packed_timesteps"])
         z = torch.randn(int(is_target.sum()), clean.shape[1], generator=generator)
-        for i in range(steps):
+        if first > 0:  # the input at the output size in the target's place: its latent tokens, same layout
+            inputs = [data.Sample(s.kind, s.text, s.condition, s.condition, s.meta) for s in part]
+            packed = data.pack(inputs, tokenizer, vae_cond_dropout_prob=0.0, text_cond_dropout_prob=0.0,
+                               vae_image_downsample=model.latent_downsample, max_latent_size=model.max_latent_size)
+            z_input = model.patchify(_encode(vae, packed["padded_images"]), shapes)[is_target]
+            z = start_latent(z_input, z, float(ts[first]))
+        for i in range(first, steps):
             z_all, t_all = clean.clone(), torch.zeros(len(clean))
             z_all[is_target], t_all[is_target] = z, float(ts[i])
             v = model.predict_velocity(z_all, t_all, batch)
@@ -62,6 +76,27 @@ def euler_sample(model: TinyBagel, vae, samples: Sequence[data.Sample], tokenize
                 row += h * w
         outputs.append(vae.decode(torch.stack(latents)).clamp(-1, 1))
     return torch.cat(outputs)
+
+
+@torch.no_grad()
+def posterior_samples(model: TinyBagel, vae, samples: Sequence[data.Sample], tokenizer: data.WordTokenizer,
+                      num_samples: int = 1, how: str = "mean", seed: int = 0, **sample_kw):
+    """``num_samples`` Euler samples (seeds ``seed + j``) -> (their mean or median, their per-pixel std)."""
+    runs = torch.stack([euler_sample(model, vae, samples, tokenizer, seed=seed + j, **sample_kw)
+                        for j in range(num_samples)])
+    return aggregate(runs, how)
+
+
+def back_project(images: torch.Tensor, samples: Sequence[data.Sample], steps: int = 10) -> torch.Tensor:
+    """Data consistency on the bench: ``x <- x + c - up(down(x))`` (``c`` the condition, the bench's own operator,
+    :func:`data.downsample` / :func:`data.upsample` at each pair's ``meta['scale']``); clipped to [-1, 1]."""
+    out = []
+    for x, s in zip(images, samples):
+        x, c = x[None].float(), s.condition[None].float()
+        for _ in range(steps):
+            x = x + c - data.upsample(data.downsample(x, int(s.meta["scale"])), tuple(x.shape[-2:]))
+        out.append(x[0].clamp(-1, 1))
+    return torch.stack(out)
 
 
 def _image_starts(shapes) -> List[int]:
