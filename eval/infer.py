@@ -25,11 +25,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
-import numpy as np
 from PIL import Image
 
 from bagel_sr.errors import UserError, cli_main
 from bagel_sr.outputs import Ledger, claim, file_fingerprint
+
+from .fidelity import (FidelityArgs, Restored, check_fidelity, posterior_restorer,  # noqa: F401 (re-exported)
+                       project_on_input, save_std)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DEFAULT_INSTRUCTION = "Restore this image: remove the noise and recover the fine detail."
@@ -49,17 +51,6 @@ class SamplingArgs:
 
 
 @dataclass
-class FidelityArgs:
-    """Sampling that keeps to the input (issue 17); the defaults are the stock sampler."""
-
-    start_t: float = 1.0
-    num_samples: int = 1
-    aggregate: str = "mean"
-    data_consistency: bool = False
-    dc_steps: int = 10
-
-
-@dataclass
 class Job:
     """One input to restore: where it is, what to call the output, which instruction to give, how it was degraded."""
 
@@ -67,14 +58,6 @@ class Job:
     input_path: Path
     instruction: str
     degradations: Optional[list] = None
-
-
-@dataclass
-class Restored:
-    """An output and, for an aggregate of several samples, its per-pixel standard deviation (H, W[, C]) in [0, 1]."""
-
-    image: Image.Image
-    std: Optional[np.ndarray] = None
 
 
 def jobs_from_manifest(path: Path, split: Optional[str], instruction: Optional[str]) -> List[Job]:
@@ -143,54 +126,6 @@ def fit_size(result: Image.Image, image: Image.Image, job: Job, resize: bool) ->
     return result.resize(image.size, Image.BICUBIC)
 
 
-def _unit(image: Image.Image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
-
-
-def _from_unit(x: np.ndarray) -> Image.Image:
-    return Image.fromarray((np.clip(x, 0.0, 1.0) * 255.0).round().astype(np.uint8))
-
-
-def posterior_restorer(restore: Callable[..., Image.Image], num_samples: int, how: str = "mean",
-                       seed: int = 0) -> Callable[[Image.Image, str], "Restored"]:
-    """``restore(image, instruction, seed=seed + j)`` for j < K -> :class:`Restored` (aggregate, per-pixel std)."""
-    import torch
-
-    from bagel_sr.restoration import aggregate
-
-    def restore_k(image: Image.Image, instruction: str) -> Restored:
-        runs = [_unit(restore(image, instruction, seed=seed + j)) for j in range(num_samples)]
-        size = runs[0].shape
-        runs = [r if r.shape == size else _unit(_from_unit(r).resize(size[1::-1], Image.BICUBIC)) for r in runs]
-        center, std = aggregate(torch.from_numpy(np.stack(runs)), how)
-        return Restored(_from_unit(center.numpy()), std.numpy().astype(np.float32))
-
-    return restore_k
-
-
-def project_on_input(result: Image.Image, degraded: Image.Image, degradations: list, steps: int) -> Tuple[Image.Image, str]:
-    """Data consistency of an output with its input (``bagel_sr.eval.consistency``); (image, note; '' = applied)."""
-    from .consistency import back_project
-
-    try:
-        x, note = back_project(_unit(result), _unit(degraded), degradations, steps)
-    except ValueError as e:  # an operator that does not fit this input (sizes)
-        return result, f"not projected: {e}"
-    return (result if note else _from_unit(x)), note
-
-
-def _save_std(std: np.ndarray, out: Path, pair_id: str, ledger: Optional[Ledger]) -> None:
-    folder = out / "std"
-    folder.mkdir(exist_ok=True)
-    gray = std.mean(-1) if std.ndim == 3 else std
-    for name in (f"std/{pair_id}.npy", f"std/{pair_id}.png"):
-        if ledger is not None:
-            ledger.record(name)
-    np.save(folder / f"{pair_id}.npy", gray.astype(np.float32))
-    peak = float(gray.max())
-    Image.fromarray((gray / peak * 255.0 if peak > 0 else gray * 0).round().astype(np.uint8)).save(folder / f"{pair_id}.png")
-
-
 def run_jobs(jobs: Sequence[Job], out: Path, restore: Callable[[Image.Image, str], Image.Image],
              progress: bool = True, ledger: Optional[Ledger] = None, resize: bool = False, dc_steps: int = 0
              ) -> Tuple[int, int]:
@@ -217,7 +152,7 @@ def run_jobs(jobs: Sequence[Job], out: Path, restore: Callable[[Image.Image, str
         if dc_steps > 0 and job.degradations:
             result, _ = project_on_input(result, image, job.degradations, dc_steps)
         if std is not None:
-            _save_std(std, out, job.pair_id, ledger)
+            save_std(std, out, job.pair_id, ledger)
         if ledger is not None:
             ledger.record(f"{job.pair_id}.png")
         save_atomically(result, out / f"{job.pair_id}.png")
@@ -360,15 +295,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="project each output onto its input's recorded degradation (manifest rows)")
     g.add_argument("--dc_steps", type=int, default=10, help="back-projection steps of --data_consistency")
     return p.parse_args(argv)
-
-
-def check_fidelity(f: FidelityArgs) -> None:
-    if not 0.0 <= f.start_t <= 1.0:
-        raise UserError(f"--start_t {f.start_t:g}: expected a flow time in [0, 1] (1 = from pure noise)")
-    if f.num_samples < 1:
-        raise UserError(f"--num_samples {f.num_samples}: expected an integer >= 1")
-    if f.data_consistency and f.dc_steps < 1:
-        raise UserError(f"--dc_steps {f.dc_steps}: expected an integer >= 1 with --data_consistency")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Tuple[int, int]:

@@ -4,6 +4,9 @@ Per source (image, NIfTI volume or DICOM series): physical array -> intensity ma
 whole clean volume) -> working units -> volumetric degradations (seeded by ``(seed, source, -1)``) ->
 slices along ``input.slice_axis`` -> centre crop to ``size_multiple`` -> 2D degradations (seeded by
 ``(seed, source, slice index)``) -> one conversion to 8-bit RGB PNG for both condition and target.
+
+Over 400 lines on purpose: the pipeline, its resume state and its final files are one sequence a reader follows top
+to bottom (the readers, degradations, splits and writer it calls live in their own modules).
 """
 from __future__ import annotations
 
