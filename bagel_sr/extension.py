@@ -15,7 +15,7 @@ from typing import Any, List, Optional
 
 import torch
 
-from . import weighting
+from . import decoding, fidelity_terms, weighting
 from .config import PixelLossConfig
 from .pixel_term import Captured, LatentGeometry, pixel_term
 from .state import CallTensors, PixelLossState
@@ -83,7 +83,8 @@ def with_pixel_loss(base: type) -> type:
 
     Same constructor.  ``attach_pixel_loss(config, vae)`` arms it; ``forward(**batch, padded_images=...,
     batch_data_indexes=None)`` then returns the parent's ``mse`` and ``ce`` unchanged plus ``pixel`` (0-dim,
-    unweighted, differentiable), ``pixel_images`` (how many images it used, a tensor) and ``pixel_skipped`` (how many
+    unweighted, differentiable), with ``--pixel_loss_terms`` ``pixel_<term>`` (each term unweighted, detached),
+    ``pixel_images`` (how many images it used, a tensor) and ``pixel_skipped`` (how many
     micro-steps so far dropped a non-finite term, a tensor).  ``next_pixel_weight(flow_loss)`` gives the weight of
     this micro-step (:func:`bagel_sr.weighting.next_weight`).  Not armed or weight 0: the parent's forward, untouched.
     """
@@ -103,6 +104,8 @@ def with_pixel_loss(base: type) -> type:
                     f"attach_pixel_loss needs a VAE with decode(z) (BAGEL's AutoEncoder or bagel_sr.decoding.DiffusersVAE); "
                     f"got {type(vae).__name__}"
                 )
+            if "lpl" in config.term_weights:
+                fidelity_terms.feature_modules(decoding.decoder_of(vae))  # fails now, naming what is missing
             for attr in ("latent_patch_size", "latent_channel", "latent_downsample"):
                 if not hasattr(self, attr):
                     raise AttributeError(f"bagel-sr: the model lacks `{attr}`; build it with visual_gen=True")
@@ -138,17 +141,20 @@ def with_pixel_loss(base: type) -> type:
                 )
             with _Capture(self) as capture:
                 out = super().forward(**kwargs)
-            pixel, count, grad = pixel_term(
+            result = pixel_term(
                 LatentGeometry.of(self), state, capture.tensors(), padded_images,
                 kwargs["patchified_vae_latent_shapes"], kwargs["packed_vae_token_indexes"], kwargs["sample_lens"],
-                batch_data_indexes,
+                batch_data_indexes, kwargs.get("padded_latent"),
             )
             state.calls += 1
-            state.current = CallTensors(capture.v_hat, capture.hidden, grad) if state.wants_call_tensors else None
+            state.current = (CallTensors(capture.v_hat, capture.hidden, result.grad, result.term_grads, result.mix)
+                             if state.wants_call_tensors else None)
             out = dict(out)
-            out["pixel"] = pixel
-            out["pixel_images"] = count
-            out["pixel_skipped"] = torch.tensor(float(state.skipped_nonfinite), device=pixel.device)
+            out["pixel"] = result.pixel
+            out["pixel_images"] = result.count
+            if state.config.terms:  # --pixel_loss_terms: each term's unweighted value as pixel_<term>
+                out.update({f"pixel_{name}": value for name, value in result.terms.items()})
+            out["pixel_skipped"] = torch.tensor(float(state.skipped_nonfinite), device=result.pixel.device)
             return out
 
     PixelLoss.__name__ = f"{base.__name__}WithPixelLoss"
