@@ -243,3 +243,32 @@ def test_adaptive_weight_and_norms_per_term(vae):
         expected += a * f * g_terms[name]
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-9)
     assert float(logs["grad_norm_flow"]) == pytest.approx(float(g_flow.norm()), rel=1e-5)
+
+
+# -- lpl on BAGEL's own AutoEncoder ---------------------------------------------------------------------------
+
+@pytest.mark.bagel
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_lpl_taps_each_level_of_bagels_autoencoder_once(checkpointing):
+    import bagel_tiny
+    from bagel_sr import decoding
+
+    if bagel_tiny.bagel_root() is None:
+        pytest.skip(bagel_tiny.REQUIRES_BAGEL_REASON)
+    ae = bagel_tiny.build_tiny_autoencoder()
+    z = torch.randn(1, bagel_tiny.Z_CHANNELS, 4, 4, requires_grad=True)
+    with fidelity_terms.FeatureTap(ae.decoder) as tap:
+        x = decoding.decode(ae, z, dtype="fp32", checkpointing=checkpointing)
+    sides = [f.shape[-1] for f in tap.features]
+    # one map per resolution level, coarse to fine, the last at the image's resolution
+    assert len(sides) == len(ae.decoder.up) and sides == sorted(sides) and sides[-1] == x.shape[-1]
+    with torch.no_grad(), tap:
+        decoding.decode(ae, z.detach() + 0.1, dtype="fp32")
+    loss = fidelity_terms.lpl_loss([f for f in tap.features], tap.features)
+    assert float(loss) == 0.0
+    target = [f.detach() for f in tap.features]
+    with tap:
+        decoding.decode(ae, z, dtype="fp32", checkpointing=checkpointing)
+    loss = fidelity_terms.lpl_loss(tap.features, target)
+    (g,) = torch.autograd.grad(loss.sum(), z)
+    assert float(loss) > 0 and torch.isfinite(g).all() and g.abs().sum() > 0
