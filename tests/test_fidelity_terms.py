@@ -272,3 +272,17 @@ def test_lpl_taps_each_level_of_bagels_autoencoder_once(checkpointing):
     loss = fidelity_terms.lpl_loss(tap.features, target)
     (g,) = torch.autograd.grad(loss.sum(), z)
     assert float(loss) > 0 and torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_a_non_finite_structural_term_drops_all_terms_of_the_micro_step(vae):
+    torch.manual_seed(0)
+    model = with_pixel_loss(ContractModel)(hidden=16)
+    model.attach_pixel_loss(PixelLossConfig(weight=1.0, terms="l2:1,ssim:0.1,lpl:0.05", max_images=0), vae)
+    kw, images = forward_kwargs(set_timesteps(pack(SPEC, seed=0), [0, 0.1, 0, 0.2]), vae)
+    images = images.clone()
+    images[1, 0, 0, 0] = float("nan")  # one ground-truth pixel of the second target
+    out = model(**kw, padded_images=images)
+    assert float(out["pixel_images"]) == 0 and float(out["pixel_skipped"]) == 1
+    assert all(float(out[f"pixel_{k}"]) == 0 for k in ("l2", "ssim", "lpl"))
+    (g,) = torch.autograd.grad(out["pixel"] + out["mse"].sum(), model.llm2vae.weight)
+    assert torch.isfinite(g).all()
