@@ -2,7 +2,8 @@
 
 For every eligible target image it forms ``z0_hat = z_t - t * v_hat`` (``z_t`` and ``t`` detached, so the gradient
 reaches the model only through ``v_hat``), decodes it with the frozen VAE and compares it with the ground-truth
-pixels ``padded_images[i, :, :16h, :16w]``.  ``pixel`` is the mean over eligible images of ``w(t_i) * loss_i``;
+pixels ``padded_images[i, :, :16h, :16w]``.  ``pixel`` is the mean over eligible images of ``w(t_i) * loss_i``,
+``loss_i = sum_k a_k L_k`` over the fidelity terms of ``--pixel_loss_terms`` (:mod:`bagel_sr.fidelity_terms`);
 across ranks the sum is divided by the all-reduced count and multiplied by the world size, as the loop does for
 ``mse``.  The decoder's backward runs here and the result carries its gradient as ``<v_hat, g>``: why, and what it
 costs, in docs/loss_fold.md ("carrying the decoder's gradient").
