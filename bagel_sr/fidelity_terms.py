@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import losses
-from .config import LOSS_TYPES as POINTWISE, STRUCTURAL_TERMS as STRUCTURAL, TERM_NAMES
+from .config import LOSS_TYPES as POINTWISE, TERM_NAMES
 
 SSIM_WINDOW, SSIM_K1, SSIM_K2, SSIM_DATA_RANGE = 7, 0.01, 0.03, 2.0
 
