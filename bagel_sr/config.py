@@ -6,12 +6,17 @@ BAGEL training script's ``TrainingArguments``.
 """
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 FLAG_PREFIX = "pixel_loss_"
 LOSS_TYPES = ("l2", "l1", "charbonnier")
 #: Other spellings of a loss type (forks' flags, e.g. ``--pixel_loss_type mse``), read as ours.
 LOSS_TYPE_ALIASES = {"mse": "l2", "mae": "l1"}
+#: Fidelity terms that compare structure (bagel_sr/fidelity_terms.py); their gradient is bounded by L2's.
+STRUCTURAL_TERMS = ("ssim", "grad", "lpl")
+TERM_NAMES = LOSS_TYPES + STRUCTURAL_TERMS
+#: A term's weight when ``--pixel_loss_terms`` names it without one (``ssim`` means ``ssim:0.1``).
+DEFAULT_TERM_WEIGHTS = {"l2": 1.0, "l1": 1.0, "charbonnier": 1.0, "ssim": 0.1, "grad": 0.1, "lpl": 0.05}
 SCHEDULES = ("hard", "ramp")
 DECODE_DTYPES = ("autocast", "fp32")
 
@@ -28,6 +33,22 @@ class PixelLossConfig:
 
     weight: float = field(default=0.0, metadata={"help": "Weight lambda of the pixel term (0 = off)."})
     loss_type: str = field(default="l2", metadata={"help": f"Pixel loss: one of {', '.join(LOSS_TYPES)}; aliases: mse = l2, mae = l1 (flag --pixel_loss_type)."})
+    terms: Optional[str] = field(
+        default=None,
+        metadata={"help": "Fidelity terms and their relative weights, e.g. 'l2:1,ssim:0.1,grad:0.1,lpl:0.05' "
+                          f"(names: {', '.join(TERM_NAMES)}; a name alone takes its default weight); unset = "
+                          "the one term of --pixel_loss_type. The sum is weighted by --pixel_loss_weight."},
+    )
+    term_grad_bound: float = field(
+        default=1.0,
+        metadata={"help": "Each structural term's (ssim, grad, lpl) gradient at v_hat is clipped to at most this "
+                          "times the L2 term's, per micro-batch, before its weight."},
+    )
+    lpl_outlier_quantile: float = field(
+        default=0.0,
+        metadata={"help": "lpl: per layer, ignore target feature values above this top quantile of |standardised| "
+                          "(0 = no mask)."},
+    )
     charbonnier_eps: float = field(default=1e-3, metadata={"help": "Epsilon of the Charbonnier loss."})
     max_t: float = field(default=0.3, metadata={"help": "Largest flow time t (0 = clean, 1 = noise) that gets the term, in (0, 1]."})
     schedule: str = field(
@@ -75,6 +96,11 @@ class PixelLossConfig:
         _check(self.weight >= 0 and _finite(self.weight), "weight", self.weight, "a finite number >= 0 (0 turns it off)")
         _check(self.loss_type in LOSS_TYPES, "loss_type", self.loss_type,
                f"one of {LOSS_TYPES} (or the aliases {', '.join(f'{a} = {b}' for a, b in LOSS_TYPE_ALIASES.items())})")
+        self.term_weights  # parses --pixel_loss_terms (raises naming the flag)
+        _check(self.term_grad_bound > 0 and _finite(self.term_grad_bound), "term_grad_bound", self.term_grad_bound,
+               "a finite number > 0")
+        _check(0 <= self.lpl_outlier_quantile < 1, "lpl_outlier_quantile", self.lpl_outlier_quantile,
+               "a number in [0, 1)")
         _check(self.charbonnier_eps > 0, "charbonnier_eps", self.charbonnier_eps, "a number > 0")
         _check(0 < self.max_t <= 1, "max_t", self.max_t, "a number in (0, 1]")
         _check(self.schedule in SCHEDULES, "schedule", self.schedule, f"one of {SCHEDULES}")
@@ -91,6 +117,26 @@ class PixelLossConfig:
     @property
     def enabled(self) -> bool:
         return self.weight > 0
+
+    @property
+    def term_weights(self) -> Dict[str, float]:
+        """``{term: relative weight}`` in the flag's order; unset ``terms`` = ``{loss_type: 1.0}`` (today's term)."""
+        text = "" if self.terms is None else str(self.terms).strip()
+        if not text:
+            return {self.loss_type: 1.0}
+        allowed = f"comma-separated name[:weight] with names in {TERM_NAMES}, weights >= 0, at least one > 0"
+        out: Dict[str, float] = {}
+        for item in text.split(","):
+            name, _, weight = item.strip().partition(":")
+            name = name.strip()
+            _check(name in TERM_NAMES and name not in out, "terms", self.terms, allowed + ", each once")
+            try:
+                out[name] = float(weight) if weight.strip() else DEFAULT_TERM_WEIGHTS[name]
+            except ValueError:
+                _check(False, "terms", self.terms, allowed)
+            _check(out[name] >= 0 and _finite(out[name]), "terms", self.terms, allowed)
+        _check(any(w > 0 for w in out.values()), "terms", self.terms, allowed)
+        return out
 
     @property
     def dataset_names(self) -> Optional[frozenset]:

@@ -70,7 +70,8 @@ class DiffusersVAE(nn.Module):
         return self.decode(self.encode(x))
 
 
-def _decoder_of(vae) -> Optional[nn.Module]:
+def decoder_of(vae) -> Optional[nn.Module]:
+    """The VAE's ``decoder`` module (BAGEL's AutoEncoder, :class:`DiffusersVAE`), or None."""
     dec = getattr(vae, "decoder", None)
     return dec if isinstance(dec, nn.Module) else None
 
@@ -118,7 +119,7 @@ def checkpointed_decoder(vae) -> Iterator[int]:
 
     Implemented by shadowing each block's ``forward`` with an instance attribute, removed on exit.
     """
-    decoder = _decoder_of(vae)
+    decoder = decoder_of(vae)
     blocks = list(_checkpoint_targets(decoder)) if decoder is not None and not checkpoints_itself(decoder) else []
     for block in blocks:
         original = block.forward

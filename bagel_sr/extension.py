@@ -16,7 +16,7 @@ from typing import Any, List, Optional
 
 import torch
 
-from . import weighting
+from . import decoding, fidelity_terms, weighting
 from .config import PixelLossConfig
 from .pixel_term import Captured, LatentGeometry, pixel_term
 from .monitoring import NoImageWatch
@@ -88,7 +88,8 @@ def with_pixel_loss(base: type) -> type:
 
     Same constructor.  ``attach_pixel_loss(config, vae)`` arms it; ``forward(**batch, padded_images=...,
     batch_data_indexes=None)`` then returns the parent's ``mse`` and ``ce`` unchanged plus ``pixel`` (0-dim,
-    unweighted, differentiable), ``pixel_images`` (how many images it used, a tensor) and ``pixel_skipped`` (how many
+    unweighted, differentiable), with ``--pixel_loss_terms`` ``pixel_<term>`` (each term unweighted, detached),
+    ``pixel_images`` (how many images it used, a tensor) and ``pixel_skipped`` (how many
     micro-steps so far dropped a non-finite term, a tensor); when the parent returns one of these keys itself (a fork
     with its own pixel term) ours are ``bagel_sr_pixel``, ... (``model.pixel_loss_state.key(name)``).  A parent
     whose ``forward`` takes ``padded_images`` gets them passed through.  ``next_pixel_weight(flow_loss)`` gives the weight of
@@ -112,6 +113,8 @@ def with_pixel_loss(base: type) -> type:
                     f"attach_pixel_loss needs a VAE with decode(z) (BAGEL's AutoEncoder or bagel_sr.decoding.DiffusersVAE); "
                     f"got {type(vae).__name__}"
                 )
+            if "lpl" in config.term_weights:
+                fidelity_terms.feature_modules(decoding.decoder_of(vae))  # fails now, naming what is missing
             for attr in ("latent_patch_size", "latent_channel", "latent_downsample"):
                 if not hasattr(self, attr):
                     raise AttributeError(f"bagel-sr: the model lacks `{attr}`; build it with visual_gen=True")
@@ -150,21 +153,24 @@ def with_pixel_loss(base: type) -> type:
                 )
             with _Capture(self) as capture:
                 out = super().forward(**kwargs)
-            pixel, count, grad = pixel_term(
+            result = pixel_term(
                 LatentGeometry.of(self), state, capture.tensors(), padded_images,
                 kwargs["patchified_vae_latent_shapes"], kwargs["packed_vae_token_indexes"], kwargs["sample_lens"],
-                batch_data_indexes,
+                batch_data_indexes, kwargs.get("padded_latent"),
             )
             state.calls += 1
-            state.current = CallTensors(capture.v_hat, capture.hidden, grad) if state.wants_call_tensors else None
+            state.current = (CallTensors(capture.v_hat, capture.hidden, result.grad, result.term_grads, result.mix)
+                             if state.wants_call_tensors else None)
             out = dict(out)
             if any(k in out for k in OUTPUT_KEYS):  # the host returns a key of ours: never overwrite it
                 state.key_prefix = KEY_PREFIX
-            out[state.key("pixel")] = pixel
-            out[state.key("pixel_images")] = count
-            out[state.key("pixel_skipped")] = torch.tensor(float(state.skipped_nonfinite), device=pixel.device)
+            out[state.key("pixel")] = result.pixel
+            out[state.key("pixel_images")] = result.count
+            if state.config.terms:  # --pixel_loss_terms: each term's unweighted value as pixel_<term>
+                out.update({state.key(f"pixel_{name}"): value for name, value in result.terms.items()})
+            out[state.key("pixel_skipped")] = torch.tensor(float(state.skipped_nonfinite), device=result.pixel.device)
             if state.no_image_watch is not None and not state.no_image_watch.done:  # loud if nothing is admitted
-                state.no_image_watch.observe(float(count), state.config.weight, state.config.datasets)
+                state.no_image_watch.observe(float(result.count), state.config.weight, state.config.datasets)
             return out
 
     PixelLoss.__name__ = f"{base.__name__}WithPixelLoss"

@@ -67,6 +67,16 @@ def linear_parameter_gradients(hidden: torch.Tensor, output_grads: Sequence[torc
     return torch.stack(rows)
 
 
+def llm2vae_norms(hidden: torch.Tensor, output_grads: Sequence[torch.Tensor], bias: bool = True) -> torch.Tensor:
+    """``(K,)``: norms of the ``llm2vae`` gradients of each output gradient ``(N, C)``, averaged over ranks
+    (a collective when distributed)."""
+    grads = linear_parameter_gradients(hidden, output_grads, bias=bias)
+    world = distributed.world()
+    if world > 1:
+        grads = distributed.sum_over_ranks(grads) / world
+    return grads.norm(dim=1)
+
+
 def llm2vae_grad_norms(hidden: torch.Tensor, flow_grad: torch.Tensor, pixel_grad: torch.Tensor,
                        pixel_weight: Weight, bias: bool = True) -> GradNorms:
     """Norms of the ``llm2vae`` gradients of the flow term and of ``pixel_weight * L_pix``, averaged over ranks.
@@ -74,11 +84,7 @@ def llm2vae_grad_norms(hidden: torch.Tensor, flow_grad: torch.Tensor, pixel_grad
     ``flow_grad``, ``pixel_grad``: ``dL/dv_hat`` ``(N, C)`` of the flow term and of the unweighted pixel term.
     A collective when distributed: call it on every rank at the same micro-steps.
     """
-    grads = linear_parameter_gradients(hidden, [flow_grad, pixel_grad], bias=bias)
-    world = distributed.world()
-    if world > 1:
-        grads = distributed.sum_over_ranks(grads) / world
-    flow, pixel = grads.norm(dim=1)
+    flow, pixel = llm2vae_norms(hidden, [flow_grad, pixel_grad], bias=bias)
     weight = torch.as_tensor(pixel_weight, dtype=torch.float32, device=pixel.device).detach()
     return GradNorms(flow=flow, pixel=weight.abs() * pixel, pixel_unweighted=pixel)
 

@@ -21,12 +21,16 @@ class CallTensors:
 
     ``v_hat``: ``llm2vae``'s output ``(N_target_tokens, p*p*C)``, graph kept; ``hidden``: its input
     ``(N_target_tokens, D)``, detached; ``pixel_grad``: ``dL_pix/dv_hat`` of the unweighted, rank-normalised term,
-    float32, detached (zeros when no image was used).
+    float32, detached (zeros when no image was used).  With several fidelity terms: ``term_grads``
+    (``{term: dL_k/dv_hat}``, bounded, unweighted) and ``mix`` (the :class:`~bagel_sr.pixel_term.TermMix` whose
+    per-term adaptive factors the weight controller sets).
     """
 
     v_hat: torch.Tensor
     hidden: torch.Tensor
     pixel_grad: torch.Tensor
+    term_grads: Dict[str, torch.Tensor] = field(default_factory=dict)
+    mix: Any = None
 
 
 @dataclass

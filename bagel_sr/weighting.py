@@ -72,6 +72,8 @@ def _measure(state: PixelLossState, call: CallTensors, flow_loss: torch.Tensor, 
     """Gradient norms of both terms on ``llm2vae``; the adaptive factor from them if asked (a collective)."""
     config = state.config
     flow_grad = monitoring.output_gradient(flow_loss, call.v_hat)
+    if call.term_grads:
+        return _measure_terms(state, call, flow_grad, weight)
     norms = monitoring.llm2vae_grad_norms(call.hidden, flow_grad, call.pixel_grad, weight, bias=state.llm2vae_bias)
     logs = {}
     if config.adaptive_weight:
@@ -81,5 +83,32 @@ def _measure(state: PixelLossState, call: CallTensors, flow_loss: torch.Tensor, 
         logs["pixel_adaptive_factor"] = state.adaptive_factor
     if config.log_grad_norms_every > 0:
         logs.update(norms.as_log())
+    state.grad_logs = {k: v.detach() for k, v in logs.items()}
+    return WeightStep(weight, dict(state.grad_logs))
+
+
+def _measure_terms(state: PixelLossState, call: CallTensors, flow_grad: torch.Tensor, weight: Weight) -> WeightStep:
+    """Several fidelity terms: norms per term (``grad_norm_pixel_<term>``, weighted) and, with the adaptive weight,
+    one factor per term ``f_k = min(||grad L_flow|| / ||grad L_k||, max)`` (``pixel_adaptive_factor_<term>``),
+    written into the forward's :class:`~bagel_sr.pixel_term.TermMix` so the backward uses ``sum_k a_k f_k g_k``;
+    the returned weight is ``lambda * warmup``.  ``grad_norm_pixel`` is the weighted sum's norm (a collective)."""
+    config, names = state.config, list(call.term_grads)
+    grads = [flow_grad] + [call.term_grads[n] for n in names]
+    norms = monitoring.llm2vae_norms(call.hidden, grads, bias=state.llm2vae_bias)
+    flow_norm, term_norms = norms[0], dict(zip(names, norms[1:]))
+    logs = {}
+    if config.adaptive_weight:
+        factors = {n: (flow_norm / term_norms[n].clamp(min=1e-30)).clamp(max=float(config.adaptive_weight_max)).detach()
+                   for n in names}
+        call.mix.factors = factors
+        logs.update({f"pixel_adaptive_factor_{n}": f for n, f in factors.items()})
+    if config.log_grad_norms_every > 0:
+        w = torch.as_tensor(weight, dtype=torch.float32, device=flow_norm.device).detach().abs()
+        mixed = monitoring.llm2vae_norms(call.hidden, [call.mix.gradient()], bias=state.llm2vae_bias)[0]
+        logs.update(grad_norm_flow=flow_norm, grad_norm_pixel=w * mixed,
+                    grad_norm_ratio=w * mixed / flow_norm.clamp(min=1e-30))
+        for n in names:
+            a = call.mix.weights[n] * float(call.mix.factors.get(n, 1.0))
+            logs[f"grad_norm_pixel_{n}"] = w * a * term_norms[n]
     state.grad_logs = {k: v.detach() for k, v in logs.items()}
     return WeightStep(weight, dict(state.grad_logs))

@@ -13,6 +13,10 @@
     without the pixel term at the wrapper's defaults (needs BAGEL_ROOT).
 (c) The pixel term's cost (armed step minus flow-only step) as target images per micro-batch grow from 1 to 32,
     with max_images = 4 (flat beyond 4) and without a limit (linear).
+(d) Each fidelity term's cost over L2 alone (``--pixel_loss_terms``): one paired target image at t = 0.1 through
+    the contract model and BAGEL's full-size VAE geometry, checkpointing on; the pixel term's time (armed step
+    minus flow-only step, best of ``--repeats_d``) and extra peak memory (peak RSS of a fresh process minus that of
+    a flow-only process), and both as ratios to L2 alone.
 """
 import argparse
 import json
@@ -327,6 +331,72 @@ def time_contract(model_cls, kw, images, max_images: Optional[int], vae, repeats
     return min(times)  # best of: robust to other processes on a shared machine
 
 
+# ------------------------------------------------------------------------------------------ (d) fidelity terms
+
+TERM_SETS = ("l2:1", "l2:1,ssim:0.1", "l2:1,grad:0.1", "l2:1,lpl:0.05", "l2:1,ssim:0.1,grad:0.1,lpl:0.05")
+
+
+def term_worker(args) -> Dict:
+    """One term set (``args.mode``; 'flow' = flow only) in this process: best step time and peak RSS."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from bagel_sr.embedded import _compat  # noqa: F401  (a torchvision that cannot load is treated as absent)
+    from contract_model import ContractModel, forward_kwargs, pack, set_timesteps
+
+    torch.set_num_threads(args.threads)
+    vae = flux_vae()
+    n = args.d_tokens
+    batch = set_timesteps(pack([[("cond", n, n), ("text", 2), ("target", n, n)]], seed=0), [0, 0.1])
+    kw, images = forward_kwargs(batch, vae)
+    torch.manual_seed(0)
+    model = with_pixel_loss(ContractModel)(hidden=32)
+    extra = {}
+    if args.mode != "flow":
+        model.attach_pixel_loss(PixelLossConfig(weight=0.05, terms=args.mode, max_images=0), vae)
+        extra = dict(padded_images=images)
+    times = []
+    for i in range(args.repeats_d + 1):  # the first run warms up
+        start = time.perf_counter()
+        out = model(**kw, **extra)
+        loss = out["mse"].mean(-1).sum() / len(kw["mse_loss_indexes"])
+        if "pixel" in out:
+            loss = loss + 0.05 * out["pixel"]
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        if i:
+            times.append(time.perf_counter() - start)
+    return dict(time=min(times), peak_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def part_d(args) -> Dict:
+    print("\n## (d) cost of each fidelity term over L2 alone\n", flush=True)
+    rows = {}
+    for mode in ("flow",) + TERM_SETS:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", "--mode", mode, "--d_tokens",
+               str(args.d_tokens), "--repeats_d", str(args.repeats_d), "--threads", str(args.threads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
+        if proc.returncode != 0:
+            print(f"{mode}: failed ({proc.stderr.strip().splitlines()[-1:]})")
+            continue
+        rows[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    flow = rows["flow"]
+    side = 16 * args.d_tokens
+    print(f"one {side}x{side} paired target at t = 0.1, FLUX-geometry VAE (random weights, fp32, checkpointing), "
+          f"contract model; pixel term = armed step - flow-only step (best of {args.repeats_d}); extra memory = peak "
+          "RSS - flow-only process's\n")
+    print("| terms | pixel-term time | vs L2 alone | extra peak memory | vs L2 alone |")
+    print("|---|---:|---:|---:|---:|")
+    ref = rows.get(TERM_SETS[0])
+    for mode in TERM_SETS:
+        if mode not in rows:
+            continue
+        dt = rows[mode]["time"] - flow["time"]
+        dm = (rows[mode]["peak_kb"] - flow["peak_kb"]) / 2**20
+        rt = dt / (ref["time"] - flow["time"]) if ref else float("nan")
+        rm = dm / ((ref["peak_kb"] - flow["peak_kb"]) / 2**20) if ref else float("nan")
+        print(f"| `{mode}` | {dt:.2f} s | {rt:.2f}x | {dm:.2f} GB | {rm:.2f}x |")
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------------- main
 
 def machine() -> str:
@@ -343,7 +413,7 @@ def machine() -> str:
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes and counts, under 2 minutes")
-    p.add_argument("--parts", default="abc", help="which parts to run, e.g. 'ac'")
+    p.add_argument("--parts", default="abcd", help="which parts to run, e.g. 'ac'")
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024], help="(a) image sides in pixels")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES), help="(a) configurations")
     p.add_argument("--crop", type=int, default=32, help="(a) crop side in latent pixels (32 = a 256-px window)")
@@ -360,6 +430,8 @@ def parse(argv=None):
     p.add_argument("--c_tokens", type=int, default=4, help="(c) image side in tokens (16 px each)")
     p.add_argument("--c_uncapped_up_to", type=int, default=32, help="(c) run the no-limit column up to this count")
     p.add_argument("--repeats_c", type=int, default=5, help="(c) timed steps per point")
+    p.add_argument("--d_tokens", type=int, default=16, help="(d) image side in tokens (16 px each): 256 px")
+    p.add_argument("--repeats_d", type=int, default=2, help="(d) timed steps per term set")
     p.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
@@ -367,13 +439,15 @@ def parse(argv=None):
     if args.quick and not args._worker:
         args.sizes, args.crop, args.margin, args.whole_max_size = [64, 128], 8, 2, 128
         args.b_steps, args.c_images, args.repeats_c, args.c_uncapped_up_to = 3, [1, 4, 8, 32], 3, 8
+        args.d_tokens, args.repeats_d = 4, 1
     return args
 
 
 def main(argv=None) -> None:
     args = parse(argv)
     if args._worker:
-        print(json.dumps(decode_worker(args)))
+        print(json.dumps(term_worker(args) if args.mode == "flow" or (args.mode and ":" in args.mode)
+                         else decode_worker(args)))
         return
     torch.set_num_threads(args.threads)
     start = time.time()
@@ -385,6 +459,8 @@ def main(argv=None) -> None:
         part_b(args)
     if "c" in args.parts:
         part_c(args)
+    if "d" in args.parts:
+        part_d(args)
     print(f"\n(total {time.time() - start:.0f} s)")
 
 

@@ -10,7 +10,8 @@ Grid YAML keys (relative paths are relative to the directory the command is star
   output_root    folder of the run folders (default ``runs/ablation``).
   workdir        folder the commands run in (default: the current directory at plan time).
   common_flags   flags for every run, e.g. ``{checkpoint_dir: "{run_dir}/checkpoints", total_steps: 500}``.
-  grid           flag -> list of values; the cartesian product gives the runs.
+  grid           flag -> list of values; the cartesian product gives the runs (fidelity terms:
+                 ``pixel_loss_terms: ["l2:1", "l2:1,ssim:0.1", "l2:1,lpl:0.05"]``).
   runs           explicit runs: list of flag dicts, each with an optional ``name``.
   eval           ``infer_command`` (template run after training, inside command.sh), ``outputs`` (template,
                  default ``{run_dir}/outputs``), ``references`` or ``manifest`` (+ ``split``), ``data_range``,

@@ -240,7 +240,7 @@ def _fmt(m: Dict) -> str:
 
 def format_table(seed_result: Dict, base: Dict, pixel: PixelLossConfig, n_pairs: int, split: str) -> str:
     arms = seed_result["arms"]
-    pix = f"flow + pixel (w={pixel.weight:g}, {pixel.loss_type}, t<={pixel.max_t:g})"
+    pix = f"flow + pixel (w={pixel.weight:g}, {pixel.terms or pixel.loss_type}, t<={pixel.max_t:g})"
     w = max(30, len(pix) + 2)
     lines = [
         f"seed {seed_result['seed']}: {split} split, {n_pairs} pairs (x2 and x4); PSNR/SSIM on grayscale [0,1], "
@@ -339,7 +339,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
           f"{len(unpaired)} unpaired; VAE held-out reconstruction PSNR {vae_meta.get('heldout_psnr', float('nan')):.2f} dB; "
           f"{torch.get_num_threads()} torch threads")
     print("pixel loss:", ", ".join(f"{k}={v}" for k, v in pixel.to_flags().items()
-                                   if k in ("pixel_loss_weight", "pixel_loss_type", "pixel_loss_max_t",
+                                   if k in ("pixel_loss_weight", "pixel_loss_type", "pixel_loss_terms", "pixel_loss_max_t",
                                             "pixel_loss_schedule", "pixel_loss_paired_only", "pixel_loss_max_images")))
     results, tables = [], []
     for k in range(args.seeds):

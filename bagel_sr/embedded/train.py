@@ -21,7 +21,7 @@ from . import _compat  # noqa: F401
 import numpy as np
 import torch
 
-from ..config import PixelLossConfig
+from ..config import TERM_NAMES, PixelLossConfig
 from ..extension import with_pixel_loss
 from ..names import check_names
 from . import data
@@ -211,6 +211,7 @@ def micro_step_loss(model: torch.nn.Module, out: Dict, batch: Dict, cfg: TrainCo
         logs.update(step_weight.logs)
         logs["pixel"] = out["pixel"].detach()
         logs["pixel_images"] = out["pixel_images"].detach()
+        logs.update({k: v.detach() for k, v in out.items() if k.startswith("pixel_") and k[6:] in TERM_NAMES})
         logs["pixel_weight"] = torch.as_tensor(float(step_weight.weight))
     return loss, logs
 
