@@ -1,0 +1,171 @@
+"""ablate's report: evaluate every finished run of a grid, compare with a baseline, write ``report.md``,
+``ablation.csv``, metric plots and an image grid (``python -m bagel_sr.eval.ablate report GRID.yaml``)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+
+from bagel_sr.errors import BadInput
+from bagel_sr.outputs import claim
+
+from . import report
+from .ablate import TOOL, Run, _flag_name, build_runs, fill, load_grid
+from .evaluate import EvalSettings, collect_pairs, compare_tables, metric_columns, run_evaluation, unit_table
+from .images import load_image
+
+
+
+def eval_settings(ev: dict[str, Any]) -> EvalSettings:
+    """EvalSettings from the grid's ``eval`` section."""
+    hu = ev.get("hu_window")
+    return EvalSettings(data_range=ev.get("data_range"), window=ev.get("ssim_window", "uniform7"),
+                        color=ev.get("color", "gray"), convention=ev.get("convention", "plain"),
+                        hu_window=tuple(hu) if hu else None, data_consistency=ev.get("data_consistency", True),
+                        lpips_weights=ev.get("lpips_weights"), bits_stored=ev.get("bits_stored"))
+
+
+def _outputs_of(run: Run, ev: dict[str, Any]) -> Path:
+    fields = {"run_dir": str(run.run_dir), "name": run.name}
+    return Path(fill(str(ev.get("outputs", "{run_dir}/outputs")), fields))
+
+
+def _default_plots(cfg: dict[str, Any], table: pd.DataFrame) -> list[str]:
+    plots = cfg.get("plots")
+    if plots:
+        return [_flag_name(p) for p in plots]
+    flags = [_flag_name(f) for f in (cfg.get("grid") or {})] or [c for c in table.columns if c.startswith("pixel_loss")]
+    return [f for f in flags if f in table.columns and pd.to_numeric(table[f], errors="coerce").notna().all()
+            and table[f].nunique() > 1]
+
+
+def _image_grid(runs: Sequence[Run], ev: dict[str, Any], per_image: dict[str, pd.DataFrame],
+                settings: EvalSettings, path: Path, n: int) -> str | None:
+    """Rows: the ``n`` pairs with the lowest mean PSNR over runs; columns: input, reference, each run."""
+    if n <= 0 or not runs:
+        return None
+    mean_psnr = pd.concat([df.set_index("pair_id")["psnr"] for df in per_image.values()], axis=1).mean(axis=1)
+    chosen = mean_psnr.replace([float("inf")], float("nan")).fillna(1e9).sort_values().index[:n]
+    pair_lists = {r.name: {p.pair_id: p for p in collect_pairs(_outputs_of(r, ev), ev.get("references"),
+                                                               ev.get("manifest"), ev.get("split"),
+                                                               allow_missing=True)} for r in runs}
+    first = pair_lists[runs[0].name]
+    rows = []
+    for pid in chosen:
+        cols = []
+        if first[pid].degraded is not None:
+            cols.append(("input", load_image(first[pid].degraded, settings.color, settings.bits_stored).array))
+        cols.append(("reference", load_image(first[pid].reference, settings.color, settings.bits_stored).array))
+        cols += [(r.name, load_image(pair_lists[r.name][pid].output, settings.color, settings.bits_stored).array)
+                 for r in runs if pid in pair_lists[r.name]]
+        rows.append((str(pid), cols))
+    return report.image_grid(rows, path)
+
+
+def build_report(grid_path: str | Path, out: str | Path | None = None, n_boot: int | None = None,
+                 progress: bool = True) -> dict[str, Any]:
+    """Evaluate every finished run and write ``report.md``, ``ablation.csv`` and PNG figures; returns the table."""
+    cfg = load_grid(grid_path)
+    ev = cfg.get("eval") or {}
+    runs = build_runs(cfg)
+    finished = [r for r in runs if r.done]
+    if not finished:
+        raise RuntimeError("no finished runs (a run is finished when RUN_DIR/DONE exists); use 'ablate run' first")
+    if not ev.get("references") and not ev.get("manifest"):
+        raise BadInput(f"{grid_path}: the report needs eval.references (a folder) or eval.manifest")
+    out = Path(out) if out else runs[0].run_dir.parent / "report"
+    ledger, _ = claim(out, TOOL + ".report", {}, flag="--out")  # a report folder holds only what reports wrote
+    settings = eval_settings(ev)
+    n_boot = int(n_boot or ev.get("n_boot", 10000))
+    rows, unit_tables, per_image = [], {}, {}
+    for run in finished:
+        res = run_evaluation(_outputs_of(run, ev), run.run_dir / "eval", settings, ev.get("references"),
+                             ev.get("manifest"), split=ev.get("split"), n_boot=n_boot, worst=0, progress=progress,
+                             title=f"Evaluation of run {run.name}")
+        per_image[run.name] = res["per_image"]
+        unit_tables[run.name] = unit_table(res["per_image"], res["per_volume"])
+        row: dict[str, Any] = {"run": run.name, **{_flag_name(k): v for k, v in run.flags.items()}}
+        for s in res["summary"].itertuples():
+            row.update({s.metric: s.mean, f"{s.metric}_lo": s.ci_lo, f"{s.metric}_hi": s.ci_hi, "n": s.n,
+                        "unit": s.unit})
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    sort_by = cfg.get("sort_by", "psnr")
+    if sort_by == "ssim":
+        sort_by = f"ssim_{settings.window}"
+    if sort_by not in table.columns:
+        raise BadInput(f"sort_by {sort_by!r} is not a computed metric; choose one of {metric_columns(table)}")
+    table = table.sort_values(sort_by, ascending=not report.higher_is_better(sort_by), kind="stable")
+    baseline = ev.get("baseline")
+    if baseline:
+        table = _add_baseline_columns(table, unit_tables, baseline, sort_by, n_boot)
+    ledger.record("ablation.csv")
+    table.to_csv(out / "ablation.csv", index=False)
+    figures = _figures(cfg, table, settings, out, ledger)
+    by_name = {r.name: r for r in runs}
+    grid_png = _image_grid([by_name[n] for n in table["run"]], ev, per_image, settings,
+                           ledger.record("image_grid.png"), int(ev.get("grid_images", 4)))
+    if grid_png:
+        figures.append(grid_png)
+    pending = [r.name for r in runs if not r.done]
+    md = _report_markdown(cfg, table, sort_by, settings, pending, figures)
+    ledger.record("report.md")
+    (out / "report.md").write_text(md, encoding="utf-8")
+    return {"table": table, "report": out / "report.md", "figures": figures}
+
+
+def _add_baseline_columns(table: pd.DataFrame, unit_tables: dict, baseline: str, metric: str,
+                          n_boot: int) -> pd.DataFrame:
+    if baseline not in unit_tables:
+        raise BadInput(f"eval.baseline {baseline!r} is not a finished run; finished: {sorted(unit_tables)}")
+    base_tab, _, key = unit_tables[baseline]
+    diffs, lo, hi, p = [], [], [], []
+    for name in table["run"]:
+        tab = unit_tables[name][0]
+        t = compare_tables(tab, base_tab, key, n_boot)[1].set_index("metric").loc[metric]
+        diffs.append(t.mean_diff)
+        lo.append(t.diff_lo)
+        hi.append(t.diff_hi)
+        p.append(t.p_value)
+    return table.assign(**{f"{metric}_vs_{baseline}": diffs, f"{metric}_vs_{baseline}_lo": lo,
+                           f"{metric}_vs_{baseline}_hi": hi, f"{metric}_vs_{baseline}_p": p})
+
+
+def _figures(cfg: dict[str, Any], table: pd.DataFrame, settings: EvalSettings, out: Path, ledger) -> list[str]:
+    params = _default_plots(cfg, table)
+    figs = []
+    for metric in ("psnr", f"ssim_{settings.window}"):
+        if metric not in table.columns:
+            continue
+        for param in params:
+            others = [p for p in params if p != param]
+            hue = others[0] if others else None
+            path = ledger.record(f"{metric}_vs_{param}.png")
+            figs.append(report.plot_metric_vs_param(table, param, metric, path, hue))
+    return figs
+
+
+def _report_markdown(cfg: dict[str, Any], table: pd.DataFrame, sort_by: str, settings: EvalSettings,
+                     pending: list[str], figures: list[str]) -> str:
+    metrics = metric_columns(table)
+    flags = [c for c in table.columns if c not in ("run", "n", "unit") and not any(
+        c == m or c.startswith(f"{m}_") for m in metrics)]
+    view = table[["run"] + flags].copy()
+    for m in metrics:
+        view[f"{m} [95% CI]"] = [report.fmt_ci(r[m], r[f"{m}_lo"], r[f"{m}_hi"]) for _, r in table.iterrows()]
+    extra = [c for c in table.columns if "_vs_" in c and not c.endswith(("_lo", "_hi", "_p"))]
+    for c in extra:
+        view[f"{c} [95% CI], Wilcoxon p"] = [
+            f"{report.fmt_ci(r[c], r[f'{c}_lo'], r[f'{c}_hi'])}, p={report.fmt(r[f'{c}_p'], 3)}"
+            for _, r in table.iterrows()]
+    view["n"] = [f"{n} {u}s" for n, u in zip(table["n"], table["unit"])]
+    title = cfg.get("name", "Ablation")
+    lines = [f"# {title}", "", f"Sorted by {sort_by} ({'higher' if report.higher_is_better(sort_by) else 'lower'} "
+             "is better); mean [95% bootstrap interval].", ""]
+    lines += [f"- {k}: {v}" for k, v in settings.describe().items()]
+    lines += ["", report.markdown_table(view)]
+    if pending:
+        lines += ["", f"Not finished (left out): {', '.join(pending)}"]
+    lines += [f"\n![{Path(f).stem}]({Path(f).name})" for f in figures]
+    return "\n".join(lines) + "\n"
