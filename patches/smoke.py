@@ -11,7 +11,8 @@ the ``dryrun`` rows of :mod:`bagel_sr.patches.registry` (:mod:`bagel_sr.patches.
 2. every logged loss is finite;
 3. the second launch resumed from the first one's checkpoint (BAGEL's convention: checkpoint ``K`` -> step K+1);
 4. the last ``model.safetensors`` and ``ema.safetensors`` load into the checkout's stock ``Bagel`` with
-   ``strict=True``.
+   ``strict=True`` (a DeepSpeed loop's checkpoint, which has neither: its ``mp_rank_00_model_states.pt`` module
+   states, strictly; no EMA is checked, and the OK line says so).
 
 The last line is ``smoke: OK ...`` (exit 0) or ``smoke: FAILED: <what>`` (exit 1). Without ``--model_path`` a tiny
 random model folder of the checkout's architecture is written (:mod:`.smoke_model`); without
@@ -41,6 +42,8 @@ LOG_LINE = re.compile(r"\(step=(\d+)\) (.*)")
 LOSS_ITEM = re.compile(r"Train Loss (\w+): (\S+?),")
 START_LINE = re.compile(r"Training for (\d+) steps, starting at (\d+)")
 PIXEL_KEYS = ("pixel", "pixel_images", "pixel_weight")
+#: What a DeepSpeed loop's ``engine.save_checkpoint`` writes in ``<checkpoint_dir>/<step>/`` for the model (ZeRO <= 2).
+DEEPSPEED_MODEL_STATES = "mp_rank_00_model_states.pt"
 
 #: BAGEL flags of a dry run on CPU (the user's own flags come after these and win).
 DRY_RUN_FLAGS = {
@@ -265,6 +268,8 @@ def run(argv: Sequence[str]) -> int:
         if result.get("error"):
             raise SmokeFailure(f"loading the checkpoint into stock Bagel: {result['error']}")
         notes.append(f"{' and '.join(result['loaded'])} load into stock Bagel (strict)")
+        if result.get("skipped"):
+            notes.append(result["skipped"])
         (workdir / "trajectory.json").write_text(json.dumps([log.trajectory() for log in logs]))
     except SmokeFailure as failure:
         print(f"smoke: FAILED: {failure} (work folder kept: {workdir})", flush=True)
@@ -362,9 +367,17 @@ def _write_load_check(out: pathlib.Path, recorded: dict, checkpoint_dir: Optiona
         model = stock.Bagel(stock.Qwen2ForCausalLM(config.llm_config), vit, config)
         if config.visual_und:  # as main() and BAGEL's inference do after building the model
             model.vit_model.vision_model.embeddings.convert_conv2d_to_linear(config.vit_config)
-        for name in ("model.safetensors", "ema.safetensors"):
-            model.load_state_dict(load_file(str(folder / name)), strict=True)
-            result["loaded"].append(f"{folder.name}/{name}")
+        if (folder / "model.safetensors").is_file() or not (folder / DEEPSPEED_MODEL_STATES).is_file():
+            for name in ("model.safetensors", "ema.safetensors"):
+                model.load_state_dict(load_file(str(folder / name)), strict=True)
+                result["loaded"].append(f"{folder.name}/{name}")
+        else:  # a DeepSpeed loop: engine.save_checkpoint's module states (our own file: not weights-only)
+            import torch
+
+            states = torch.load(folder / DEEPSPEED_MODEL_STATES, map_location="cpu", weights_only=False)
+            model.load_state_dict(states["module"], strict=True)
+            result["loaded"].append(f"{folder.name}/{DEEPSPEED_MODEL_STATES} (DeepSpeed's module states)")
+            result["skipped"] = "no EMA checked: the DeepSpeed checkpoint holds no model.safetensors/ema.safetensors"
     except Exception as error:
         result["error"] = f"{type(error).__name__}: {error}"
     out.write_text(json.dumps(result))

@@ -125,3 +125,73 @@ def make_fork(upstream: str | pathlib.Path, dest: str | pathlib.Path) -> pathlib
     for edit in EDITS:
         apply_edit(dest, edit)
     return dest
+
+
+# ------------------------------------------------------------------------------------- the DeepSpeed variant
+
+#: The DeepSpeed port of upstream's training script that :func:`make_deepspeed_fork` writes next to it.
+DEEPSPEED_SCRIPT = "train/main_deepspeed.py"
+
+_DS_SETUP = '''    # DeepSpeed instead of FSDP, EMA and activation checkpointing: ZeRO-2, bf16 weights (fp32 master copy) as
+    # FSDP's mixed precision has them; bf16 autocast is configured here because the engine's forward ignores an
+    # outer torch.autocast; AdamW is DeepSpeed's, on torch's kernel.
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
+        "gradient_clipping": training_args.max_grad_norm,
+        "steps_per_print": 10 ** 9,
+        "zero_optimization": {"stage": 2},
+        "bf16": {"enabled": True},
+        "torch_autocast": {"enabled": True, "dtype": "bfloat16"},
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": training_args.lr, "betas": [training_args.beta1, training_args.beta2],
+            "eps": training_args.eps, "weight_decay": 0.0, "torch_adam": True}},
+    }
+    fsdp_config = None
+    fsdp_model = model  # printed below; deepspeed.initialize replaces it with the engine
+'''
+
+_DS_STEP = '''        boundary = fsdp_model.is_gradient_accumulation_boundary()
+        fsdp_model.step()
+        if boundary:
+            scheduler.step()
+            total_norm = torch.tensor(float(fsdp_model.get_global_grad_norm() or 0.0), device=device)
+'''
+
+DEEPSPEED_EDITS = (
+    Edit("ds_script_imports_deepspeed", DEEPSPEED_SCRIPT,
+         r"(\nimport torch\.distributed as dist\n)", "\\1import deepspeed\n"),
+    Edit("ds_config_replaces_fsdp_ema_and_checkpointing", DEEPSPEED_SCRIPT,
+         r"    # Setup FSDP and load pretrained model:\n(?:.*\n)*?        check_fn=grad_checkpoint_check_fn\n    \)\n",
+         _DS_SETUP),
+    Edit("ds_initialize_replaces_optimizer", DEEPSPEED_SCRIPT,
+         r"    optimizer = torch\.optim\.AdamW\(\n(?:        .*\n)+?    \)\n",
+         "    fsdp_model, ds_optimizer, _, _ = deepspeed.initialize(\n"
+         "        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config)\n"
+         "    optimizer = ds_optimizer.optimizer  # torch's AdamW inside ZeRO-2: the scheduler and the lr log use it\n"),
+    Edit("ds_no_ema_eval", DEEPSPEED_SCRIPT, r"    ema_model\.eval\(\)\n", ""),
+    Edit("ds_engine_backward", DEEPSPEED_SCRIPT,
+         r"(?<=\n)        loss\.backward\(\)\n",
+         "        fsdp_model.backward(loss, scale_wrt_gas=False)  # the loop divides by the accumulation steps\n"),
+    Edit("ds_engine_step", DEEPSPEED_SCRIPT,
+         r"        if \(micro_step \+ 1\) % training_args\.gradient_accumulation_steps == 0:\n"
+         r"(?:            .*\n)+?            optimizer\.zero_grad\(\)\n",
+         _DS_STEP),
+    Edit("ds_engine_save_checkpoint_uses", DEEPSPEED_SCRIPT,
+         r"FSDPCheckpoint\.fsdp_save_ckpt\(\n(?:.*\n)*?\s*\)(?=\n)",
+         "fsdp_model.save_checkpoint(training_args.checkpoint_dir, tag=f'{curr_step:07d}')"),
+)
+
+
+def make_deepspeed_fork(upstream: str | pathlib.Path, dest: str | pathlib.Path) -> pathlib.Path:
+    """Copy the checkout ``upstream`` to ``dest`` and write :data:`DEEPSPEED_SCRIPT`, upstream's training script
+    ported to DeepSpeed by :data:`DEEPSPEED_EDITS` (upstream's script stays); returns ``dest``.
+
+    The port has no EMA and no resume (``engine.load_checkpoint`` is not wired); checkpoints are DeepSpeed's
+    (``<checkpoint_dir>/<step>/mp_rank_00_model_states.pt`` and ZeRO shards)."""
+    dest = pathlib.Path(dest)
+    shutil.copytree(upstream, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".git"))
+    shutil.copyfile(dest / UPSTREAM_SCRIPT, dest / DEEPSPEED_SCRIPT)
+    for edit in DEEPSPEED_EDITS:
+        apply_edit(dest, edit)
+    return dest

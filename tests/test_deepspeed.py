@@ -1,10 +1,15 @@
 """A DeepSpeed port of BAGEL's loop (ZeRO-2 on CPU, gloo, 2 ranks): the wrapper's model class and the integration
-API for custom loops both give the gradients of the written-out loss ``flow + weight * pixel``.
+API for custom loops both give the gradients of the written-out loss ``flow + weight * pixel``; and (``bagel``)
+the wrapper trains BAGEL's own script ported to DeepSpeed (tests/fork_checkout.py) through the CPU dry run.
 
 The port: ``deepspeed.initialize``, ``engine(**data)``, the loop's own ``mse`` reduction, ``engine.backward(loss)``,
 ``engine.step()``.  Needs the ``deepspeed`` extra (``DS_ACCELERATOR=cpu`` is set for the ranks).
 """
 import os
+import pathlib
+import re
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -16,6 +21,7 @@ pytest.importorskip("deepspeed", reason="install the deepspeed extra: pip instal
 from bagel_sr import PixelLossConfig, with_pixel_loss  # noqa: E402
 from contract_model import ContractModel, LinearDecoder, forward_kwargs, pack, set_timesteps  # noqa: E402
 from two_ranks import run_ranks  # noqa: E402
+from bagel_tiny import requires_bagel, upstream_root  # noqa: E402
 
 CONFIG = dict(weight=0.05, max_t=0.3, max_images=0)
 DS_CONFIG = {
@@ -121,3 +127,38 @@ def test_zero2_gradients_equal_the_written_out_loss(monkeypatch):
             torch.testing.assert_close(wrapper[name], ref[name], rtol=1e-4, atol=1e-6)
             torch.testing.assert_close(custom[name], ref[name], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(results[0]["wrapper"][0]["llm.0.weight"], results[1]["wrapper"][0]["llm.0.weight"])
+
+
+# ---------------------------------------------------------------- BAGEL's own script, ported to DeepSpeed
+
+@pytest.mark.bagel
+@requires_bagel
+def test_wrapper_trains_bagels_script_ported_to_deepspeed_with_the_pixel_term(tmp_path):
+    from bagel_sr.patches.smoke import LaunchLog
+    from fork_checkout import DEEPSPEED_SCRIPT, make_deepspeed_fork
+
+    root = make_deepspeed_fork(upstream_root(), tmp_path / "checkout")  # each edit matches once, or it fails
+    script = (root / DEEPSPEED_SCRIPT).read_text()
+    assert "deepspeed.initialize(" in script and "fsdp_wrapper(" not in script and "loss.backward()" not in script
+    work = tmp_path / "work"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bagel_sr.smoke", "--bagel_root", str(root), "--bagel_train_script", DEEPSPEED_SCRIPT,
+         "--workdir", str(work), "--no_resume", "--steps", "2", "--nproc", "2"],
+        cwd=pathlib.Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, DS_ACCELERATOR="cpu"))
+    out = proc.stdout + proc.stderr
+    line = [x for x in out.splitlines() if x.strip()][-1]
+    assert proc.returncode == 0 and line.startswith("smoke: OK"), out[-3000:]
+    assert re.search(r"pixel term acted on [1-9]/2 steps", line), line
+    assert "0000002/mp_rank_00_model_states.pt (DeepSpeed's module states) load into stock Bagel (strict)" in line
+    assert "no EMA checked" in line
+    log_text = (work / "launch1.log").read_text()
+    log = LaunchLog.parse(log_text)
+    assert sorted(log.steps) == [0, 1]
+    assert all({"mse", "ce", "pixel", "pixel_images", "pixel_weight"} <= set(items) for items in log.steps.values())
+    assert any(items["pixel_images"] > 0 and items["pixel"] > 0 for items in log.steps.values())
+    assert all(items["pixel_weight"] == 0.05 for items in log.steps.values())  # the wrapper's default weight
+    # The engine trained it: DeepSpeed's checkpoint, one ZeRO optimizer shard per rank.
+    saved = sorted(f.name for f in (work / "checkpoints" / "0000002").iterdir())
+    assert saved == ["bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                     "mp_rank_00_model_states.pt"], saved
