@@ -37,6 +37,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
+from bagel_sr.state import KEY_PREFIX  # our log keys' prefix when a checkout returns the same keys
+
 WORKER_MODULE = "bagel_sr.patches.smoke"
 LOG_LINE = re.compile(r"\(step=(\d+)\) (.*)")
 LOSS_ITEM = re.compile(r"Train Loss (\w+): (\S+?),")
@@ -94,19 +96,24 @@ class LaunchLog:
 
 
 def check_pixel_term(logs: Sequence[LaunchLog]) -> str:
-    """The pixel keys reached the log lines and some step admitted an image."""
+    """The pixel keys reached the log lines and some step admitted an image. A checkout whose forward returns
+    ``pixel`` itself logs ours as ``bagel_sr_pixel``, ... (``PixelLossState.key``): those are read then."""
     lines = [items for log in logs for items in log.steps.values()]
     if not lines:
         raise SmokeFailure("the loop logged no step (look at the launch log)")
-    missing = [k for k in PIXEL_KEYS if not any(k in items for items in lines)]
+    prefix = KEY_PREFIX if any(KEY_PREFIX + "pixel" in items for items in lines) else ""
+    keys = [prefix + k for k in PIXEL_KEYS]
+    missing = [k for k in keys if not any(k in items for items in lines)]
     if missing:
         raise SmokeFailure(f"the loop's log lines lack {', '.join(missing)}: the pixel term's keys did not reach them")
-    admitted = sum(items.get("pixel_images", 0.0) for items in lines)
+    images = prefix + "pixel_images"
+    admitted = sum(items.get(images, 0.0) for items in lines)
     if admitted <= 0:
         raise SmokeFailure(
-            f"the pixel term admitted no image in {len(lines)} logged steps (pixel_images stayed 0): check "
+            f"the pixel term admitted no image in {len(lines)} logged steps ({images} stayed 0): check "
             "--pixel_loss_datasets / --pixel_loss_paired_only against your data, or raise --steps")
-    return f"pixel term acted on {sum(1 for i in lines if i.get('pixel_images', 0) > 0)}/{len(lines)} steps"
+    where = f" (as {prefix}*: the checkout logs its own pixel keys)" if prefix else ""
+    return f"pixel term acted on {sum(1 for i in lines if i.get(images, 0) > 0)}/{len(lines)} steps{where}"
 
 
 def check_finite(logs: Sequence[LaunchLog]) -> None:

@@ -140,16 +140,24 @@ def smoke_workdir(tmp_path_factory):
 
 @pytest.mark.bagel
 @requires_bagel
-def test_dry_run_of_the_checkouts_main_passes(smoke_workdir):
-    code, out = run_cli("-m", "bagel_sr.smoke", "--bagel_root", bagel_root(), "--workdir", str(smoke_workdir),
+@pytest.mark.parametrize("shape", ["upstream", "fork"])
+def test_dry_run_of_the_checkouts_main_passes(smoke_workdir, tmp_path, shape):
+    """Upstream, and the fork shape of tests/fork_checkout.py (its own pixel/SSIM term, which ours switches off;
+    its forward returns ``pixel`` itself, so ours is logged as ``bagel_sr_pixel``; no GA flag; train/main.py)."""
+    from fork_checkout import make_fork
+
+    root = bagel_root() if shape == "upstream" else str(make_fork(bagel_root(), tmp_path / "fork"))
+    code, out = run_cli("-m", "bagel_sr.smoke", "--bagel_root", root, "--workdir", str(smoke_workdir),
                         "--steps", "4", "--nproc", "2")
     line = last_line(out)
     assert code == 0, out[-3000:]
     assert line.startswith("smoke: OK"), line
     assert re.search(r"pixel term acted on [1-9]\d*/3 steps", line)
+    assert ("(as bagel_sr_*" in line) == (shape == "fork")
     assert "resumed from checkpoint 0000002 at step 3" in line
     assert "0000004/model.safetensors and 0000004/ema.safetensors load into stock Bagel (strict)" in line
-    assert "Train Loss pixel_images" in (smoke_workdir / "launch2.log").read_text()
+    key = "bagel_sr_pixel_images" if shape == "fork" else "pixel_images"
+    assert f"Train Loss {key}" in (smoke_workdir / "launch2.log").read_text()
 
 
 def _final_state(workdir: pathlib.Path) -> dict:
