@@ -21,6 +21,7 @@ from bagel_tiny import (
 
 @pytest.mark.bagel
 @requires_bagel
+@pytest.mark.usefixtures("checkout_shape")
 def test_real_checkout_is_found_and_patched():
     mods = import_bagel()
     assert checkout.find_training_script(mods.root).name in ("main.py", "pretrain_unified_navit.py")
@@ -31,6 +32,7 @@ def test_real_checkout_is_found_and_patched():
 @pytest.mark.bagel
 @requires_bagel
 @pytest.mark.parametrize("layer_module", ["Qwen2MoTDecoderLayer", "Qwen2DecoderLayer"])
+@pytest.mark.usefixtures("checkout_shape")
 def test_tiny_bagel_forward_backward_on_cpu(layer_module):
     model = build_tiny_bagel(seed=0, layer_module=layer_module)
     ae = build_tiny_autoencoder(seed=0)
@@ -51,6 +53,7 @@ def test_tiny_bagel_forward_backward_on_cpu(layer_module):
 
 @pytest.mark.bagel
 @requires_bagel
+@pytest.mark.usefixtures("checkout_shape")
 def test_gradients_reach_the_language_model_with_a_nonzero_head():
     model = build_tiny_bagel(seed=1, llm2vae_std=0.02)
     batch = encode_batch(build_tiny_autoencoder(), make_packed_batch([{"kind": "chain"}, {"kind": "edit_dropped"}]))
@@ -119,6 +122,7 @@ def bagel_sample(plan):
 
 @pytest.mark.bagel
 @requires_bagel
+@pytest.mark.usefixtures("checkout_shape")
 def test_make_packed_batch_matches_bagel_pack_sequence(dataset_base):
     du = import_bagel().data_utils
     specs = [{"kind": "edit", "cond_hw": (2, 3), "target_hw": (3, 2)}, {"kind": "t2i", "target_hw": (2, 3)},

@@ -97,6 +97,7 @@ def test_import_training_module_names_missing_dependency(tmp_path, monkeypatch):
 
 @pytest.mark.bagel
 @requires_bagel
+@pytest.mark.usefixtures("checkout_shape")
 def test_real_training_script_imports_without_running_main(monkeypatch):
     root = import_bagel().root
     monkeypatch.delitem(sys.modules, checkout.TRAINING_MODULE_NAME, raising=False)

@@ -249,6 +249,7 @@ def test_adaptive_weight_and_norms_per_term(vae):
 
 @pytest.mark.bagel
 @pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.usefixtures("checkout_shape")
 def test_lpl_taps_each_level_of_bagels_autoencoder_once(checkpointing):
     import bagel_tiny
     from bagel_sr import decoding

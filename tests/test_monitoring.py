@@ -188,11 +188,13 @@ def test_distributed_norms_are_of_the_averaged_gradient():
 
 @pytest.mark.bagel
 @pytest.mark.skipif(not os.environ.get("BAGEL_ROOT"), reason="set BAGEL_ROOT to a BAGEL checkout to run")
+@pytest.mark.usefixtures("checkout_shape")
 def test_real_bagel_logged_norms_match_parameter_gradients():
     import sys
 
     from bagel_sr.patches import checkout
-    from bagel_tiny import build_tiny_autoencoder, build_tiny_bagel, encode_batch, import_bagel, make_packed_batch
+    from bagel_tiny import (build_tiny_autoencoder, build_tiny_bagel, checkout_shape, encode_batch, import_bagel,
+                            make_packed_batch)
 
     root = import_bagel().root
     sys.modules.pop(checkout.TRAINING_MODULE_NAME, None)
@@ -215,7 +217,9 @@ def test_real_bagel_logged_norms_match_parameter_gradients():
     torch.manual_seed(3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(**kwargs, pixel_loss_inputs=PixelLossInputs(batch["padded_images"], None))
-    assert int(out["pixel_images"]) == 2 and int(out["pixel_skipped"]) == 0
+    key = model.pixel_loss_state.key  # the fork's forward returns pixel itself: ours are bagel_sr_pixel, ...
+    assert (key("pixel") == "pixel") == (checkout_shape() == "upstream")
+    assert int(out[key("pixel_images")]) == 2 and int(out[key("pixel_skipped")]) == 0
     n = len(batch["mse_loss_indexes"])
     flow = out["mse"][:-1].float().mean(-1).sum() / n  # without the zero-valued carrier row
     params = [model.llm2vae.weight, model.llm2vae.bias]
@@ -224,5 +228,5 @@ def test_real_bagel_logged_norms_match_parameter_gradients():
     g_pix = torch.autograd.grad(carrier_loss, params)
     norm = lambda gs: torch.cat([g.float().reshape(-1) for g in gs]).norm()
     # bf16 parameters and gradients: a few per cent
-    torch.testing.assert_close(out["grad_norm_flow"], norm(g_flow), rtol=3e-2, atol=0)
-    torch.testing.assert_close(out["grad_norm_pixel"], norm(g_pix), rtol=3e-2, atol=0)
+    torch.testing.assert_close(out[key("grad_norm_flow")], norm(g_flow), rtol=3e-2, atol=0)
+    torch.testing.assert_close(out[key("grad_norm_pixel")], norm(g_pix), rtol=3e-2, atol=0)
