@@ -305,7 +305,8 @@ def worker(argv: Sequence[str]) -> None:
     p.add_argument("--stock", action="store_true")
     p.add_argument("--load_check", default=None)
     p.add_argument("--register_chat", default=None)
-    own, _, rest = _split_dashdash(argv)
+    argv = list(argv)
+    own, rest = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     args = p.parse_args(own)
     from bagel_sr.patches import launch
 
@@ -323,14 +324,6 @@ def worker(argv: Sequence[str]) -> None:
     launch.main(wrapper_argv, before_main=before_main, pixel_loss=not args.stock, dry_run=True)
     if args.load_check and int(os.environ.get("RANK", "0")) == 0:
         _write_load_check(pathlib.Path(args.load_check), recorded, _flag_value(rest, "checkpoint_dir"))
-
-
-def _split_dashdash(argv: Sequence[str]) -> tuple[list, None, list]:
-    argv = list(argv)
-    if "--" in argv:
-        i = argv.index("--")
-        return argv[:i], None, argv[i + 1:]
-    return argv, None, []
 
 
 def _flag_value(argv: Sequence[str], name: str) -> Optional[str]:
