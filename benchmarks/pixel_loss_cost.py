@@ -310,15 +310,11 @@ def part_c(args) -> Dict:
     return dict(table=table)
 
 
-def time_contract(model_cls, kw, images, max_images: Optional[int], vae, repeats: int) -> float:
-    torch.manual_seed(0)
-    model = with_pixel_loss(model_cls)(hidden=32)
-    extra = {}
-    if max_images is not None:
-        model.attach_pixel_loss(PixelLossConfig(weight=0.05, max_images=max_images), vae)
-        extra = dict(padded_images=images)
+def best_step_time(model, kw: dict, extra: dict, repeats: int) -> float:
+    """Seconds of one forward + backward of ``mse + 0.05 * pixel``, best of ``repeats`` after one warm-up run
+    (best of: robust to other processes on a shared machine)."""
     times = []
-    for i in range(repeats + 1):  # the first run warms up
+    for i in range(repeats + 1):
         start = time.perf_counter()
         out = model(**kw, **extra)
         loss = out["mse"].mean(-1).sum() / len(kw["mse_loss_indexes"])
@@ -328,7 +324,17 @@ def time_contract(model_cls, kw, images, max_images: Optional[int], vae, repeats
         model.zero_grad(set_to_none=True)
         if i:
             times.append(time.perf_counter() - start)
-    return min(times)  # best of: robust to other processes on a shared machine
+    return min(times)
+
+
+def time_contract(model_cls, kw, images, max_images: Optional[int], vae, repeats: int) -> float:
+    torch.manual_seed(0)
+    model = with_pixel_loss(model_cls)(hidden=32)
+    extra = {}
+    if max_images is not None:
+        model.attach_pixel_loss(PixelLossConfig(weight=0.05, max_images=max_images), vae)
+        extra = dict(padded_images=images)
+    return best_step_time(model, kw, extra, repeats)
 
 
 # ------------------------------------------------------------------------------------------ (d) fidelity terms
@@ -353,18 +359,8 @@ def term_worker(args) -> Dict:
     if args.mode != "flow":
         model.attach_pixel_loss(PixelLossConfig(weight=0.05, terms=args.mode, max_images=0), vae)
         extra = dict(padded_images=images)
-    times = []
-    for i in range(args.repeats_d + 1):  # the first run warms up
-        start = time.perf_counter()
-        out = model(**kw, **extra)
-        loss = out["mse"].mean(-1).sum() / len(kw["mse_loss_indexes"])
-        if "pixel" in out:
-            loss = loss + 0.05 * out["pixel"]
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-        if i:
-            times.append(time.perf_counter() - start)
-    return dict(time=min(times), peak_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return dict(time=best_step_time(model, kw, extra, args.repeats_d),
+                peak_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def part_d(args) -> Dict:

@@ -105,6 +105,23 @@ def import_bagel() -> SimpleNamespace:
     )
 
 
+def import_training_script():
+    """The checkout's training script, imported afresh (``sys.modules`` entry dropped first); the test is skipped
+    when a package the script imports is not installed here, any other import failure is raised."""
+    import sys
+
+    from bagel_sr.patches import checkout
+
+    root = import_bagel().root
+    sys.modules.pop(checkout.TRAINING_MODULE_NAME, None)
+    try:
+        return checkout.import_training_module(root)
+    except checkout.CheckoutError as err:
+        if "not installed" in str(err):
+            pytest.skip(f"the training script's dependencies are missing here: {err}")
+        raise
+
+
 # ------------------------------------------------------------------------------------------------------- models
 
 def tiny_autoencoder_params():

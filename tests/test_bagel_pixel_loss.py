@@ -9,7 +9,7 @@ import torch
 
 from bagel_sr import PixelLossConfig, with_pixel_loss
 from bagel_tiny import (build_tiny_autoencoder, build_tiny_bagel, checkout_shape, encode_batch, forward_kwargs,
-                        import_bagel, make_packed_batch, requires_bagel)
+                        import_bagel, import_training_script, make_packed_batch, requires_bagel)
 
 #: Every test runs on upstream and on the fork shape (tests/fork_checkout.py: a decoder that checkpoints its own
 #: levels, a forward with its own pixel term and outputs, no --gradient_accumulation_steps).
@@ -111,17 +111,9 @@ def test_checkpoints_load_both_ways_strictly(tmp_path):
 
 
 def _training_module():
-    from bagel_sr.patches import checkout
     from bagel_sr.patches.registry import apply_pixel_loss_training
 
-    root = import_bagel().root
-    sys.modules.pop(checkout.TRAINING_MODULE_NAME, None)
-    try:
-        module = checkout.import_training_module(root)
-    except checkout.CheckoutError as err:
-        if "not installed" in str(err):
-            pytest.skip(f"the training script's dependencies are missing here: {err}")
-        raise
+    module = import_training_script()
     return module, apply_pixel_loss_training(module)
 
 

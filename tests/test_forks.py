@@ -13,7 +13,8 @@ from bagel_sr import PixelLossConfig, with_pixel_loss
 from bagel_sr.patches import checkout, host
 from bagel_sr.patches.registry import apply_pixel_loss_training
 from bagel_sr.state import KEY_PREFIX
-from bagel_tiny import build_tiny_autoencoder, build_tiny_bagel, encode_batch, forward_kwargs, import_bagel, make_packed_batch
+from bagel_tiny import (build_tiny_autoencoder, build_tiny_bagel, encode_batch, forward_kwargs, import_bagel,
+                        import_training_script, make_packed_batch)
 from fork_checkout import FORK_FIELDS
 
 pytestmark = [pytest.mark.bagel]
@@ -25,14 +26,7 @@ SPECS = [
 
 
 def _training_module(**options):
-    root = import_bagel().root
-    sys.modules.pop(checkout.TRAINING_MODULE_NAME, None)
-    try:
-        module = checkout.import_training_module(root)
-    except checkout.CheckoutError as err:
-        if "not installed" in str(err):
-            pytest.skip(f"the training script's dependencies are missing here: {err}")
-        raise
+    module = import_training_script()
     return module, apply_pixel_loss_training(module, **options)
 
 
