@@ -35,6 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bagel_sr.embedded import _compat  # noqa: E402,F401  (a torchvision that cannot load is treated as absent: all parts)
 from bagel_sr import PixelLossConfig, decoding, losses, with_pixel_loss  # noqa: E402
 from bagel_sr.config import CONSERVATIVE_DEFAULTS  # noqa: E402
 
@@ -345,7 +346,6 @@ TERM_SETS = ("l2:1", "l2:1,ssim:0.1", "l2:1,grad:0.1", "l2:1,lpl:0.05", "l2:1,ss
 def term_worker(args) -> Dict:
     """One term set (``args.mode``; 'flow' = flow only) in this process: best step time and peak RSS."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from bagel_sr.embedded import _compat  # noqa: F401  (a torchvision that cannot load is treated as absent)
     from contract_model import ContractModel, forward_kwargs, pack, set_timesteps
 
     torch.set_num_threads(args.threads)
