@@ -165,3 +165,57 @@ def test_with_pixel_loss_wraps_it_like_bagel():
     assert model.llm2vae.weight.grad is not None
     plain = TinyBagel(tiny_config())
     assert [n for n, _ in model.named_parameters()] == [n for n, _ in plain.named_parameters()]  # VAE not a submodule
+
+
+def test_aligned_condition_tokens_pair_each_target_with_its_own_condition():
+    """Paired targets get their condition's tokens cell by cell; conditions, unpaired targets and targets whose
+    condition was dropped get zeros."""
+    from bagel_sr.embedded.backbone import aligned_condition_tokens
+
+    smps = samples(n_pairs=2, n_t2i=1)
+    batch = batch_with_latents(smps)
+    model = TinyBagel(tiny_config(aligned_condition=True))
+    shapes = batch["patchified_vae_latent_shapes"]
+    z = model.patchify(batch["padded_latent"], shapes)
+    t = model.map_timesteps(batch["packed_timesteps"])
+    out = aligned_condition_tokens(z, t, shapes, batch["packed_vae_token_indexes"], batch["sample_lens"])
+    # images in order: cond0, target0, cond1, target1, t2i target; 4x4 = 16 tokens each
+    n = 16
+    assert [h * w for h, w in shapes] == [n] * 5
+    torch.testing.assert_close(out[n : 2 * n], z[0:n])
+    torch.testing.assert_close(out[3 * n : 4 * n], z[2 * n : 3 * n])
+    for rows in (slice(0, n), slice(2 * n, 3 * n), slice(4 * n, 5 * n)):
+        assert torch.count_nonzero(out[rows]) == 0
+
+    # the condition of the second pair dropped: its target is treated as unpaired
+    dropped = data.Sample(smps[1].kind, smps[1].text, smps[1].target, None, smps[1].meta)
+    batch = batch_with_latents([smps[0], dropped])
+    shapes = batch["patchified_vae_latent_shapes"]
+    z = model.patchify(batch["padded_latent"], shapes)
+    out = aligned_condition_tokens(z, model.map_timesteps(batch["packed_timesteps"]), shapes,
+                                   batch["packed_vae_token_indexes"], batch["sample_lens"])
+    torch.testing.assert_close(out[n : 2 * n], z[:n])
+    assert torch.count_nonzero(out[2 * n :]) == 0
+
+
+def test_aligned_condition_starts_as_the_stock_model_and_then_reads_the_condition():
+    """Zero-initialised ``cond2llm``: the same velocities as the stock model with the same weights; once it is
+    non-zero, changing the condition changes the paired target's velocity through it."""
+    torch.manual_seed(0)
+    stock = TinyBagel(tiny_config())
+    aligned = TinyBagel(tiny_config(aligned_condition=True))
+    missing, unexpected = aligned.load_state_dict(stock.state_dict(), strict=False)
+    assert missing == ["cond2llm.weight"] and unexpected == []
+    torch.nn.init.normal_(stock.llm2vae.weight, std=0.02)
+    aligned.llm2vae.weight.data.copy_(stock.llm2vae.weight)
+    batch = forward_inputs(batch_with_latents(samples()))
+    torch.manual_seed(5)
+    a = stock(**batch)["mse"]
+    torch.manual_seed(5)
+    b = aligned(**batch)["mse"]
+    torch.testing.assert_close(a, b)
+    torch.nn.init.normal_(aligned.cond2llm.weight, std=0.1)
+    torch.manual_seed(5)
+    c = aligned(**batch)["mse"]
+    assert not torch.allclose(b[:16], c[:16])  # the first pair's target reads its condition
+    torch.testing.assert_close(b[32:], c[32:])  # the unpaired target has none (and sees only its own sample)

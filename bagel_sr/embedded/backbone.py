@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..packing import describe_vae_images
 from .data import attention_mask_per_sample
 
 
@@ -37,6 +38,7 @@ class TinyBagelConfig:
     timestep_shift: float = 1.0
     time_scale: float = 1000.0  # the sinusoidal time features see t * time_scale
     initializer_range: float = 0.02  # std of the language model's initial weights (Qwen2's default)
+    aligned_condition: bool = False  # also add each target token's condition token (same grid cell) to its input
 
     def to_dict(self) -> Dict:
         return asdict(self)
@@ -99,6 +101,19 @@ def packed_attention_mask(sample_lens: Sequence[int], nested_attention_masks: Op
     return mask[None, None]
 
 
+def aligned_condition_tokens(z: torch.Tensor, t: torch.Tensor, shapes: Sequence[Tuple[int, int]],
+                             packed_vae_token_indexes: torch.Tensor, sample_lens: Sequence[int]) -> torch.Tensor:
+    """``(N_vae, p*p*C)``: for every token of a target image, the token in the same grid cell of the clean condition
+    image just before it in its sample (same grid); zeros for conditions, unpaired targets and dropped conditions."""
+    out = torch.zeros_like(z)
+    images = describe_vae_images(shapes, packed_vae_token_indexes, t, sample_lens)
+    for prev, image in zip(images, images[1:]):
+        if image.is_target and not prev.is_target and prev.sample == image.sample and (prev.h, prev.w) == (image.h, image.w):
+            n = image.num_tokens
+            out[image.token_start : image.token_start + n] = z[prev.token_start : prev.token_start + n]
+    return out
+
+
 class TinyBagel(nn.Module):
     """A few-layer BAGEL-shaped generator: text embeddings and VAE tokens in one packed sequence, a Qwen2 decoder,
     ``llm2vae`` reading the velocity of the target tokens."""
@@ -138,6 +153,10 @@ class TinyBagel(nn.Module):
         self.latent_pos_embed = LatentPositionEmbedding(config.max_latent_size, config.hidden_size)
         nn.init.zeros_(self.llm2vae.weight)  # a fresh model predicts v = 0, as Bagel._init_weights
         nn.init.zeros_(self.llm2vae.bias)
+        # SR3-style conditioning that BAGEL lacks (it sees the condition through attention only): starts at zero
+        self.cond2llm = nn.Linear(self.patch_latent_dim, config.hidden_size, bias=False) if config.aligned_condition else None
+        if self.cond2llm is not None:
+            nn.init.zeros_(self.cond2llm.weight)
 
     # -- conventions ----------------------------------------------------------------------------------------------
     def map_timesteps(self, raw: torch.Tensor) -> torch.Tensor:
@@ -164,13 +183,19 @@ class TinyBagel(nn.Module):
             packed_text_indexes: torch.Tensor, sample_lens: List[int], packed_position_ids: torch.Tensor,
             nested_attention_masks: Optional[List[torch.Tensor]] = None, split_lens: Optional[List[int]] = None,
             attn_modes: Optional[List[str]] = None, packed_latent_position_ids: torch.Tensor,
-            packed_vae_token_indexes: torch.Tensor, mse_loss_indexes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+            packed_vae_token_indexes: torch.Tensor, mse_loss_indexes: torch.Tensor,
+            patchified_vae_latent_shapes: Optional[Sequence[Tuple[int, int]]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Embed text and the VAE tokens ``z_t`` at flow times ``t``, run the decoder, return
         ``(hidden (L, D), v_hat (rows of mse_loss_indexes, p*p*C))``.  One call each of the three contract modules."""
         text = self.language_model.model.embed_tokens(packed_text_ids)
         sequence = text.new_zeros(sequence_length, self.hidden_size)
         sequence[packed_text_indexes] = text
         vae_tokens = self.vae2llm(z_t) + self.time_embedder(t) + self.latent_pos_embed(packed_latent_position_ids)
+        if self.cond2llm is not None:
+            if patchified_vae_latent_shapes is None:
+                raise ValueError("aligned_condition needs patchified_vae_latent_shapes")
+            vae_tokens = vae_tokens + self.cond2llm(aligned_condition_tokens(
+                z_t, t, patchified_vae_latent_shapes, packed_vae_token_indexes, sample_lens))
         sequence[packed_vae_token_indexes] = vae_tokens.to(sequence.dtype)
         mask = packed_attention_mask(sample_lens, nested_attention_masks, split_lens, attn_modes,
                                      device=sequence.device, dtype=sequence.dtype)
@@ -214,7 +239,7 @@ class TinyBagel(nn.Module):
             packed_text_indexes=packed_text_indexes, sample_lens=sample_lens, packed_position_ids=packed_position_ids,
             nested_attention_masks=nested_attention_masks, split_lens=split_lens, attn_modes=attn_modes,
             packed_latent_position_ids=packed_latent_position_ids, packed_vae_token_indexes=packed_vae_token_indexes,
-            mse_loss_indexes=mse_loss_indexes,
+            mse_loss_indexes=mse_loss_indexes, patchified_vae_latent_shapes=patchified_vae_latent_shapes,
         )
         target = noise - z0  # the velocity points from data to noise
         mse = (v_hat - target[t > 0]) ** 2
@@ -230,5 +255,5 @@ class TinyBagel(nn.Module):
         """Velocity of the target tokens for given VAE tokens ``z_t`` (all images, conditions clean at ``t = 0``)."""
         keys = ("sequence_length", "packed_text_ids", "packed_text_indexes", "sample_lens", "packed_position_ids",
                 "nested_attention_masks", "split_lens", "attn_modes", "packed_latent_position_ids",
-                "packed_vae_token_indexes", "mse_loss_indexes")
+                "packed_vae_token_indexes", "mse_loss_indexes", "patchified_vae_latent_shapes")
         return self.run(z_t, t, **{k: batch[k] for k in keys if k in batch})[1]

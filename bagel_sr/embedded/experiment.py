@@ -49,12 +49,21 @@ class ExperimentArguments(TrainConfig):
                           "back-projection onto the input, 10 steps), e.g. 1:1:0,0.3:1:0,0.3:4:0,0.3:4:1; the mode "
                           "with the best mean PSNR of the + pixel arm on the val split is marked as chosen. Empty "
                           "(default, until their cost within the 10-minute budget is measured): none."})
+    term_arms: str = field(
+        default="",
+        metadata={"help": "More + pixel arms, ';'-separated, each the + pixel arm with --pixel_loss_terms replaced, "
+                          "e.g. 'ssim:1;grad:1;lpl:1;l2:1,ssim:0.1,grad:0.1,lpl:0.05' (each term alone and a "
+                          "combination, against the + pixel arm's terms); compared with the + pixel arm per image."})
     # the backbone's size: TinyBagelConfig holds the defaults
     hidden_size: int = field(default=TinyBagelConfig.hidden_size, metadata={"help": "Backbone width."})
     num_hidden_layers: int = field(default=TinyBagelConfig.num_hidden_layers, metadata={"help": "Backbone depth."})
     num_attention_heads: int = field(default=TinyBagelConfig.num_attention_heads, metadata={"help": "Attention heads."})
     num_key_value_heads: int = field(default=TinyBagelConfig.num_key_value_heads, metadata={"help": "Key/value heads."})
     intermediate_size: int = field(default=TinyBagelConfig.intermediate_size, metadata={"help": "MLP width."})
+    aligned_condition: bool = field(
+        default=TinyBagelConfig.aligned_condition,
+        metadata={"help": "Add each target token's condition token (same grid cell) to its input embedding, as SR "
+                          "diffusion models concatenate the input (BAGEL sees the condition through attention only)."})
     vae_dir: Optional[str] = field(default=None, metadata={"help": "VAE directory (default: the shipped one)."})
     save_checkpoints: bool = field(default=True, metadata={"help": "Write model/ema safetensors per arm."})
     grid_rows: int = field(default=8, metadata={"help": "Examples in grid.png."})
@@ -64,7 +73,31 @@ class ExperimentArguments(TrainConfig):
         metadata={"help": "Redo a finished run in --output_dir (deletes only the files that run wrote there)."})
 
 
-ARMS = ("flow_only", "pixel")
+ARMS = ("flow_only", "pixel")  # the two arms of every run; --term_arms adds "terms=<terms>" arms
+
+
+def arm_configs(pixel: PixelLossConfig, term_arms: str) -> Dict[str, PixelLossConfig]:
+    """``{arm name: its pixel-loss settings}``: flow only (weight 0), + pixel, then one arm per ``--term_arms`` item.
+    The pixel arms also measure the gradient norms of the terms on llm2vae every 10 steps (monitoring only)."""
+    watched = dataclasses.replace(pixel, log_grad_norms_every=pixel.log_grad_norms_every or 10)
+    arms = {"flow_only": dataclasses.replace(pixel, weight=0.0), "pixel": watched}
+    for item in filter(None, (t.strip() for t in term_arms.split(";"))):
+        name = f"terms={item}"
+        if name in arms:
+            raise BadInput(f"--term_arms: {item!r} appears twice")
+        try:
+            arms[name] = dataclasses.replace(watched, terms=item)
+            arms[name].term_weights  # parses the terms, naming the flag on error
+        except ValueError as exc:
+            raise BadInput(f"--term_arms {item!r}: {exc}") from None
+    return arms
+
+
+def arm_label(arm: str, pixel: PixelLossConfig) -> str:
+    if arm == "flow_only":
+        return "flow only"
+    terms = pixel.terms or pixel.loss_type
+    return f"flow + pixel (w={pixel.weight:g}, {terms}, t<={pixel.max_t:g})"
 
 
 @dataclass(frozen=True)
@@ -128,6 +161,7 @@ def parse(argv: Optional[Sequence[str]] = None):
     validate_train_config(args)
     parse_modes(args.sample_modes)
     pixel = PixelLossConfig.from_namespace(pixel_args)
+    arm_configs(pixel, args.term_arms)
     check_names("--pixel_loss_datasets", pixel.dataset_names, data.DATASET_NAMES)  # issue 15
     return args, pixel
 
@@ -164,8 +198,8 @@ def _summary(values: np.ndarray) -> Dict[str, float]:
 def _arm_metrics(pred: torch.Tensor, pairs: List[data.Sample]) -> Dict:
     m = sampling.image_metrics(pred, torch.stack([p.target for p in pairs]))
     scales = np.array([p.meta["scale"] for p in pairs])
-    out = dict(psnr=_summary(m["psnr"]), ssim=_summary(m["ssim"]), per_image=dict(psnr=m["psnr"].tolist(),
-                                                                                 ssim=m["ssim"].tolist()))
+    out = dict(psnr=_summary(m["psnr"]), ssim=_summary(m["ssim"]), halluc=_summary(m["halluc"]),
+               per_image={k: m[k].tolist() for k in ("psnr", "ssim", "halluc")})
     for s in sorted(set(scales.tolist())):
         out[f"x{s}"] = dict(psnr=_summary(m["psnr"][scales == s]), ssim=_summary(m["ssim"][scales == s]))
     return out
@@ -177,19 +211,18 @@ def run_seed(args: ExperimentArguments, pixel: PixelLossConfig, seed: int, vae, 
         vocab_size=len(tokenizer), hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
         num_attention_heads=args.num_attention_heads, num_key_value_heads=args.num_key_value_heads,
         intermediate_size=args.intermediate_size, timestep_shift=args.timestep_shift,
+        aligned_condition=args.aligned_condition,
     )
     train_cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    result = {}
-    preds = {}
+    modes = parse_modes(args.sample_modes)
+    result, preds = {}, {}
     t0 = time.time()
     pool = LatentPool.build(seed, args.pool_size, vae, args.t2i_ratio) if args.pool_size > 0 else None
     pool_seconds = round(time.time() - t0, 1)
-    for arm in ARMS:
-        # the pixel arm also measures the gradient norms of both terms on llm2vae (monitoring only)
-        arm_pixel = (dataclasses.replace(pixel, weight=0.0) if arm == "flow_only" else
-                     dataclasses.replace(pixel, log_grad_norms_every=pixel.log_grad_norms_every or 10))
-        out_dir = os.path.join(args.output_dir, f"seed{seed}", arm) if args.save_checkpoints else None
-        for rel in checkpoint_files(os.path.join(f"seed{seed}", arm), train_cfg) if out_dir and ledger else []:
+    for arm, arm_pixel in arm_configs(pixel, args.term_arms).items():
+        folder = arm.replace("terms=", "terms_").replace(":", "-").replace(",", "_")
+        out_dir = os.path.join(args.output_dir, f"seed{seed}", folder) if args.save_checkpoints else None
+        for rel in checkpoint_files(os.path.join(f"seed{seed}", folder), train_cfg) if out_dir and ledger else []:
             ledger.record(rel)
         run = train(dataclasses.replace(model_config), train_cfg, arm_pixel, vae, seed=seed, output_dir=out_dir,
                     progress=args.progress, desc=f"seed {seed} {arm}", tokenizer=tokenizer, pool=pool)
@@ -199,7 +232,6 @@ def run_seed(args: ExperimentArguments, pixel: PixelLossConfig, seed: int, vae, 
                                      timestep_shift=args.sample_timestep_shift, seed=seed)
         sample_seconds = time.time() - t0
         metrics = _arm_metrics(pred, pairs)
-        modes = parse_modes(args.sample_modes)
         if modes:
             runs = sample_modes(model, vae, pairs, tokenizer, modes, args, seed)
             metrics["modes"] = {name: dict(_arm_metrics(r["pred"], pairs), sample_seconds=round(r["seconds"], 1))
@@ -235,41 +267,63 @@ def baselines(vae, pairs: List[data.Sample]) -> Dict:
 
 
 def _fmt(m: Dict) -> str:
-    return f"{m['psnr']['mean']:6.2f} ± {m['psnr']['std']:4.2f}   {m['ssim']['mean']:.3f} ± {m['ssim']['std']:.3f}"
+    return (f"{m['psnr']['mean']:6.2f} ± {m['psnr']['std']:4.2f}   {m['ssim']['mean']:.3f} ± {m['ssim']['std']:.3f}   "
+            f"{100 * m['halluc']['mean']:6.2f}")
+
+
+def paired_difference(a: Dict, b: Dict) -> Dict[str, np.ndarray]:
+    """Per-image differences ``a - b`` of PSNR, SSIM and hallucination share (same images, same order)."""
+    return {k: np.array(a["per_image"][k]) - np.array(b["per_image"][k]) for k in ("psnr", "ssim", "halluc")}
+
+
+def _difference_line(label: str, d: Dict[str, np.ndarray], width: int) -> str:
+    from ..eval.stats import bootstrap_ci
+
+    ci = bootstrap_ci(d["psnr"], n_boot=2000, seed=0)
+    lo, hi = ci.lo, ci.hi
+    return (f"{label:{width}}{d['psnr'].mean():+6.2f} ± {d['psnr'].std():4.2f}   {d['ssim'].mean():+.3f} ± "
+            f"{d['ssim'].std():.3f}   {100 * d['halluc'].mean():+6.2f}   (per image; PSNR 95% CI [{lo:+.2f}, {hi:+.2f}], "
+            f"{int((d['psnr'] > 0).sum())}/{len(d['psnr'])} images better)")
 
 
 def format_table(seed_result: Dict, base: Dict, pixel: PixelLossConfig, n_pairs: int, split: str) -> str:
+    """The printed table of one seed: references, every arm (stock sampling), paired differences, the inference
+    modes of every arm (the one chosen on val marked), wall times."""
     arms = seed_result["arms"]
-    pix = f"flow + pixel (w={pixel.weight:g}, {pixel.terms or pixel.loss_type}, t<={pixel.max_t:g})"
-    w = max(30, len(pix) + 2)
+    labels = {arm: arm_label(arm, dataclasses.replace(pixel, terms=arm[len("terms="):]) if arm.startswith("terms=")
+                             else pixel) for arm in arms}
+    w = max(30, *(len(v) + 2 for v in labels.values()))
     lines = [
         f"seed {seed_result['seed']}: {split} split, {n_pairs} pairs (x2 and x4); PSNR/SSIM on grayscale [0,1], "
-        "data_range 1, mean ± std over images",
-        f"{'':{w}}{'PSNR (dB)':>15}   {'SSIM':>13}   {'x2 PSNR':>8} {'x4 PSNR':>8}   "
-        f"{'unpaired flow':>13} {'paired flow':>11}",
+        "data_range 1, mean ± std over images; halluc % = pixels with |error| > 0.1",
+        f"{'':{w}}{'PSNR (dB)':>15}   {'SSIM':>13}   {'halluc %':>6}   {'x2 PSNR':>8} {'x4 PSNR':>8}   "
+        f"{'unpaired flow':>13} {'paired flow':>11}   {'train s':>7} {'sample s':>8}",
     ]
-    rows = [("LR input (bicubic up)", base["lr_input"], None), ("VAE round trip of HR", base["vae_round_trip"], None),
-            ("flow only", arms["flow_only"], arms["flow_only"]), (pix, arms["pixel"], arms["pixel"])]
+    rows = [("LR input (bicubic up)", base["lr_input"], None), ("VAE round trip of HR", base["vae_round_trip"], None)]
+    rows += [(labels[arm], arms[arm], arms[arm]) for arm in arms]
     for name, m, a in rows:
-        flows = (f"{a['unpaired_flow_loss']['mean']:13.4f} {a['paired_flow_loss']['mean']:11.4f}" if a else
-                 f"{'-':>13} {'-':>11}")
-        lines.append(f"{name:{w}}{_fmt(m)}   {m['x2']['psnr']['mean']:8.2f} {m['x4']['psnr']['mean']:8.2f}   {flows}")
-    d_psnr = np.array(arms["pixel"]["per_image"]["psnr"]) - np.array(arms["flow_only"]["per_image"]["psnr"])
-    d_ssim = np.array(arms["pixel"]["per_image"]["ssim"]) - np.array(arms["flow_only"]["per_image"]["ssim"])
-    lines.append(f"{'difference (+pixel - flow only)':{w}}{d_psnr.mean():+6.2f} ± {d_psnr.std():4.2f}   "
-                 f"{d_ssim.mean():+.3f} ± {d_ssim.std():.3f}   (per-image paired differences; "
-                 f"{int((d_psnr > 0).sum())}/{len(d_psnr)} images better in PSNR)")
+        extra = (f"{a['unpaired_flow_loss']['mean']:13.4f} {a['paired_flow_loss']['mean']:11.4f}   "
+                 f"{a['train_seconds']:7.0f} {a['sample_seconds']:8.1f}" if a else f"{'-':>13} {'-':>11}")
+        lines.append(f"{name:{w}}{_fmt(m)}   {m['x2']['psnr']['mean']:8.2f} {m['x4']['psnr']['mean']:8.2f}   {extra}")
+    lines.append(_difference_line("difference (+pixel - flow only)", paired_difference(arms["pixel"], arms["flow_only"]), w))
+    for arm in list(arms)[2:]:
+        lines.append(_difference_line(f"{arm} - pixel", paired_difference(arms[arm], arms["pixel"]), w))
     if "modes" in arms["pixel"]:
         chosen = seed_result["chosen_mode"]
         lines.append(f"inference modes ({split}; T0 start time, K samples averaged, +DC back-projection); "
                      f"chosen on val by the + pixel arm's PSNR: {chosen}")
-        lines.append(f"{'':{w}}{'PSNR (dB)':>15}   {'SSIM':>13}   {'val PSNR':>8}   {'sample s':>8}")
+        lines.append(f"{'':{w}}{'PSNR (dB)':>15}   {'SSIM':>13}   {'halluc %':>6}   {'val PSNR':>8}   {'sample s':>8}")
         for name in arms["pixel"]["modes"]:
-            for arm, label in (("flow_only", "flow only"), ("pixel", "+ pixel")):
+            for arm in arms:
                 m = arms[arm]["modes"][name]
                 mark = "  <- chosen on val" if name == chosen else ""
-                lines.append(f"{label + ', ' + name:{w}}{_fmt(m)}   {arms[arm]['modes_val_psnr'][name]:8.2f}   "
+                label = ("flow only" if arm == "flow_only" else "+ pixel" if arm == "pixel" else arm) + ", " + name
+                lines.append(f"{label:{w}}{_fmt(m)}   {arms[arm]['modes_val_psnr'][name]:8.2f}   "
                              f"{m['sample_seconds']:8.1f}{mark}")
+        for arm in list(arms)[1:]:
+            ref = "flow_only" if arm == "pixel" else "pixel"
+            d = paired_difference(arms[arm]["modes"][chosen], arms[ref]["modes"][chosen])
+            lines.append(_difference_line(f"{arm} - {ref}, {chosen}", d, w))
     lines.append(f"wall time (s): train flow only {arms['flow_only']['train_seconds']:.0f}, + pixel "
                  f"{arms['pixel']['train_seconds']:.0f} (x{arms['pixel']['train_seconds'] / max(arms['flow_only']['train_seconds'], 1e-9):.2f}); "
                  f"stock sampling flow only {arms['flow_only'].get('sample_seconds', float('nan')):.0f}, + pixel "
@@ -305,18 +359,40 @@ def save_grid(path: str, pairs: List[data.Sample], preds: Dict[str, torch.Tensor
     plt.close(fig)
 
 
+METRICS = ("psnr", "ssim", "halluc")
+
+
 def _across_seeds(results: List[Dict]) -> Dict:
+    """Per arm: mean, std and values over seeds of the per-seed means (stock sampling, every mode, and the mode each
+    seed chose on val, ``chosen <metric>``)."""
     out = {}
-    for arm in ARMS:
-        vals = {k: [r["arms"][arm][k]["mean"] for r in results] for k in ("psnr", "ssim")}
-        vals["unpaired_flow_loss"] = [r["arms"][arm]["unpaired_flow_loss"]["mean"] for r in results]
-        vals["paired_flow_loss"] = [r["arms"][arm]["paired_flow_loss"]["mean"] for r in results]
-        out[arm] = {k: dict(mean=float(np.mean(v)), std=float(np.std(v)), values=v) for k, v in vals.items()}
+    for arm in results[0]["arms"]:
+        vals = {k: [r["arms"][arm][k]["mean"] for r in results] for k in METRICS + ("unpaired_flow_loss", "paired_flow_loss")}
         for name in results[0]["arms"][arm].get("modes", {}):
-            for k in ("psnr", "ssim"):
-                v = [r["arms"][arm]["modes"][name][k]["mean"] for r in results]
-                out[arm][f"{name} {k}"] = dict(mean=float(np.mean(v)), std=float(np.std(v)), values=v)
+            for k in METRICS:
+                vals[f"{name} {k}"] = [r["arms"][arm]["modes"][name][k]["mean"] for r in results]
+        if "chosen_mode" in results[0]:
+            for k in METRICS:
+                vals[f"chosen {k}"] = [r["arms"][arm]["modes"][r["chosen_mode"]][k]["mean"] for r in results]
+        out[arm] = {k: dict(mean=float(np.mean(v)), std=float(np.std(v)), values=v) for k, v in vals.items()}
     return out
+
+
+def format_across_seeds(summary: Dict, base: Dict, results: List[Dict]) -> str:
+    lines = [f"over {len(results)} seeds (mean ± std of the per-seed means); bicubic input "
+             f"{base['lr_input']['psnr']['mean']:.2f} dB / SSIM {base['lr_input']['ssim']['mean']:.3f} / halluc "
+             f"{100 * base['lr_input']['halluc']['mean']:.2f}%:"]
+    for arm, a in summary.items():
+        lines.append(f"  {arm:10s} PSNR {a['psnr']['mean']:.2f} ± {a['psnr']['std']:.2f}  SSIM "
+                     f"{a['ssim']['mean']:.3f} ± {a['ssim']['std']:.3f}  halluc {100 * a['halluc']['mean']:.2f}%  "
+                     f"unpaired flow {a['unpaired_flow_loss']['mean']:.4f} ± {a['unpaired_flow_loss']['std']:.4f}")
+        if "chosen psnr" in a:
+            modes = ", ".join(r["chosen_mode"] for r in results)
+            lines.append(f"  {'':10s} chosen on val ({modes}): PSNR {a['chosen psnr']['mean']:.2f} ± "
+                         f"{a['chosen psnr']['std']:.2f}  SSIM {a['chosen ssim']['mean']:.3f} ± {a['chosen ssim']['std']:.3f}"
+                         f"  halluc {100 * a['chosen halluc']['mean']:.2f}%  per seed PSNR "
+                         + " ".join(f"{v:.2f}" for v in a["chosen psnr"]["values"]))
+    return "\n".join(lines)
 
 
 def main(argv: Optional[List[str]] = None) -> Dict:
@@ -368,13 +444,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     )
     if args.seeds > 1:
         report["across_seeds"] = _across_seeds(results)
-        lines = [f"over {args.seeds} seeds (mean ± std of the per-seed means):"]
-        for arm in ARMS:
-            a = report["across_seeds"][arm]
-            lines.append(f"  {arm:10s} PSNR {a['psnr']['mean']:.2f} ± {a['psnr']['std']:.2f}  SSIM "
-                         f"{a['ssim']['mean']:.3f} ± {a['ssim']['std']:.3f}  unpaired flow "
-                         f"{a['unpaired_flow_loss']['mean']:.4f} ± {a['unpaired_flow_loss']['std']:.4f}")
-        print("\n".join(lines))
+        print(format_across_seeds(report["across_seeds"], base, results))
     with open(ledger.record("metrics.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
     ledger.mark_complete()

@@ -8,8 +8,8 @@
 - :func:`posterior_samples`: ``K`` samples (seeds ``seed .. seed + K - 1``), their mean or median and per-pixel std.
 - :func:`flow_loss`: the model's flow loss (per-token mean squared velocity error) on fixed samples at fixed flow
   times with fixed noise, identical for every arm.
-- :func:`image_metrics`: PSNR and SSIM of grayscale images in [0, 1] (channel mean of the [-1, 1] RGB, clipped),
-  ``data_range = 1`` (scikit-image).
+- :func:`image_metrics`: PSNR, SSIM and the hallucination share of grayscale images in [0, 1] (channel mean of the
+  [-1, 1] RGB, clipped), ``data_range = 1`` (scikit-image; the share as ``bagel_sr.eval.evaluate``'s, threshold 0.1).
 """
 import math
 from typing import Dict, List, Sequence
@@ -133,14 +133,18 @@ def flow_loss(model: TinyBagel, vae, samples: Sequence[data.Sample], tokenizer: 
 
 
 def image_metrics(pred: torch.Tensor, target: torch.Tensor) -> Dict[str, np.ndarray]:
-    """Per-image PSNR (dB) and SSIM of (N, 3, H, W) images in [-1, 1], on grayscale [0, 1] with data_range 1."""
+    """Per-image PSNR (dB), SSIM and hallucination share (pixels with ``|error| > 0.1``) of (N, 3, H, W) images in
+    [-1, 1], on grayscale [0, 1] with data_range 1."""
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    from ..eval.metrics import hallucination_share
 
     p = data.to_unit_gray(pred).numpy().astype(np.float64)
     t = data.to_unit_gray(target).numpy().astype(np.float64)
     psnr = np.array([peak_signal_noise_ratio(ti, pi, data_range=1.0) for pi, ti in zip(p, t)])
     ssim = np.array([structural_similarity(ti, pi, data_range=1.0) for pi, ti in zip(p, t)])
-    return dict(psnr=psnr, ssim=ssim)
+    halluc = np.array([hallucination_share(ti, pi, data_range=1.0) for pi, ti in zip(p, t)])
+    return dict(psnr=psnr, ssim=ssim, halluc=halluc)
 
 
 @torch.no_grad()
