@@ -247,3 +247,24 @@ def test_bad_inference_sweeps_are_refused_in_one_line_before_any_run(tmp_path, c
     import re
     assert re.search(message, err[0]), err[0]
     assert not (tmp_path / "runs").exists()
+
+
+def test_planned_variants_parse_with_the_real_infer_parser(tmp_path):
+    """The flags checked against ``bagel_sr.eval.infer --help`` and appended to its command mean what the grid says
+    (a true boolean is infer's bare switch)."""
+    from bagel_sr.eval import infer
+
+    grid = make_grid(tmp_path, infer_grid={"start_t": [0.3], "num_samples": [4], "aggregate": ["median"],
+                                           "data_consistency": [True, False]},
+                     eval={"infer_command": [sys.executable, "-m", "bagel_sr.eval.infer", "--inputs", "refs",
+                                             "--embedded_run", "{run_dir}", "--out", "{outputs}"]})
+    runs = ablate.plan(grid)
+    assert [v.name for v in runs[0].variants] == [
+        "start_t=0.3,num_samples=4,aggregate=median,data_consistency=True",
+        "start_t=0.3,num_samples=4,aggregate=median,data_consistency=False"]
+    for v, dc in zip(runs[1].variants, (True, False)):
+        words = shlex.split(v.command)
+        args = infer.parse_args(words[words.index("bagel_sr.eval.infer") + 1:])
+        assert (args.start_t, args.num_samples, args.aggregate, args.data_consistency) == (0.3, 4, "median", dc)
+        assert args.out == str(tmp_path / "runs" / "weight0.1" / "outputs" / v.name)
+        assert args.embedded_run == str(tmp_path / "runs" / "weight0.1")
