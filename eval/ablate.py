@@ -1,8 +1,8 @@
-"""Ablation grids over training flags: plan runnable commands, run them in sequence (resumable), report.
+"""Ablation grids over training and inference flags: plan runnable commands, run them in sequence (resumable), report.
 
     python -m bagel_sr.eval.ablate plan   GRID.yaml   # writes RUN_DIR/command.sh for every run + commands.txt
     python -m bagel_sr.eval.ablate run    GRID.yaml   # runs pending runs one after another (finished ones skipped)
-    python -m bagel_sr.eval.ablate report GRID.yaml   # evaluates finished runs, writes report/report.md + PNGs
+    python -m bagel_sr.eval.ablate report GRID.yaml   # evaluates finished rows, writes report/report.md + PNGs
 
 Grid YAML keys (relative paths are relative to the directory the command is started from):
   base_command   string or list; default ``python train/main_sr_pixel_loss.py`` (the embedded default, CPU).
@@ -12,17 +12,40 @@ Grid YAML keys (relative paths are relative to the directory the command is star
   common_flags   flags for every run, e.g. ``{checkpoint_dir: "{run_dir}/checkpoints", total_steps: 500}``.
   grid           flag -> list of values; the cartesian product gives the runs (fidelity terms:
                  ``pixel_loss_terms: ["l2:1", "l2:1,ssim:0.1", "l2:1,lpl:0.05"]``).
-  runs           explicit runs: list of flag dicts, each with an optional ``name``.
+  runs           explicit runs: list of flag dicts, each with an optional ``name`` and ``infer_flags`` (one
+                 mapping of inference flags, or a list of them, each with an optional ``name``: its variants).
+  infer_grid     inference flag -> list of values, appended to ``eval.infer_command``; the product gives the
+                 inference variants of every run (runs with their own ``infer_flags`` use those instead).
   eval           ``infer_command`` (template run after training, inside command.sh), ``outputs`` (template,
                  default ``{run_dir}/outputs``), ``references`` or ``manifest`` (+ ``split``), ``data_range``,
-                 ``convention``, ``ssim_window``, ``hu_window`` ([level, width]), ``color``, ``baseline`` (run name
-                 for paired comparisons), ``n_boot``, ``grid_images`` (pairs shown side by side, default 4).
+                 ``convention``, ``ssim_window``, ``hu_window`` ([level, width]), ``color``,
+                 ``hallucination_threshold`` (default 0.1), ``baseline`` (run name, or ``RUN/VARIANT``, for paired
+                 comparisons), ``n_boot``, ``grid_images`` (pairs shown side by side, default 4).
   sort_by        metric of the report's ordering (default ``psnr``).
-  plots          flags on the x axis of metric plots (default: grid flags with several numeric values).
+  plots          flags on the x axis of metric plots (default: grid and infer_grid flags with several numeric values).
 
-Templates: ``{run_dir}``, ``{name}``, ``{outputs}`` in any string. Flags are HfArgumentParser flags: a key
-``pixel_loss_weight`` (or ``--pixel_loss_weight``) becomes ``--pixel_loss_weight VALUE``; booleans are written
-``True``/``False``; a null value drops the flag; a list value gives several arguments.
+Templates: ``{run_dir}``, ``{name}``, ``{outputs}`` (and ``{variant}``) in any string. Training flags are
+HfArgumentParser flags: a key ``pixel_loss_weight`` (or ``--pixel_loss_weight``) becomes ``--pixel_loss_weight
+VALUE``; booleans are written ``True``/``False``; a null value drops the flag; a list value gives several arguments.
+Inference flags follow ``bagel_sr.eval.infer``'s argparse: the same, except that ``true`` is the bare switch
+(``--data_consistency``) and ``false`` drops it.
+
+Inference variants (``eval/ablate_infer.py``): a run trains ONCE (``RUN_DIR/DONE`` marks the finished training),
+then runs ``infer_command`` + the variant's flags once per variant, ``{outputs}`` being ``{run_dir}/outputs/VARIANT``
+(``VARIANT``: e.g. ``start_t=0.3,num_samples=4``), each marked by ``RUN_DIR/infer/VARIANT/DONE``. A finished
+variant is skipped, a new one runs alone, a changed one is refused unless ``--overwrite`` (which redoes that
+inference, not the training). Each run x variant is one report row ``RUN/VARIANT``; ``eval.baseline`` naming a
+run compares each row with that run's row of the same variant. The report's first table shows PSNR, SSIM and the
+hallucination share (``halluc_share``) side by side for every row. Example::
+
+    common_flags: {checkpoint_dir: "{run_dir}/checkpoints", total_steps: 2000}
+    grid: {pixel_loss_weight: [0.0, 0.05]}
+    infer_grid: {start_t: [1.0, 0.3], num_samples: [1, 4]}       # 2 trainings, 8 report rows
+    eval:
+      infer_command: python -m bagel_sr.eval.infer --inputs data/manifest.jsonl --split test --bagel_root ../Bagel
+        --model_path hf/BAGEL-7B-MoT --checkpoint {run_dir}/checkpoints/0002000/ema.safetensors --out {outputs}
+      manifest: data/manifest.jsonl
+      baseline: weight0.0
 """
 from __future__ import annotations
 
