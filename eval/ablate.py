@@ -1,8 +1,8 @@
-"""Ablation grids over training flags: plan runnable commands, run them in sequence (resumable), report.
+"""Ablation grids over training and inference flags: plan runnable commands, run them in sequence (resumable), report.
 
     python -m bagel_sr.eval.ablate plan   GRID.yaml   # writes RUN_DIR/command.sh for every run + commands.txt
     python -m bagel_sr.eval.ablate run    GRID.yaml   # runs pending runs one after another (finished ones skipped)
-    python -m bagel_sr.eval.ablate report GRID.yaml   # evaluates finished runs, writes report/report.md + PNGs
+    python -m bagel_sr.eval.ablate report GRID.yaml   # evaluates finished rows, writes report/report.md + PNGs
 
 Grid YAML keys (relative paths are relative to the directory the command is started from):
   base_command   string or list; default ``python train/main_sr_pixel_loss.py`` (the embedded default, CPU).
@@ -12,17 +12,40 @@ Grid YAML keys (relative paths are relative to the directory the command is star
   common_flags   flags for every run, e.g. ``{checkpoint_dir: "{run_dir}/checkpoints", total_steps: 500}``.
   grid           flag -> list of values; the cartesian product gives the runs (fidelity terms:
                  ``pixel_loss_terms: ["l2:1", "l2:1,ssim:0.1", "l2:1,lpl:0.05"]``).
-  runs           explicit runs: list of flag dicts, each with an optional ``name``.
+  runs           explicit runs: list of flag dicts, each with an optional ``name`` and ``infer_flags`` (one
+                 mapping of inference flags, or a list of them, each with an optional ``name``: its variants).
+  infer_grid     inference flag -> list of values, appended to ``eval.infer_command``; the product gives the
+                 inference variants of every run (runs with their own ``infer_flags`` use those instead).
   eval           ``infer_command`` (template run after training, inside command.sh), ``outputs`` (template,
                  default ``{run_dir}/outputs``), ``references`` or ``manifest`` (+ ``split``), ``data_range``,
-                 ``convention``, ``ssim_window``, ``hu_window`` ([level, width]), ``color``, ``baseline`` (run name
-                 for paired comparisons), ``n_boot``, ``grid_images`` (pairs shown side by side, default 4).
+                 ``convention``, ``ssim_window``, ``hu_window`` ([level, width]), ``color``,
+                 ``hallucination_threshold`` (default 0.1), ``baseline`` (run name, or ``RUN/VARIANT``, for paired
+                 comparisons), ``n_boot``, ``grid_images`` (pairs shown side by side, default 4).
   sort_by        metric of the report's ordering (default ``psnr``).
-  plots          flags on the x axis of metric plots (default: grid flags with several numeric values).
+  plots          flags on the x axis of metric plots (default: grid and infer_grid flags with several numeric values).
 
-Templates: ``{run_dir}``, ``{name}``, ``{outputs}`` in any string. Flags are HfArgumentParser flags: a key
-``pixel_loss_weight`` (or ``--pixel_loss_weight``) becomes ``--pixel_loss_weight VALUE``; booleans are written
-``True``/``False``; a null value drops the flag; a list value gives several arguments.
+Templates: ``{run_dir}``, ``{name}``, ``{outputs}`` (and ``{variant}``) in any string. Training flags are
+HfArgumentParser flags: a key ``pixel_loss_weight`` (or ``--pixel_loss_weight``) becomes ``--pixel_loss_weight
+VALUE``; booleans are written ``True``/``False``; a null value drops the flag; a list value gives several arguments.
+Inference flags follow ``bagel_sr.eval.infer``'s argparse: the same, except that ``true`` is the bare switch
+(``--data_consistency``) and ``false`` drops it.
+
+Inference variants (``eval/ablate_infer.py``): a run trains ONCE (``RUN_DIR/DONE`` marks the finished training),
+then runs ``infer_command`` + the variant's flags once per variant, ``{outputs}`` being ``{run_dir}/outputs/VARIANT``
+(``VARIANT``: e.g. ``start_t=0.3,num_samples=4``), each marked by ``RUN_DIR/infer/VARIANT/DONE``. A finished
+variant is skipped, a new one runs alone, a changed one is refused unless ``--overwrite`` (which redoes that
+inference, not the training). Each run x variant is one report row ``RUN/VARIANT``; ``eval.baseline`` naming a
+run compares each row with that run's row of the same variant. The report's first table shows PSNR, SSIM and the
+hallucination share (``halluc_share``) side by side for every row. Example::
+
+    common_flags: {checkpoint_dir: "{run_dir}/checkpoints", total_steps: 2000}
+    grid: {pixel_loss_weight: [0.0, 0.05]}
+    infer_grid: {start_t: [1.0, 0.3], num_samples: [1, 4]}       # 2 trainings, 8 report rows
+    eval:
+      infer_command: python -m bagel_sr.eval.infer --inputs data/manifest.jsonl --split test --bagel_root ../Bagel
+        --model_path hf/BAGEL-7B-MoT --checkpoint {run_dir}/checkpoints/0002000/ema.safetensors --out {outputs}
+      manifest: data/manifest.jsonl
+      baseline: weight0.0
 """
 from __future__ import annotations
 
@@ -34,7 +57,7 @@ import re
 import shlex
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -45,9 +68,13 @@ from tqdm.auto import tqdm
 from bagel_sr.errors import BadInput, MissingInput, cli_main, one_line
 from bagel_sr.outputs import claim
 
+from .ablate_flags import (_flag_name, check_flag_map, check_sweep, fill, flag_words,  # noqa: F401 (re-exported)
+                           format_value, run_name)
+from .ablate_infer import (DONE, VARIANT_FILES, Variant, build_variants, check_infer_flags, check_infer_section,
+                           program_words, variant_lines, variant_specs)
 
 DEFAULT_BASE_COMMAND = "python train/main_sr_pixel_loss.py"
-DONE, FAILED = "DONE", "FAILED"
+FAILED = "FAILED"
 TOOL = "bagel_sr.eval.ablate"
 #: What ablate writes in each run folder (recorded in its ledger before they are written).
 RUN_FILES = ("command.sh", "run.json", "log.txt", DONE, FAILED)
@@ -55,17 +82,23 @@ RUN_FILES = ("command.sh", "run.json", "log.txt", DONE, FAILED)
 
 @dataclass
 class Run:
-    """One run of the grid: its name, flags, folder and the shell lines of ``command.sh``."""
+    """One training run of the grid: its name, flags, folder, commands and inference variants (if swept)."""
 
     name: str
     flags: dict[str, Any]
     run_dir: Path
     train_command: str
-    infer_command: str | None
+    infer_command: str | None  # the one inference of a run without variants
+    variants: list[Variant] = field(default_factory=list)
+
+    @property
+    def trained(self) -> bool:
+        """``RUN_DIR/DONE``: training finished (and, without variants, the run's one inference)."""
+        return (self.run_dir / DONE).is_file()
 
     @property
     def done(self) -> bool:
-        return (self.run_dir / DONE).is_file()
+        return self.trained and all(v.done for v in self.variants)
 
 
 # ---------------------------------------------------------------- planning
@@ -82,78 +115,44 @@ def load_grid(path: str | Path) -> dict[str, Any]:
         raise BadInput(f"grid {path} is not valid YAML: {one_line(str(e))}") from None
     if not isinstance(cfg, dict):
         raise BadInput(f"grid {path}: expected a YAML mapping with keys such as grid, runs, common_flags, eval")
-    for key, kind in (("grid", dict), ("runs", list), ("common_flags", dict), ("eval", dict)):
+    for key, kind in (("grid", dict), ("runs", list), ("common_flags", dict), ("eval", dict), ("infer_grid", dict)):
         if cfg.get(key) is not None and not isinstance(cfg[key], kind):
             raise BadInput(f"grid {path}: '{key}' must be a {'mapping' if kind is dict else 'list'}, "
                            f"got {type(cfg[key]).__name__}")
     known = {"name", "base_command", "output_root", "workdir", "common_flags", "grid", "runs", "eval", "sort_by",
-             "plots"}
+             "plots", "infer_grid"}
     unknown = sorted(set(cfg) - known)
     if unknown:
         raise BadInput(f"{path}: unknown keys {unknown}; known keys: {sorted(known)}")
     if not cfg.get("grid") and not cfg.get("runs"):
         raise BadInput(f"{path}: give a 'grid' (flag -> list of values) or a list of 'runs'")
-    for flag, values in (cfg.get("grid") or {}).items():
-        if not isinstance(values, list) or not values:
-            raise BadInput(f"{path}: grid values of {flag!r} must be a non-empty list, got {values!r}")
+    check_sweep(f"{path}: grid", cfg.get("grid") or {})
+    check_flag_map(f"{path}: common_flags", cfg.get("common_flags") or {})
+    for i, run in enumerate(cfg.get("runs") or []):
+        check_flag_map(f"{path}: runs[{i}]", run, skip=("name", "infer_flags"))
+    check_infer_section(cfg, str(path))
     return cfg
 
 
-def fill(text: str, fields: dict[str, str]) -> str:
-    """Replace the placeholders ``{run_dir}``, ``{name}``, ``{outputs}`` (other braces are left as they are)."""
-    for key, value in fields.items():
-        text = text.replace("{" + key + "}", value)
-    return text
-
-
-def _flag_name(key: str) -> str:
-    return key[2:] if key.startswith("--") else key
-
-
-def format_value(value: Any) -> list[str]:
-    """Command-line words of one flag value (HfArgumentParser style)."""
-    if isinstance(value, bool):
-        return ["True" if value else "False"]
-    if isinstance(value, (list, tuple)):
-        return [w for v in value for w in format_value(v)]
-    return [str(value)]
-
-
-def flag_words(flags: dict[str, Any], fields: dict[str, str]) -> list[str]:
-    """``--flag value`` words; templates in string values are filled from ``fields``."""
-    words = []
-    for key, value in flags.items():
-        if value is None:
-            continue
-        words.append(f"--{_flag_name(key)}")
-        words += [fill(w, fields) for w in format_value(value)]
-    return words
-
-
-def run_name(flags: dict[str, Any]) -> str:
-    """A folder-safe name from the flags, e.g. ``weight0.05_max_t0.3`` (``pixel_loss_`` prefixes dropped)."""
-    parts = []
-    for key, value in flags.items():
-        short = _flag_name(key).removeprefix("pixel_loss_")
-        parts.append(f"{short}{'-'.join(format_value(value)) if value is not None else 'None'}")
-    return re.sub(r"[^A-Za-z0-9._=-]+", "_", "_".join(parts)) or "run"
-
-
-def expand_runs(cfg: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """(name, flags) of every run: the cartesian product of ``grid``, then the explicit ``runs``."""
+def _expand(cfg: dict[str, Any]) -> list[tuple[str, dict[str, Any], dict[str, Any] | None]]:
+    """(name, training flags, explicit run entry or None) of every run."""
     grid = cfg.get("grid") or {}
     runs = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())] if grid else []
-    named = [(run_name(f), f) for f in runs]
-    for r in cfg.get("runs") or []:
-        r = dict(r)
-        name = r.pop("name", None)
-        named.append((str(name) if name else run_name(r), r))
+    named: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = [(run_name(f), f, None) for f in runs]
+    for entry in cfg.get("runs") or []:
+        r = {k: v for k, v in entry.items() if k not in ("name", "infer_flags")}
+        named.append((str(entry["name"]) if entry.get("name") else run_name(r), r, entry))
     seen: set[str] = set()
-    for name, _ in named:
+    for name, _, _ in named:
         if name in seen:
             raise BadInput(f"two runs are named {name!r}; give explicit names in 'runs'")
         seen.add(name)
     return named
+
+
+def expand_runs(cfg: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(name, training flags) of every run: the cartesian product of ``grid``, then the explicit ``runs``."""
+    return [(name, flags) for name, flags, _ in _expand(cfg)]
 
 
 def _command_text(base: str | Sequence[str], words: list[str], fields: dict[str, str]) -> str:
@@ -162,38 +161,52 @@ def _command_text(base: str | Sequence[str], words: list[str], fields: dict[str,
 
 
 def build_runs(cfg: dict[str, Any]) -> list[Run]:
-    """Runs with absolute folders and filled-in commands."""
+    """Runs with absolute folders, filled-in commands and their inference variants."""
     root = Path(cfg.get("output_root", "runs/ablation")).resolve()
     base = cfg.get("base_command") or DEFAULT_BASE_COMMAND
     ev = cfg.get("eval") or {}
     runs = []
-    for name, flags in expand_runs(cfg):
+    for name, flags, entry in _expand(cfg):
         run_dir = root / name
         fields = {"run_dir": str(run_dir), "name": name}
+        variants = build_variants(variant_specs(cfg, entry), ev, dict(fields))
         fields["outputs"] = fill(str(ev.get("outputs", "{run_dir}/outputs")), fields)
         words = flag_words({**(cfg.get("common_flags") or {}), **flags}, fields)
         infer = ev.get("infer_command")
         infer_text = None
-        if infer:
+        if infer and not variants:
             infer_text = fill(infer, fields) if isinstance(infer, str) else shlex.join(fill(str(w), fields)
                                                                                        for w in infer)
-        runs.append(Run(name, flags, run_dir, _command_text(base, words, fields), infer_text))
+        runs.append(Run(name, flags, run_dir, _command_text(base, words, fields), infer_text, variants))
+    _check_trained_once(runs)
     return runs
 
 
-def target_flags(base: str | Sequence[str], workdir: Path, timeout: float = 300) -> set[str]:
+def _check_trained_once(runs: Sequence[Run]) -> None:
+    """Runs with inference variants must not train the same flags twice (list the variants in one run)."""
+    by_flags: dict[str, Run] = {}
+    for run in runs:
+        key = json.dumps({_flag_name(k): v for k, v in run.flags.items()}, sort_keys=True, default=str)
+        other = by_flags.setdefault(key, run)
+        if other is not run and (run.variants or other.variants):
+            raise BadInput(f"runs {other.name!r} and {run.name!r} train with the same flags; give both inference "
+                           "settings to one run (infer_flags: a list of flag mappings) so that it trains once")
+
+
+def target_flags(base: str | Sequence[str], workdir: Path, timeout: float = 300,
+                 what: str = "base_command") -> set[str]:
     """Flags the target's parser knows, read from ``BASE --help`` (argparse / HfArgumentParser help text)."""
     words = shlex.split(base) if isinstance(base, str) else [str(w) for w in base]
     try:
         res = subprocess.run(words + ["--help"], cwd=workdir, capture_output=True, text=True, timeout=timeout,
                              stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as e:
-        raise BadInput(f"base_command {shlex.join(words)!r} cannot be run to list its flags: {e}") from None
+        raise BadInput(f"{what} {shlex.join(words)!r} cannot be run to list its flags: {e}") from None
     if res.returncode != 0:
         text = (res.stderr or res.stdout).strip()
         tail = one_line(text.splitlines()[-1]) if text else ""
-        raise BadInput(f"base_command {shlex.join(words)!r} --help exited {res.returncode} ({tail}); "
-                       "fix base_command (or workdir) before planning runs")
+        raise BadInput(f"{what} {shlex.join(words)!r} --help exited {res.returncode} ({tail}); "
+                       f"fix {what} (or workdir) before planning runs")
     return set(re.findall(r"(?<![\w-])--([A-Za-z][\w-]*)", res.stdout + res.stderr))
 
 
@@ -202,7 +215,8 @@ def check_flags(cfg: dict[str, Any], known: set[str]) -> None:
     import difflib
 
     flags = {(_flag_name(k), where) for where in ("common_flags", "grid") for k in (cfg.get(where) or {})}
-    flags |= {(_flag_name(k), f"runs[{i}]") for i, r in enumerate(cfg.get("runs") or []) for k in r if k != "name"}
+    flags |= {(_flag_name(k), f"runs[{i}]") for i, r in enumerate(cfg.get("runs") or []) for k in r
+              if k not in ("name", "infer_flags")}
     for flag, where in sorted(flags):
         if flag not in known:
             close = difflib.get_close_matches(flag, sorted(known), n=1)
@@ -211,9 +225,15 @@ def check_flags(cfg: dict[str, Any], known: set[str]) -> None:
 
 
 def command_script(run: Run, workdir: Path) -> str:
-    """Text of ``command.sh``: cd, train, optional inference, then the DONE marker (only reached on success)."""
+    """Text of ``command.sh``: cd, train, optional inference, then the DONE marker (only reached on success).
+
+    With inference variants: train unless ``RUN_DIR/DONE`` exists, then each variant unless its own ``DONE`` does.
+    """
     lines = ["#!/usr/bin/env bash", f"# run {run.name}, written by bagel_sr.eval.ablate plan", "set -euo pipefail",
-             f"cd {shlex.quote(str(workdir))}", run.train_command]
+             f"cd {shlex.quote(str(workdir))}"]
+    if run.variants:
+        return "\n".join(lines + variant_lines(run.run_dir, run.train_command, run.variants)) + "\n"
+    lines.append(run.train_command)
     if run.infer_command:
         lines.append(run.infer_command)
     lines.append(f"date -u +%Y-%m-%dT%H:%M:%SZ > {shlex.quote(str(run.run_dir / DONE))}")
@@ -235,25 +255,41 @@ def plan(grid_path: str | Path, check: bool = True, overwrite: bool = False) -> 
         raise MissingInput(f"workdir {workdir}: no such folder")
     if check:
         check_flags(cfg, target_flags(cfg.get("base_command") or DEFAULT_BASE_COMMAND, workdir))
+        if any(r.variants for r in runs):
+            infer = program_words(cfg["eval"]["infer_command"])
+            check_infer_flags(cfg, target_flags(infer, workdir, what="eval.infer_command") if infer else set())
     root = runs[0].run_dir.parent
     root_ledger, _ = claim(root, TOOL, {}, flag="--overwrite")
     ledgers = [claim(run.run_dir, TOOL, {"command": run.train_command, "infer": run.infer_command},
                      overwrite=overwrite, flag="--overwrite")[0] for run in runs]  # all refusals before any write
-    for run, ledger in zip(runs, ledgers):
+    variant_ledgers = [[claim(v.folder, TOOL, {"command": run.train_command, "infer": v.command},
+                              overwrite=overwrite, flag="--overwrite")[0] for v in run.variants] for run in runs]
+    for run, ledger, vledgers in zip(runs, ledgers, variant_ledgers):
         if run.done:
             continue
         for name in RUN_FILES:
             ledger.record(name)
+        for v, vledger in zip(run.variants, vledgers):
+            for name in VARIANT_FILES:
+                vledger.record(name)
+            (v.folder / "variant.json").write_text(json.dumps(
+                {"run": run.name, "variant": v.name, "flags": v.flags, "outputs": str(v.outputs),
+                 "command": v.command}, indent=2, default=str), encoding="utf-8")
         script = command_script(run, workdir)
-        meta = {"name": run.name, "flags": run.flags, "command": run.train_command, "infer": run.infer_command}
+        meta = {"name": run.name, "flags": run.flags, "command": run.train_command, "infer": run.infer_command,
+                "variants": {v.name: v.command for v in run.variants}}
         (run.run_dir / "command.sh").write_text(script, encoding="utf-8")
         os.chmod(run.run_dir / "command.sh", 0o755)
         (run.run_dir / "run.json").write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
     root_ledger.record("commands.txt")
-    (root / "commands.txt").write_text(
-        "".join(f"# {r.name}: {r.train_command}\nbash {shlex.quote(str(r.run_dir / 'command.sh'))} > "
-                f"{shlex.quote(str(r.run_dir / 'log.txt'))} 2>&1\n" for r in runs), encoding="utf-8")
+    (root / "commands.txt").write_text("".join(_commands_entry(r) for r in runs), encoding="utf-8")
     return runs
+
+
+def _commands_entry(run: Run) -> str:
+    notes = "".join(f"#   then inference {v.name}: {v.command}\n" for v in run.variants)
+    return (f"# {run.name}: {run.train_command}\n{notes}bash {shlex.quote(str(run.run_dir / 'command.sh'))} > "
+            f"{shlex.quote(str(run.run_dir / 'log.txt'))} 2>&1\n")
 
 
 # ---------------------------------------------------------------- running
