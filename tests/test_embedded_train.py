@@ -2,6 +2,7 @@
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -55,14 +56,20 @@ def test_experiment_end_to_end(tmp_path):
             str(tmp_path), "--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_heads", "2",
             "--num_key_value_heads", "1", "--intermediate_size", "64", "--progress", "False", "--num_threads", "1",
             "--save_checkpoints", "False", "--pool_size", "16", "--pixel_loss_weight", "0.05",
-            "--sample_modes", "1:1:0,0.3:2:0,0.3:2:1"]
+            "--sample_modes", "1:1:0,0.3:2:0,0.3:2:1", "--term_arms", "ssim:1", "--aligned_condition", "True"]
     report = experiment.main(argv)
     assert (tmp_path / "metrics.json").exists() and (tmp_path / "grid.png").exists()
     saved = json.loads((tmp_path / "metrics.json").read_text())
     arms = saved["seeds"][0]["arms"]
-    assert set(arms) == {"flow_only", "pixel"}
+    assert list(arms) == ["flow_only", "pixel", "terms=ssim:1"]
+    assert arms["terms=ssim:1"]["pixel_loss"]["pixel_loss_terms"] == "ssim:1"
     for arm in arms.values():
-        assert {"psnr", "ssim", "unpaired_flow_loss", "paired_flow_loss"} <= set(arm)
+        assert {"psnr", "ssim", "halluc", "unpaired_flow_loss", "paired_flow_loss"} <= set(arm)
+    # the hallucination share of the bicubic input, computed here directly: pixels with |error| > 0.1 of [0, 1]
+    val = data.eval_pairs("val")
+    gray = lambda x: ((x.mean(0) + 1) / 2).clamp(0, 1).numpy()
+    expected = np.mean([np.mean(np.abs(gray(p.condition) - gray(p.target)) > 0.1) for p in val])
+    assert saved["baselines"]["lr_input"]["halluc"]["mean"] == pytest.approx(expected, rel=1e-6)
     assert arms["flow_only"]["pixel_loss"]["pixel_loss_weight"] == 0.0
     assert arms["pixel"]["pixel_loss"]["pixel_loss_weight"] == 0.05
     assert report["n_pairs"] == len(data.eval_pairs("val"))
@@ -72,3 +79,16 @@ def test_experiment_end_to_end(tmp_path):
     assert modes["T0=1 K=1"]["psnr"]["mean"] == arms["pixel"]["psnr"]["mean"]  # the stock sampler, same seed
     assert saved["seeds"][0]["chosen_mode"] in modes
     assert modes["T0=0.3 K=2 +DC"]["psnr"]["mean"] != modes["T0=0.3 K=2"]["psnr"]["mean"]
+
+
+@pytest.mark.parametrize("term_arms, message", [
+    ("ssim:1;ssim:1", "appears twice"),
+    ("nope:1", "--pixel_loss_terms"),
+    ("l2:0", "--pixel_loss_terms"),
+])
+def test_term_arms_bad_input_names_the_flag(term_arms, message, tmp_path):
+    from bagel_sr.errors import BadInput
+
+    with pytest.raises(BadInput, match="--term_arms") as info:
+        experiment.parse(["--term_arms", term_arms, "--output_dir", str(tmp_path)])
+    assert message in str(info.value)

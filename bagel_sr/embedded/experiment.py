@@ -44,11 +44,11 @@ class ExperimentArguments(TrainConfig):
     sample_steps: int = field(default=25, metadata={"help": "Euler steps of the sampler."})
     sample_timestep_shift: float = field(default=1.0, metadata={"help": "Timestep shift of the sampler schedule."})
     sample_modes: str = field(
-        default="",
+        default="1:1:0,0.3:1:0,0.3:8:0,0.3:8:1",
         metadata={"help": "Inference modes measured for both arms, comma-separated START_T:NUM_SAMPLES:DC (DC 1: "
                           "back-projection onto the input, 10 steps), e.g. 1:1:0,0.3:1:0,0.3:4:0,0.3:4:1; the mode "
-                          "with the best mean PSNR of the + pixel arm on the val split is marked as chosen. Empty "
-                          "(default, until their cost within the 10-minute budget is measured): none."})
+                          "with the best mean PSNR of the + pixel arm on the val split is marked as chosen. Empty: "
+                          "only the stock sampler."})
     term_arms: str = field(
         default="",
         metadata={"help": "More + pixel arms, ';'-separated, each the + pixel arm with --pixel_loss_terms replaced, "
@@ -61,7 +61,7 @@ class ExperimentArguments(TrainConfig):
     num_key_value_heads: int = field(default=TinyBagelConfig.num_key_value_heads, metadata={"help": "Key/value heads."})
     intermediate_size: int = field(default=TinyBagelConfig.intermediate_size, metadata={"help": "MLP width."})
     aligned_condition: bool = field(
-        default=TinyBagelConfig.aligned_condition,
+        default=True,
         metadata={"help": "Add each target token's condition token (same grid cell) to its input embedding, as SR "
                           "diffusion models concatenate the input (BAGEL sees the condition through attention only)."})
     vae_dir: Optional[str] = field(default=None, metadata={"help": "VAE directory (default: the shipped one)."})
@@ -72,6 +72,10 @@ class ExperimentArguments(TrainConfig):
         default=False,
         metadata={"help": "Redo a finished run in --output_dir (deletes only the files that run wrote there)."})
 
+
+#: The conservative defaults; the decoder is small enough here to keep its activations (no recomputation: the same
+#: gradients, ~15% less training time for the pixel arm on 2 cores).
+EMBEDDED_DEFAULTS = dict(CONSERVATIVE_DEFAULTS, checkpointing=False)
 
 ARMS = ("flow_only", "pixel")  # the two arms of every run; --term_arms adds "terms=<terms>" arms
 
@@ -149,7 +153,7 @@ def sample_modes(model, vae, pairs, tokenizer, modes: Sequence[Mode], args, seed
 def parse(argv: Optional[Sequence[str]] = None):
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser((ExperimentArguments, pixel_loss_arguments_class(defaults=CONSERVATIVE_DEFAULTS)))
+    parser = HfArgumentParser((ExperimentArguments, pixel_loss_arguments_class(defaults=EMBEDDED_DEFAULTS)))
     args, pixel_args = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
     if args.eval_split not in ("heldout", "val"):
         raise BadInput(f"--eval_split: got {args.eval_split!r}; allowed: 'heldout', 'val'")
@@ -324,8 +328,9 @@ def format_table(seed_result: Dict, base: Dict, pixel: PixelLossConfig, n_pairs:
             ref = "flow_only" if arm == "pixel" else "pixel"
             d = paired_difference(arms[arm]["modes"][chosen], arms[ref]["modes"][chosen])
             lines.append(_difference_line(f"{arm} - {ref}, {chosen}", d, w))
-    lines.append(f"wall time (s): train flow only {arms['flow_only']['train_seconds']:.0f}, + pixel "
-                 f"{arms['pixel']['train_seconds']:.0f} (x{arms['pixel']['train_seconds'] / max(arms['flow_only']['train_seconds'], 1e-9):.2f}); "
+    flow_s, pixel_s = arms["flow_only"]["train_seconds"], arms["pixel"]["train_seconds"]
+    lines.append(f"wall time (s): train flow only {flow_s:.0f}, + pixel {pixel_s:.0f} "
+                 f"({'x%.2f' % (pixel_s / flow_s) if flow_s >= 1 else 'ratio n/a'}); "
                  f"stock sampling flow only {arms['flow_only'].get('sample_seconds', float('nan')):.0f}, + pixel "
                  f"{arms['pixel'].get('sample_seconds', float('nan')):.0f}")
     if "grad_norm_ratio" in arms["pixel"]:
