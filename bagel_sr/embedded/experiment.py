@@ -74,11 +74,8 @@ class ExperimentArguments(TrainConfig):
 
 
 #: The conservative defaults; the decoder is small enough here to keep its activations (no recomputation: the same
-#: gradients, ~15% less training time for the pixel arm on 2 cores).
+#: gradients, ~13% less training time for the pixel arm in a 60-step timing on 2 cores).
 EMBEDDED_DEFAULTS = dict(CONSERVATIVE_DEFAULTS, checkpointing=False)
-
-ARMS = ("flow_only", "pixel")  # the two arms of every run; --term_arms adds "terms=<terms>" arms
-
 
 def arm_configs(pixel: PixelLossConfig, term_arms: str) -> Dict[str, PixelLossConfig]:
     """``{arm name: its pixel-loss settings}``: flow only (weight 0), + pixel, then one arm per ``--term_arms`` item.
