@@ -11,6 +11,14 @@ from bagel_sr.eval import infer
 from bagel_sr.errors import UserError
 
 
+def _checkout_inference_modules(import_bagel):
+    """The checkout's ``data.transforms`` and ``inferencer`` modules (skip when their dependencies are missing)."""
+    import_bagel()
+    try:
+        return importlib.import_module("data.transforms"), importlib.import_module("inferencer")
+    except ModuleNotFoundError as err:
+        pytest.skip(f"the checkout's inference code needs {err.name}, not installed here")
+
 def _image(path: Path, value: int, size=(32, 32)) -> Path:
     Image.fromarray(np.full((*size, 3), value, np.uint8)).save(path)
     return path
@@ -89,12 +97,7 @@ def test_checkout_inferencer_restores_through_the_checkout(tmp_path, checkout_sh
     the size through ``image_shapes``, and the output has the input's size without any resize."""
     from bagel_tiny import SPECIAL_TOKENS, build_tiny_autoencoder, build_tiny_bagel, import_bagel
 
-    import_bagel()
-    try:
-        transforms = importlib.import_module("data.transforms")
-        inferencer_mod = importlib.import_module("inferencer")
-    except ModuleNotFoundError as err:
-        pytest.skip(f"the checkout's inference code needs {err.name}, not installed here")
+    transforms, inferencer_mod = _checkout_inference_modules(import_bagel)
 
     class Tokenizer:  # the one method the inferencer calls
         def encode(self, text):
@@ -149,12 +152,7 @@ def _tiny_inferencer():
 
     if requires_bagel.args[0]:
         pytest.skip(requires_bagel.kwargs["reason"])
-    import_bagel()
-    try:
-        transforms = importlib.import_module("data.transforms")
-        inferencer_mod = importlib.import_module("inferencer")
-    except ModuleNotFoundError as err:
-        pytest.skip(f"the checkout's inference code needs {err.name}, not installed here")
+    transforms, inferencer_mod = _checkout_inference_modules(import_bagel)
 
     class Tokenizer:
         def encode(self, text):
