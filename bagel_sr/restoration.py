@@ -4,9 +4,12 @@
   the first grid time ``t_k <= T0`` from ``z_{t_k} = (1 - t_k) z_input + t_k noise`` (the flow's interpolation,
   :func:`bagel_sr.flow.interpolate`) and integrate the remaining steps to 0.  ``T0 = 1`` is the stock sampler;
   ``T0 = 0`` takes no step and returns the latent of the input (its VAE round trip once decoded).
+- One step (``one_step``): from ``z_{t_k}`` a single Euler step to 0, ``z0_hat = z_{t_k} - t_k v_hat``: the model's
+  clean estimate, the quantity the pixel term trains at ``t <= max_t``; averaged over K noises, an estimate of the
+  posterior mean at the cost of K model evaluations.
 - Posterior mean / median of K samples and their per-pixel standard deviation (the uncertainty map).
 """
-from typing import Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 
@@ -30,6 +33,13 @@ def start_index(timesteps: Sequence[float], start_t: float) -> int:
         if t <= start_t + 1e-9:
             return i
     return len(ts) - 1
+
+
+def visited_times(timesteps: Sequence[float], start_t: float, one_step: bool = False) -> List[float]:
+    """The times a sampler started at ``start_t`` visits: the grid from its first time ``<= start_t`` on, or with
+    ``one_step`` that time and the grid's last (one Euler step to the end)."""
+    ts = [float(t) for t in timesteps][start_index(timesteps, start_t):]
+    return [ts[0], ts[-1]] if one_step and len(ts) > 1 else ts
 
 
 def start_latent(z_input: torch.Tensor, noise: torch.Tensor, t: float) -> torch.Tensor:

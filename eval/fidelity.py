@@ -16,6 +16,7 @@ class FidelityArgs:
     """Sampling that keeps to the input (issue 17); the defaults are the stock sampler."""
 
     start_t: float = 1.0
+    one_step: bool = False
     num_samples: int = 1
     aggregate: str = "mean"
     data_consistency: bool = False

@@ -166,6 +166,8 @@ def run_settings(args: argparse.Namespace) -> Tuple[dict, Optional[str]]:
     keys = ["inputs", "split", "instruction", "seed", "embedded_run", "model_path", "checkpoint", "resize_output",
             *asdict(SamplingArgs()), *asdict(FidelityArgs())]
     settings = {k: getattr(args, k) for k in keys}
+    if not settings["one_step"]:  # added later: off, folders made before it existed still resume
+        del settings["one_step"]
     settings["inputs"] = str(Path(args.inputs).absolute())
     weights = args.embedded_run or args.checkpoint or (
         str(Path(args.model_path) / "ema.safetensors") if args.model_path else None)
@@ -289,6 +291,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g = p.add_argument_group("fidelity-aware sampling (issue 17)")
     g.add_argument("--start_t", type=float, default=1.0,
                    help="start from the input noised to this flow time (1 = from pure noise, the stock sampler)")
+    g.add_argument("--one_step", action="store_true",
+                   help="one Euler step from the start to 0 (the model's clean estimate z_t - t v_hat, what the pixel "
+                   "term trains at t <= max_t) instead of the rest of the grid; one model evaluation per sample")
     g.add_argument("--num_samples", type=int, default=1, help="samples per input; >1 writes the aggregate and std/")
     g.add_argument("--aggregate", choices=("mean", "median"), default="mean", help="how K samples are combined")
     g.add_argument("--data_consistency", action="store_true",
@@ -325,14 +330,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Tuple[int, int]:
 
         restore = embedded_restorer(args.embedded_run, num_timesteps=sampling.num_timesteps,
                                     timestep_shift=sampling.timestep_shift, seed=args.seed,
-                                    **({"start_t": fidelity.start_t} if fidelity.start_t < 1.0 else {}))
+                                    **({"start_t": fidelity.start_t} if fidelity.start_t < 1.0 else {}),
+                                    **({"one_step": True} if fidelity.one_step else {}))
     else:
         inferencer = load_checkout_inferencer(args.bagel_root, args.model_path, args.checkpoint)
-        if fidelity.start_t < 1.0:
+        if fidelity.start_t < 1.0 or fidelity.one_step:
             from bagel_sr.patches import registry
             from bagel_sr.patches.context import PatchContext
 
-            registry.apply(PatchContext(inferencer=inferencer, start_t=fidelity.start_t), groups=("inference",))
+            registry.apply(PatchContext(inferencer=inferencer, start_t=fidelity.start_t, one_step=fidelity.one_step),
+                           groups=("inference",))
         restore = checkout_restorer(inferencer, sampling, args.seed)
     if fidelity.num_samples > 1:
         restore = posterior_restorer(restore, fidelity.num_samples, fidelity.aggregate, args.seed)

@@ -45,7 +45,8 @@ class PatchContext:
     ``modeling.bagel.qwen2_navit``; ``dataset_info_module``: ``data.dataset_info``; ``dataset_yamls``: built sets to
     register; ``fsdp_module``: ``train.fsdp_utils``; ``dry_run``: apply the ``dryrun`` rows; ``host_mode``: ``--bagel_sr_host_pixel_loss`` (off, keep, refuse: what
     to do with a checkout's own pixel term, :mod:`bagel_sr.patches.host`); ``defaults``: the ``--pixel_loss_*`` defaults of the patched TrainingArguments (field name -> value).
-    ``inferencer``: a checkout's ``InterleaveInferencer`` and ``start_t``: its sampling start (the ``inference`` rows).
+    ``inferencer``: a checkout's ``InterleaveInferencer``, ``start_t``: its sampling start and ``one_step``: one Euler
+    step from there to 0 (the ``inference`` rows).
     """
 
     train_module: Optional[ModuleType] = None
@@ -59,6 +60,7 @@ class PatchContext:
     defaults: Dict[str, Any] = field(default_factory=lambda: dict(CONSERVATIVE_DEFAULTS))
     inferencer: Any = None
     start_t: float = 1.0
+    one_step: bool = False
     run: RunState = field(default_factory=RunState)
 
     def module(self, attr: str, name: str) -> ModuleType:

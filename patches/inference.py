@@ -12,6 +12,9 @@ instances and the classes are untouched):
   ``vae_model.encode``, patchified as BAGEL packs latents) and, for this call only, makes the model's
   ``_forward_flow`` return a zero velocity for the first ``k`` steps, so the checkout's loop keeps ``z_{t_k}``
   until it integrates from ``t_k`` to 0.  ``k = 0`` (``start_t = 1``) calls the stock method unchanged.
+- ``one_step``: the velocity of step ``k`` is scaled by ``t_k / (t_k - t_{k+1})`` and the later steps return zero
+  without calling the model, so the loop ends at ``z_{t_k} - t_k v_hat`` (one Euler step to 0, the model's clean
+  estimate) after one model evaluation.
 """
 import inspect
 from typing import Any, Dict, List
@@ -62,7 +65,7 @@ def _input_tokens(inferencer: Any, image: Any) -> torch.Tensor:
 
 
 def patch_start_t(ctx: PatchContext) -> Undo:
-    inferencer, start_t = ctx.inferencer, check_start_t(ctx.start_t)
+    inferencer, start_t, one_step = ctx.inferencer, check_start_t(ctx.start_t), bool(ctx.one_step)
     _check(inferencer)
     model = inferencer.model
     stock_update, stock_generate, stock_flow = inferencer.update_context_image, model.generate_image, model._forward_flow
@@ -78,22 +81,27 @@ def patch_start_t(ctx: PatchContext) -> Undo:
         bound.apply_defaults()
         grid = checkout_grid(bound.arguments["num_timesteps"], bound.arguments["timestep_shift"])
         k = start_index(grid, start_t)
-        if k == 0 or "image" not in seen:
+        if (k == 0 and not one_step) or (k > 0 and "image" not in seen):
             return stock_generate(*args, **kwargs)
-        noise = bound.arguments["packed_init_noises"]
-        z_input = _input_tokens(inferencer, seen["image"]).to(noise.device, noise.dtype)
-        if z_input.shape != noise.shape:
-            raise RuntimeError(f"--start_t: the input's latent has {tuple(z_input.shape)} tokens x features but the "
-                               f"output's noise {tuple(noise.shape)}; the input and output sizes differ")
-        bound.arguments["packed_init_noises"] = start_latent(z_input, noise, grid[k])
+        if k > 0:
+            noise = bound.arguments["packed_init_noises"]
+            z_input = _input_tokens(inferencer, seen["image"]).to(noise.device, noise.dtype)
+            if z_input.shape != noise.shape:
+                raise RuntimeError(f"--start_t: the input's latent has {tuple(z_input.shape)} tokens x features but "
+                                   f"the output's noise {tuple(noise.shape)}; the input and output sizes differ")
+            bound.arguments["packed_init_noises"] = start_latent(z_input, noise, grid[k])
         calls = {"n": 0}
 
         def forward_flow(*a, **kw):
             calls["n"] += 1
-            if calls["n"] <= k:  # the steps above t_k: hold z_{t_k}
+            step = calls["n"] - 1
+            if step < k or (one_step and step > k):  # above t_k: hold z_{t_k}; after the one step: hold its result
                 x_t = kw["x_t"] if "x_t" in kw else a[0]
                 return torch.zeros_like(x_t)
-            return stock_flow(*a, **kw)
+            v = stock_flow(*a, **kw)
+            if one_step:  # the loop multiplies by t_k - t_{k+1}; the step goes to the grid's end instead
+                return v * ((grid[k] - grid[-1]) / (grid[k] - grid[k + 1]))
+            return v
 
         undo_flow = replace_attribute(model, "_forward_flow", forward_flow)
         try:

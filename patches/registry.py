@@ -105,10 +105,11 @@ PATCHES: Tuple[Patch, ...] = (
           "the HYBRID_SHARD device mesh on 'cpu'",
           cpu_main.patch_device_mesh, _fsdp_name("init_device_mesh"), when=_dry_run, condition="dry run"),
     Patch("patch_start_t", "<inferencer>.model.generate_image, <inferencer>.update_context_image", "inference",
-          "checkout", "sampling starts from the condition image noised to --start_t (issue 17)",
+          "checkout", "sampling starts from the condition image noised to --start_t, optionally one step to 0 (issue 17)",
           inference.patch_start_t,
           lambda ctx: (vars(ctx.inferencer.model).get("generate_image"), vars(ctx.inferencer).get("update_context_image")),
-          when=lambda ctx: ctx.inferencer is not None and ctx.start_t < 1.0, condition="--start_t < 1"),
+          when=lambda ctx: ctx.inferencer is not None and (ctx.start_t < 1.0 or ctx.one_step),
+          condition="--start_t < 1 or --one_step"),
 )
 
 

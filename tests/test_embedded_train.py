@@ -56,7 +56,7 @@ def test_experiment_end_to_end(tmp_path):
             str(tmp_path), "--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_heads", "2",
             "--num_key_value_heads", "1", "--intermediate_size", "64", "--progress", "False", "--num_threads", "1",
             "--save_checkpoints", "False", "--pool_size", "16", "--pixel_loss_weight", "0.05",
-            "--sample_modes", "1:1:0,0.3:2:0,0.3:2:1", "--term_arms", "ssim:1", "--aligned_condition", "True"]
+            "--sample_modes", "1:1:0,0.3:2:0,0.3:2:1,0.3:2:0:1", "--term_arms", "ssim:1", "--aligned_condition", "True"]
     report = experiment.main(argv)
     assert (tmp_path / "metrics.json").exists() and (tmp_path / "grid.png").exists()
     saved = json.loads((tmp_path / "metrics.json").read_text())
@@ -75,10 +75,38 @@ def test_experiment_end_to_end(tmp_path):
     assert report["n_pairs"] == len(data.eval_pairs("val"))
     # inference modes (issue 17): a row per mode and arm, one chosen on val, DC moves the output toward the input
     modes = arms["pixel"]["modes"]
-    assert list(modes) == ["T0=1 K=1", "T0=0.3 K=2", "T0=0.3 K=2 +DC"]
+    assert list(modes) == ["T0=1 K=1", "T0=0.3 K=2", "T0=0.3 K=2 +DC", "T0=0.3 K=2 one-step"]
     assert modes["T0=1 K=1"]["psnr"]["mean"] == arms["pixel"]["psnr"]["mean"]  # the stock sampler, same seed
     assert saved["seeds"][0]["chosen_mode"] in modes
     assert modes["T0=0.3 K=2 +DC"]["psnr"]["mean"] != modes["T0=0.3 K=2"]["psnr"]["mean"]
+    assert np.isfinite(modes["T0=0.3 K=2 one-step"]["psnr"]["mean"])  # (2 sampler steps: T0 = 0.3 starts at 0)
+    assert set(arms["pixel"]["modes_val_per_image_psnr"]) == set(modes)
+
+
+def test_sample_modes_parse_and_count_evaluations():
+    modes = experiment.parse_modes("1:1:0, 0.3:8:1, 0.3:8:0:1")
+    assert [m.name for m in modes] == ["T0=1 K=1", "T0=0.3 K=8 +DC", "T0=0.3 K=8 one-step"]
+    # 25 steps from 1 to 0: 25 evaluations from 1, 7 from the first grid time <= 0.3 (0.28), 1 with one step
+    assert [m.evaluations(25, 1.0) for m in modes] == [25, 8 * 7, 8]
+    for bad, message in (("0.3:8", "START_T:NUM_SAMPLES:DC"), ("0.3:8:0:1:1", "START_T:NUM_SAMPLES:DC"),
+                         ("x:1:0", "START_T"), ("1.5:1:0", "in \\[0, 1\\]"), ("0.3:0:0", "NUM_SAMPLES >= 1"),
+                         ("0.3:2:0,0.3:2:0", "appears twice")):
+        with pytest.raises(experiment.BadInput, match=message):
+            experiment.parse_modes(bad)
+
+
+def test_mode_chosen_on_val_is_the_cheapest_within_the_noise_of_the_best():
+    rng = np.random.default_rng(0)
+    base = rng.normal(27, 3, 40)
+    modes = experiment.parse_modes("0.3:8:0,0.3:8:1,0.3:8:0:1")
+    names = [m.name for m in modes]
+    # DC 0.005 dB ahead on average, one step 0.01 dB behind, ±0.2 dB per image: noise; the cheapest (8 evaluations) wins
+    close = {names[0]: base, names[1]: base + 0.005 + rng.normal(0, 0.2, 40),
+             names[2]: base - 0.01 + rng.normal(0, 0.2, 40)}
+    assert experiment.choose_mode(close, modes, 25, 1.0) == "T0=0.3 K=8 one-step"
+    # the multi-step mode ahead by 0.3 dB in every image: the cheaper ones are out, and DC is not ahead of it
+    clear = dict(close, **{names[2]: base - 0.3, names[1]: base})
+    assert experiment.choose_mode(clear, modes, 25, 1.0) == "T0=0.3 K=8"
 
 
 @pytest.mark.parametrize("term_arms, message", [

@@ -214,6 +214,85 @@ def test_start_t_patch_of_the_checkout_sampler():
     assert registry.apply(PatchContext(inferencer=inferencer, start_t=1.0), groups=("inference",)).applied == []
 
 
+@pytest.mark.bagel
+def test_one_step_patch_of_the_checkout_sampler():
+    """--one_step through the real checkout: from T0 = 1 on a 21-point grid it is the stock sampler on a 2-point grid
+    (one step from 1 to 0) after one model evaluation; from T0 = 0.5 it differs from the rest of the grid."""
+    import torch
+
+    import functools
+
+    from bagel_sr.patches.context import PatchContext
+    from bagel_sr.patches.inference import patch_start_t
+
+    inferencer = _tiny_inferencer()
+    torch.manual_seed(1)
+    torch.nn.init.normal_(inferencer.model.llm2vae.weight, std=0.5)  # zero at init: every sampler keeps its start
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 48, 3), dtype=np.uint8))
+    calls = {"n": 0}
+    flow = inferencer.model._forward_flow
+
+    @functools.wraps(flow)  # the patch checks the signature (x_t)
+    def counting_flow(*a, **kw):
+        calls["n"] += 1
+        return flow(*a, **kw)
+
+    inferencer.model._forward_flow = counting_flow
+
+    def run(num_timesteps, **ctx):
+        sampling = infer.SamplingArgs(num_timesteps=num_timesteps, timestep_shift=1.0, cfg_text_scale=1.0,
+                                      cfg_img_scale=1.0)
+        restore = infer.checkout_restorer(inferencer, sampling, seed=3)
+        undo = patch_start_t(PatchContext(inferencer=inferencer, **ctx)) if ctx else (lambda: None)
+        calls["n"] = 0
+        try:
+            return np.asarray(restore(image, "Denoise this"), np.float64), calls["n"]
+        finally:
+            undo()
+
+    two_point, n_stock = run(2)
+    one_step, n_one = run(21, start_t=1.0, one_step=True)
+    assert n_stock == n_one == 1 and np.abs(one_step - two_point).mean() <= 1.0  # bf16 rounding of t_k / dt
+    from_half, n_half = run(21, start_t=0.5, one_step=True)
+    rest, n_rest = run(21, start_t=0.5)
+    assert n_half == 1 and n_rest == 10 and np.abs(from_half - rest).mean() > 2.0
+    inferencer.model._forward_flow = flow
+    from bagel_sr.patches import registry
+
+    with registry.apply(PatchContext(inferencer=inferencer, start_t=1.0, one_step=True), groups=("inference",)) as h:
+        assert h.applied == ["patch_start_t"]  # --one_step alone also needs the patch
+
+
+def test_embedded_one_step_through_infer(tmp_path):
+    """--one_step --start_t 0.5 with an embedded run: infer writes what the embedded restorer's one step gives."""
+    import dataclasses
+
+    import torch
+
+    from bagel_sr.embedded.backbone import TinyBagelConfig
+    from bagel_sr.embedded.data import WordTokenizer
+    from bagel_sr.embedded.inference import embedded_restorer
+    from bagel_sr.embedded.train import build_model, save_checkpoint
+
+    config = TinyBagelConfig(vocab_size=len(WordTokenizer.default()), hidden_size=32, num_hidden_layers=1,
+                             max_latent_size=8)
+    model = build_model(config, seed=0)
+    torch.nn.init.normal_(model.llm2vae.weight, std=0.5)  # zero at init: every sampler would keep its start
+    save_checkpoint(str(tmp_path / "run"), model, model, {"model": dataclasses.asdict(config)})
+    (tmp_path / "in").mkdir()
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 255, (32, 32), dtype=np.uint8)).convert("RGB")
+    image.save(tmp_path / "in/a.png")
+    for one_step in (False, True):
+        out = tmp_path / f"out{int(one_step)}"
+        infer.main(["--inputs", str(tmp_path / "in"), "--out", str(out), "--embedded_run", str(tmp_path / "run"),
+                    "--num_timesteps", "10", "--timestep_shift", "1", "--start_t", "0.5", "--no_progress"]
+                   + (["--one_step"] if one_step else []))
+    restore = embedded_restorer(str(tmp_path / "run"), num_timesteps=10, start_t=0.5, one_step=True)
+    expected = np.asarray(restore(image, infer.DEFAULT_INSTRUCTION).convert("L"), np.float64)
+    got = {k: np.asarray(Image.open(tmp_path / f"out{k}/a.png").convert("L"), np.float64) for k in (0, 1)}
+    assert np.array_equal(got[1], expected) and np.abs(got[1] - got[0]).mean() > 1.0
+
+
 def test_start_t_patch_refuses_a_checkout_without_the_sampler_it_relies_on():
     from bagel_sr.patches.context import PatchContext
     from bagel_sr.patches.inference import patch_start_t

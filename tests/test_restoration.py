@@ -9,7 +9,7 @@ from bagel_sr.embedded.train import build_model
 from bagel_sr.embedded.vae import load_vae
 from bagel_sr.eval import operators
 from bagel_sr.eval.consistency import back_project
-from bagel_sr.restoration import aggregate, start_index
+from bagel_sr.restoration import aggregate, start_index, visited_times
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +33,33 @@ def test_start_t_one_is_the_stock_sampler_and_zero_the_round_trip(bench):
 def test_start_index_on_a_shifted_grid():
     ts = [1.0, 0.75, 0.5, 0.25, 0.0]
     assert [start_index(ts, t) for t in (1.0, 0.8, 0.75, 0.3, 0.0)] == [0, 1, 1, 3, 4]
+
+
+def test_visited_times_with_and_without_one_step():
+    ts = [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert visited_times(ts, 0.6) == [0.5, 0.25, 0.0] and visited_times(ts, 0.6, one_step=True) == [0.5, 0.0]
+    assert visited_times(ts, 1.0, one_step=True) == [1.0, 0.0] and visited_times(ts, 0.0, one_step=True) == [0.0]
+
+
+def test_one_step_is_the_clean_estimate(bench):
+    """One step from T0 is z0_hat = z_T0 - T0 v_hat: the same as a grid whose only step runs from T0 to 0, and
+    from T0 = 1 the same as the one-step stock sampler."""
+    import copy
+
+    model, vae, tok, pairs = bench
+    model = copy.deepcopy(model)
+    torch.manual_seed(0)
+    torch.nn.init.normal_(model.llm2vae.weight, std=0.5)  # zero at init: every sampler would return its start
+    one = sampling.euler_sample(model, vae, pairs, tok, steps=10, seed=4, start_t=0.5, one_step=True)
+    assert torch.allclose(one, sampling.euler_sample(model, vae, pairs, tok, steps=2, seed=4, start_t=0.5), atol=1e-5)
+    many = sampling.euler_sample(model, vae, pairs, tok, steps=10, seed=4, start_t=0.5)
+    assert (many - one).abs().max() > 1e-3  # the rest of the grid is not taken
+    from_noise = sampling.euler_sample(model, vae, pairs, tok, steps=10, seed=4, one_step=True)
+    assert torch.allclose(from_noise, sampling.euler_sample(model, vae, pairs, tok, steps=1, seed=4), atol=1e-5)
+    center, _ = sampling.posterior_samples(model, vae, pairs, tok, num_samples=2, seed=4, steps=10, start_t=0.5,
+                                           one_step=True)
+    other = sampling.euler_sample(model, vae, pairs, tok, steps=10, seed=5, start_t=0.5, one_step=True)
+    assert torch.allclose(center, (one + other) / 2, atol=1e-6)
 
 
 def test_aggregate_mean_median_and_std():

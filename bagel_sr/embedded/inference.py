@@ -36,9 +36,10 @@ def _to_image(x: torch.Tensor, size) -> Image.Image:
 
 
 def embedded_restorer(run_dir: str, num_timesteps: int = 25, timestep_shift: float = 1.0, seed: int = 0,
-                      vae_dir: Optional[str] = None, start_t: float = 1.0) -> Callable[..., Image.Image]:
+                      vae_dir: Optional[str] = None, start_t: float = 1.0,
+                      one_step: bool = False) -> Callable[..., Image.Image]:
     """``restore(image, instruction[, seed])`` with the EMA weights of ``run_dir`` and the Euler sampler (no CFG),
-    starting from the input noised to ``start_t`` when it is below 1."""
+    starting from the input noised to ``start_t`` when it is below 1, with one step to 0 when ``one_step``."""
     model = load_checkpoint(run_dir, "ema")
     vae = load_vae(vae_dir)
     tokenizer = data.WordTokenizer.default()
@@ -51,7 +52,7 @@ def embedded_restorer(run_dir: str, num_timesteps: int = 25, timestep_shift: flo
         sample = data.Sample("sr_pairs", instruction, torch.zeros_like(condition), condition)
         out = sampling.euler_sample(model, vae, [sample], tokenizer, steps=num_timesteps,
                                     timestep_shift=timestep_shift, seed=default_seed if seed is None else seed,
-                                    start_t=start_t)[0]
+                                    start_t=start_t, one_step=one_step)[0]
         return _to_image(out, image.size)
 
     return restore

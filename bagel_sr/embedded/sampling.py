@@ -4,7 +4,8 @@
   instruction, noisy target; timesteps ``linspace(1, 0, steps + 1)`` with BAGEL's inference shift
   ``s*t / (1 + (s-1)*t)``; ``z <- z - v_hat * dt`` (the velocity points from data to noise).  No CFG.
   ``start_t < 1`` starts from the condition (the degraded input at the output size) noised to the first grid time
-  ``<= start_t`` (:mod:`bagel_sr.restoration`).
+  ``<= start_t`` (:mod:`bagel_sr.restoration`); ``one_step`` then takes one Euler step from there to 0 (the model's
+  clean estimate ``z_t - t v_hat``).
 - :func:`posterior_samples`: ``K`` samples (seeds ``seed .. seed + K - 1``), their mean or median and per-pixel std.
 - :func:`flow_loss`: the model's flow loss (per-token mean squared velocity error) on fixed samples at fixed flow
   times with fixed noise, identical for every arm.
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from ..flow import unshift_timesteps
-from ..restoration import aggregate, check_start_t, start_index, start_latent
+from ..restoration import aggregate, check_start_t, start_latent, visited_times
 from . import data
 from .backbone import TinyBagel
 
@@ -39,15 +40,16 @@ def _encode(vae, images: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def euler_sample(model: TinyBagel, vae, samples: Sequence[data.Sample], tokenizer: data.WordTokenizer,
                  steps: int = 25, timestep_shift: float = 1.0, seed: int = 0, chunk: int = 16,
-                 start_t: float = 1.0) -> torch.Tensor:
+                 start_t: float = 1.0, one_step: bool = False) -> torch.Tensor:
     """Generate the target of every sample from its condition and text; returns (N, 3, H, W) in [-1, 1].
 
-    ``start_t < 1``: start from the condition's latent noised to the first grid time ``<= start_t``."""
+    ``start_t < 1``: start from the condition's latent noised to the first grid time ``<= start_t``; ``one_step``:
+    one Euler step from the start to 0 instead of the rest of the grid."""
     model.eval()
     generator = torch.Generator().manual_seed(seed)
-    ts = torch.linspace(1.0, 0.0, steps + 1)
-    ts = timestep_shift * ts / (1 + (timestep_shift - 1) * ts)
-    first = start_index(ts.tolist(), check_start_t(start_t))
+    grid = torch.linspace(1.0, 0.0, steps + 1)
+    ts = torch.tensor(visited_times((timestep_shift * grid / (1 + (timestep_shift - 1) * grid)).tolist(),
+                                    check_start_t(start_t), one_step))  # float32 as the grid: the same steps
     outputs = []
     for part in _chunks(list(samples), chunk):
         # the target pixels are not needed (and must not leak): pack a blank of the same size
@@ -58,13 +60,13 @@ def euler_sample(model: TinyBagel, vae, samples: Sequence[data.Sample], tokenize
         clean = model.patchify(_encode(vae, batch["padded_images"]), shapes)
         is_target = torch.isfinite(batch["packed_timesteps"])
         z = torch.randn(int(is_target.sum()), clean.shape[1], generator=generator)
-        if first > 0:  # the input at the output size in the target's place: its latent tokens, same layout
+        if float(ts[0]) < 1.0:  # the input at the output size in the target's place: its latent tokens, same layout
             inputs = [data.Sample(s.kind, s.text, s.condition, s.condition, s.meta) for s in part]
             packed = data.pack(inputs, tokenizer, vae_cond_dropout_prob=0.0, text_cond_dropout_prob=0.0,
                                vae_image_downsample=model.latent_downsample, max_latent_size=model.max_latent_size)
             z_input = model.patchify(_encode(vae, packed["padded_images"]), shapes)[is_target]
-            z = start_latent(z_input, z, float(ts[first]))
-        for i in range(first, steps):
+            z = start_latent(z_input, z, float(ts[0]))
+        for i in range(len(ts) - 1):
             z_all, t_all = clean.clone(), torch.zeros(len(clean))
             z_all[is_target], t_all[is_target] = z, float(ts[i])
             v = model.predict_velocity(z_all, t_all, batch)
