@@ -37,6 +37,11 @@ from .vae import load_meta, load_vae
 
 @dataclass
 class ExperimentArguments(TrainConfig):
+    timestep_shift: float = field(
+        default=0.4,
+        metadata={"help": "Training timestep shift s: t = s*t/(1+(s-1)*t). 0.4 (the restorer's default since issue 17) "
+                          "puts about 53% of the training targets at t <= 0.3, where the inference modes start; 1 is "
+                          "BAGEL's logit-normal (about 20%)."})
     output_dir: str = field(default="outputs/embedded", metadata={"help": "Where metrics.json, grid.png, checkpoints go."})
     seeds: int = field(default=1, metadata={"help": "Repeat the experiment over this many seeds (seed, seed+1, ...)."})
     seed: int = field(default=0, metadata={"help": "First seed (model init, data order, noise)."})
@@ -45,7 +50,7 @@ class ExperimentArguments(TrainConfig):
     sample_steps: int = field(default=25, metadata={"help": "Euler steps of the sampler."})
     sample_timestep_shift: float = field(default=1.0, metadata={"help": "Timestep shift of the sampler schedule."})
     sample_modes: str = field(
-        default="1:1:0,0.3:1:0,0.3:8:0,0.3:8:1",
+        default="1:1:0,0.3:8:0,0.3:8:1,0.3:16:0:1,0.3:16:1:1",
         metadata={"help": "Inference modes measured for every arm, comma-separated START_T:NUM_SAMPLES:DC[:ONE_STEP] "
                           "(DC 1: back-projection onto the input, 10 steps; ONE_STEP 1: one Euler step from the start "
                           "to 0, the model's clean estimate), e.g. 1:1:0,0.3:4:0,0.3:4:1,0.3:8:0:1. The mode chosen on "
