@@ -124,9 +124,8 @@ class Mode:
 
     def evaluations(self, steps: int, timestep_shift: float) -> int:
         """Model evaluations per image on the sampler's grid of ``steps`` steps."""
-        grid = torch.linspace(1.0, 0.0, steps + 1)
-        grid = timestep_shift * grid / (1 + (timestep_shift - 1) * grid)
-        return self.num_samples * (len(visited_times(grid.tolist(), self.start_t, self.one_step)) - 1)
+        times = visited_times(sampling.sampler_grid(steps, timestep_shift), self.start_t, self.one_step)
+        return self.num_samples * (len(times) - 1)
 
 
 def parse_modes(text: str) -> List[Mode]:

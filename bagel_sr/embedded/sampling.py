@@ -18,7 +18,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 import torch
 
-from ..flow import unshift_timesteps
+from ..flow import shift_timesteps, unshift_timesteps
 from ..restoration import aggregate, check_start_t, start_latent, visited_times
 from . import data
 from .backbone import TinyBagel
@@ -37,6 +37,11 @@ def _encode(vae, images: torch.Tensor) -> torch.Tensor:
     return encode(images)
 
 
+def sampler_grid(steps: int, timestep_shift: float = 1.0) -> List[float]:
+    """The sampler's flow times: ``linspace(1, 0, steps + 1)`` (float32) with BAGEL's inference shift."""
+    return shift_timesteps(torch.linspace(1.0, 0.0, steps + 1), timestep_shift).tolist()
+
+
 @torch.no_grad()
 def euler_sample(model: TinyBagel, vae, samples: Sequence[data.Sample], tokenizer: data.WordTokenizer,
                  steps: int = 25, timestep_shift: float = 1.0, seed: int = 0, chunk: int = 16,
@@ -47,9 +52,7 @@ def euler_sample(model: TinyBagel, vae, samples: Sequence[data.Sample], tokenize
     one Euler step from the start to 0 instead of the rest of the grid."""
     model.eval()
     generator = torch.Generator().manual_seed(seed)
-    grid = torch.linspace(1.0, 0.0, steps + 1)
-    ts = torch.tensor(visited_times((timestep_shift * grid / (1 + (timestep_shift - 1) * grid)).tolist(),
-                                    check_start_t(start_t), one_step))  # float32 as the grid: the same steps
+    ts = torch.tensor(visited_times(sampler_grid(steps, timestep_shift), check_start_t(start_t), one_step))
     outputs = []
     for part in _chunks(list(samples), chunk):
         # the target pixels are not needed (and must not leak): pack a blank of the same size
