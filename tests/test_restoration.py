@@ -78,6 +78,18 @@ def test_posterior_samples_differ_by_seed(bench):
     assert torch.allclose(center, (one + two) / 2, atol=1e-6) and torch.allclose(std, (one - two).abs() / 2, atol=1e-6)
 
 
+def test_runs_encode_once_and_equal_one_call_per_seed(bench):
+    """euler_runs shares the encoded inputs between seeds: every run is bit-identical to its own euler_sample call,
+    across several chunks (each seed's noise continues from chunk to chunk as in one call)."""
+    model, vae, tok, pairs = bench
+    kw = dict(steps=4, start_t=0.6, chunk=1)
+    runs = sampling.euler_runs(model, vae, pairs, tok, seeds=[7, 8], **kw)
+    assert runs.shape == (2, len(pairs), 3, 64, 64)
+    for run, seed in zip(runs, (7, 8)):
+        assert torch.equal(run, sampling.euler_sample(model, vae, pairs, tok, seed=seed, **kw))
+    assert not torch.equal(runs[0], runs[1])
+
+
 def test_back_projection_restores_what_was_measured():
     rng = np.random.default_rng(0)
     truth = rng.random((32, 32))

@@ -6,7 +6,8 @@
   ``start_t < 1`` starts from the condition (the degraded input at the output size) noised to the first grid time
   ``<= start_t`` (:mod:`bagel_sr.restoration`); ``one_step`` then takes one Euler step from there to 0 (the model's
   clean estimate ``z_t - t v_hat``).
-- :func:`posterior_samples`: ``K`` samples (seeds ``seed .. seed + K - 1``), their mean or median and per-pixel std.
+- :func:`posterior_samples`: ``K`` samples (seeds ``seed .. seed + K - 1``, :func:`euler_runs`: the inputs encoded
+  once for all K), their mean or median and per-pixel std.
 - :func:`flow_loss`: the model's flow loss (per-token mean squared velocity error) on fixed samples at fixed flow
   times with fixed noise, identical for every arm.
 - :func:`image_metrics`: PSNR, SSIM and the hallucination share of grayscale images in [0, 1] (channel mean of the
@@ -50,8 +51,18 @@ def euler_sample(model: TinyBagel, vae, samples: Sequence[data.Sample], tokenize
 
     ``start_t < 1``: start from the condition's latent noised to the first grid time ``<= start_t``; ``one_step``:
     one Euler step from the start to 0 instead of the rest of the grid."""
+    return euler_runs(model, vae, samples, tokenizer, seeds=[seed], steps=steps, timestep_shift=timestep_shift,
+                      chunk=chunk, start_t=start_t, one_step=one_step)[0]
+
+
+@torch.no_grad()
+def euler_runs(model: TinyBagel, vae, samples: Sequence[data.Sample], tokenizer: data.WordTokenizer,
+               seeds: Sequence[int], steps: int = 25, timestep_shift: float = 1.0, chunk: int = 16,
+               start_t: float = 1.0, one_step: bool = False) -> torch.Tensor:
+    """:func:`euler_sample` for every seed of ``seeds`` -> (K, N, 3, H, W), each run equal to ``euler_sample`` with
+    that seed; the condition and the input are encoded once per chunk for all seeds (the encoder is deterministic)."""
     model.eval()
-    generator = torch.Generator().manual_seed(seed)
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
     ts = torch.tensor(visited_times(sampler_grid(steps, timestep_shift), check_start_t(start_t), one_step))
     outputs = []
     for part in _chunks(list(samples), chunk):
@@ -62,34 +73,38 @@ def euler_sample(model: TinyBagel, vae, samples: Sequence[data.Sample], tokenize
         shapes = batch["patchified_vae_latent_shapes"]
         clean = model.patchify(_encode(vae, batch["padded_images"]), shapes)
         is_target = torch.isfinite(batch["packed_timesteps"])
-        z = torch.randn(int(is_target.sum()), clean.shape[1], generator=generator)
+        z_input = None
         if float(ts[0]) < 1.0:  # the input at the output size in the target's place: its latent tokens, same layout
             inputs = [data.Sample(s.kind, s.text, s.condition, s.condition, s.meta) for s in part]
             packed = data.pack(inputs, tokenizer, vae_cond_dropout_prob=0.0, text_cond_dropout_prob=0.0,
                                vae_image_downsample=model.latent_downsample, max_latent_size=model.max_latent_size)
             z_input = model.patchify(_encode(vae, packed["padded_images"]), shapes)[is_target]
-            z = start_latent(z_input, z, float(ts[0]))
-        for i in range(len(ts) - 1):
-            z_all, t_all = clean.clone(), torch.zeros(len(clean))
-            z_all[is_target], t_all[is_target] = z, float(ts[i])
-            v = model.predict_velocity(z_all, t_all, batch)
-            z = z - v * float(ts[i] - ts[i + 1])
-        latents, row = [], 0
-        for (h, w), start in zip(shapes, _image_starts(shapes)):
-            if bool(is_target[start]):
-                latents.append(model.unpatchify(z[row : row + h * w], h, w))
-                row += h * w
-        outputs.append(vae.decode(torch.stack(latents)).clamp(-1, 1))
-    return torch.cat(outputs)
+        runs = []
+        for generator in generators:
+            z = torch.randn(int(is_target.sum()), clean.shape[1], generator=generator)
+            if z_input is not None:
+                z = start_latent(z_input, z, float(ts[0]))
+            for i in range(len(ts) - 1):
+                z_all, t_all = clean.clone(), torch.zeros(len(clean))
+                z_all[is_target], t_all[is_target] = z, float(ts[i])
+                v = model.predict_velocity(z_all, t_all, batch)
+                z = z - v * float(ts[i] - ts[i + 1])
+            latents, row = [], 0
+            for (h, w), start in zip(shapes, _image_starts(shapes)):
+                if bool(is_target[start]):
+                    latents.append(model.unpatchify(z[row : row + h * w], h, w))
+                    row += h * w
+            runs.append(vae.decode(torch.stack(latents)).clamp(-1, 1))
+        outputs.append(torch.stack(runs))
+    return torch.cat(outputs, dim=1)
 
 
 @torch.no_grad()
 def posterior_samples(model: TinyBagel, vae, samples: Sequence[data.Sample], tokenizer: data.WordTokenizer,
                       num_samples: int = 1, how: str = "mean", seed: int = 0, **sample_kw):
     """``num_samples`` Euler samples (seeds ``seed + j``) -> (their mean or median, their per-pixel std)."""
-    runs = torch.stack([euler_sample(model, vae, samples, tokenizer, seed=seed + j, **sample_kw)
-                        for j in range(num_samples)])
-    return aggregate(runs, how)
+    return aggregate(euler_runs(model, vae, samples, tokenizer, seeds=range(seed, seed + num_samples), **sample_kw),
+                     how)
 
 
 def back_project(images: torch.Tensor, samples: Sequence[data.Sample], steps: int = 10) -> torch.Tensor:
