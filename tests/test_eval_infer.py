@@ -293,7 +293,9 @@ def test_embedded_one_step_through_infer(tmp_path):
     assert np.array_equal(got[1], expected) and np.abs(got[1] - got[0]).mean() > 1.0
 
 
-def test_start_t_patch_refuses_a_checkout_without_the_sampler_it_relies_on():
+@pytest.mark.parametrize("settings", [dict(start_t=0.3), dict(start_t=1.0, one_step=True)])
+def test_start_t_patch_refuses_a_checkout_without_the_sampler_it_relies_on(settings):
+    """A fork whose generate_image lacks the keywords the patch relies on: --start_t and --one_step alone refuse."""
     from bagel_sr.patches.context import PatchContext
     from bagel_sr.patches.inference import patch_start_t
     from bagel_sr.patches.training import IncompatibleCheckoutError
@@ -313,7 +315,7 @@ def test_start_t_patch_refuses_a_checkout_without_the_sampler_it_relies_on():
             return image
 
     with pytest.raises(IncompatibleCheckoutError, match="generate_image"):
-        patch_start_t(PatchContext(inferencer=Inferencer(), start_t=0.3))
+        patch_start_t(PatchContext(inferencer=Inferencer(), **settings))
 
 
 def test_embedded_posterior_mean_writes_a_std_map_and_projects_on_the_input(tmp_path):
