@@ -58,8 +58,8 @@ def test_one_step_is_the_clean_estimate(bench):
     assert torch.allclose(from_noise, sampling.euler_sample(model, vae, pairs, tok, steps=1, seed=4), atol=1e-5)
     center, _ = sampling.posterior_samples(model, vae, pairs, tok, num_samples=2, seed=4, steps=10, start_t=0.5,
                                            one_step=True)
-    other = sampling.euler_sample(model, vae, pairs, tok, steps=10, seed=5, start_t=0.5, one_step=True)
-    assert torch.allclose(center, (one + other) / 2, atol=1e-6)
+    raw = sampling.euler_runs(model, vae, pairs, tok, seeds=[4, 5], steps=10, start_t=0.5, one_step=True, clamp=False)
+    assert torch.equal(raw[0].clamp(-1, 1), one) and torch.allclose(center, raw.mean(0).clamp(-1, 1), atol=1e-6)
 
 
 def test_aggregate_mean_median_and_std():
@@ -75,7 +75,10 @@ def test_posterior_samples_differ_by_seed(bench):
     one = sampling.euler_sample(model, vae, pairs, tok, steps=3, seed=2)
     center, std = sampling.posterior_samples(model, vae, pairs, tok, num_samples=2, seed=2, steps=3)
     two = sampling.euler_sample(model, vae, pairs, tok, steps=3, seed=3)
-    assert torch.allclose(center, (one + two) / 2, atol=1e-6) and torch.allclose(std, (one - two).abs() / 2, atol=1e-6)
+    raw = sampling.euler_runs(model, vae, pairs, tok, seeds=[2, 3], steps=3, clamp=False)
+    assert torch.equal(raw[0].clamp(-1, 1), one) and torch.equal(raw[1].clamp(-1, 1), two)
+    assert torch.allclose(center, raw.mean(0).clamp(-1, 1), atol=1e-6)
+    assert torch.allclose(std, (raw[0] - raw[1]).abs() / 2, atol=1e-6) and std.mean() > 0.01
 
 
 def test_runs_encode_once_and_equal_one_call_per_seed(bench):
@@ -88,6 +91,27 @@ def test_runs_encode_once_and_equal_one_call_per_seed(bench):
     for run, seed in zip(runs, (7, 8)):
         assert torch.equal(run, sampling.euler_sample(model, vae, pairs, tok, seed=seed, **kw))
     assert not torch.equal(runs[0], runs[1])
+
+
+def test_posterior_mean_is_clipped_after_averaging(bench):
+    """Samples beyond [-1, 1] are averaged first and the mean clipped: the mean of clipped samples would be biased
+    where the truth lies at the range's end (a black background would get the positive half of the noise)."""
+    model, vae, tok, pairs = bench
+
+    class Loud:  # the shipped VAE with a decoder that overshoots the range
+        def __getattr__(self, name):
+            return getattr(vae, name)
+
+        def decode(self, z):
+            return vae.decode(z) * 3
+
+    kw = dict(steps=3, start_t=0.6)
+    raw = sampling.euler_runs(model, Loud(), pairs, tok, seeds=[2, 3], clamp=False, **kw)
+    assert raw.abs().max() > 1.5  # the case this test is about
+    center, std = sampling.posterior_samples(model, Loud(), pairs, tok, num_samples=2, seed=2, **kw)
+    assert torch.allclose(center, raw.mean(0).clamp(-1, 1), atol=1e-6) and torch.allclose(std, raw.std(0, unbiased=False), atol=1e-5)
+    clipped_first = sampling.euler_runs(model, Loud(), pairs, tok, seeds=[2, 3], **kw).mean(0)
+    assert (center - clipped_first).abs().max() > 0.1
 
 
 def test_back_projection_restores_what_was_measured():

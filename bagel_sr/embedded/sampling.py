@@ -58,9 +58,10 @@ def euler_sample(model: TinyBagel, vae, samples: Sequence[data.Sample], tokenize
 @torch.no_grad()
 def euler_runs(model: TinyBagel, vae, samples: Sequence[data.Sample], tokenizer: data.WordTokenizer,
                seeds: Sequence[int], steps: int = 25, timestep_shift: float = 1.0, chunk: int = 16,
-               start_t: float = 1.0, one_step: bool = False) -> torch.Tensor:
+               start_t: float = 1.0, one_step: bool = False, clamp: bool = True) -> torch.Tensor:
     """:func:`euler_sample` for every seed of ``seeds`` -> (K, N, 3, H, W), each run equal to ``euler_sample`` with
-    that seed; the condition and the input are encoded once per chunk for all seeds (the encoder is deterministic)."""
+    that seed; the condition and the input are encoded once per chunk for all seeds (the encoder is deterministic).
+    ``clamp=False``: the decoder's output as it is, not clipped to [-1, 1]."""
     model.eval()
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     ts = torch.tensor(visited_times(sampler_grid(steps, timestep_shift), check_start_t(start_t), one_step))
@@ -94,7 +95,8 @@ def euler_runs(model: TinyBagel, vae, samples: Sequence[data.Sample], tokenizer:
                 if bool(is_target[start]):
                     latents.append(model.unpatchify(z[row : row + h * w], h, w))
                     row += h * w
-            runs.append(vae.decode(torch.stack(latents)).clamp(-1, 1))
+            decoded = vae.decode(torch.stack(latents))
+            runs.append(decoded.clamp(-1, 1) if clamp else decoded)
         outputs.append(torch.stack(runs))
     return torch.cat(outputs, dim=1)
 
@@ -102,9 +104,12 @@ def euler_runs(model: TinyBagel, vae, samples: Sequence[data.Sample], tokenizer:
 @torch.no_grad()
 def posterior_samples(model: TinyBagel, vae, samples: Sequence[data.Sample], tokenizer: data.WordTokenizer,
                       num_samples: int = 1, how: str = "mean", seed: int = 0, **sample_kw):
-    """``num_samples`` Euler samples (seeds ``seed + j``) -> (their mean or median, their per-pixel std)."""
-    return aggregate(euler_runs(model, vae, samples, tokenizer, seeds=range(seed, seed + num_samples), **sample_kw),
-                     how)
+    """``num_samples`` Euler samples (seeds ``seed + j``) -> (their mean or median clipped to [-1, 1], their
+    per-pixel std).  The samples are aggregated before clipping: clipping each sample first biases the mean where the
+    truth lies at the range's end (a black background gets the positive half of the samples' noise; issue 17)."""
+    runs = euler_runs(model, vae, samples, tokenizer, seeds=range(seed, seed + num_samples), clamp=False, **sample_kw)
+    center, spread = aggregate(runs, how)
+    return center.clamp(-1, 1), spread
 
 
 def back_project(images: torch.Tensor, samples: Sequence[data.Sample], steps: int = 10) -> torch.Tensor:
