@@ -39,6 +39,7 @@ class TinyBagelConfig:
     time_scale: float = 1000.0  # the sinusoidal time features see t * time_scale
     initializer_range: float = 0.02  # std of the language model's initial weights (Qwen2's default)
     aligned_condition: bool = False  # also add each target token's condition token (same grid cell) to its input
+    per_sample_attention: bool = True  # run the samples as a padded batch (same outputs as the packed block mask)
 
     def to_dict(self) -> Dict:
         return asdict(self)
@@ -73,32 +74,61 @@ class LatentPositionEmbedding(nn.Module):
         return self.table[position_ids]
 
 
+def sample_attention_masks(sample_lens: Sequence[int], nested_attention_masks: Optional[Sequence[torch.Tensor]] = None,
+                           split_lens: Optional[Sequence[int]] = None,
+                           attn_modes: Optional[Sequence[str]] = None) -> List[torch.Tensor]:
+    """The additive ``(n_i, n_i)`` mask of every packed sample: given (``nested_attention_masks``, BAGEL's non-flex
+    path) or built from the flat ``split_lens`` / ``attn_modes`` (flex path, samples delimited by ``sample_lens``)."""
+    if nested_attention_masks is not None:
+        return list(nested_attention_masks)
+    if split_lens is None or attn_modes is None:
+        raise ValueError("pass nested_attention_masks, or split_lens and attn_modes")
+    masks, k = [], 0
+    for n in sample_lens:
+        lens, modes, acc = [], [], 0
+        while acc < n:
+            lens.append(int(split_lens[k]))
+            modes.append(attn_modes[k])
+            acc, k = acc + int(split_lens[k]), k + 1
+        masks.append(attention_mask_per_sample(lens, modes))
+    return masks
+
+
 def packed_attention_mask(sample_lens: Sequence[int], nested_attention_masks: Optional[Sequence[torch.Tensor]] = None,
                           split_lens: Optional[Sequence[int]] = None, attn_modes: Optional[Sequence[str]] = None,
                           device=None, dtype=torch.float32) -> torch.Tensor:
-    """The additive ``(1, 1, L, L)`` mask of a packed sequence: each sample sees only itself, with its own mask.
-
-    Either the per-sample masks (``nested_attention_masks``, BAGEL's non-flex path) or the flat ``split_lens`` /
-    ``attn_modes`` (flex path, samples delimited by ``sample_lens``) describe the samples.
-    """
+    """The additive ``(1, 1, L, L)`` mask of a packed sequence: each sample sees only itself, with its own mask
+    (the samples as :func:`sample_attention_masks` reads them)."""
     total = int(sum(sample_lens))
     mask = torch.full((total, total), float("-inf"), device=device, dtype=dtype)
-    if nested_attention_masks is None:
-        if split_lens is None or attn_modes is None:
-            raise ValueError("pass nested_attention_masks, or split_lens and attn_modes")
-        nested_attention_masks, k = [], 0
-        for n in sample_lens:
-            lens, modes, acc = [], [], 0
-            while acc < n:
-                lens.append(int(split_lens[k]))
-                modes.append(attn_modes[k])
-                acc, k = acc + int(split_lens[k]), k + 1
-            nested_attention_masks.append(attention_mask_per_sample(lens, modes))
+    nested_attention_masks = sample_attention_masks(sample_lens, nested_attention_masks, split_lens, attn_modes)
     start = 0
     for n, sample_mask in zip(sample_lens, nested_attention_masks):
         mask[start : start + n, start : start + n] = sample_mask.to(device=device, dtype=dtype)
         start += n
     return mask[None, None]
+
+
+def per_sample_batch(sequence: torch.Tensor, position_ids: torch.Tensor, sample_lens: Sequence[int],
+                     masks: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The packed ``(L, D)`` sequence as a padded batch of its samples, for attention that costs ``sum n_i^2``
+    instead of ``L^2``: ``(B, n_max, D)`` embeddings, ``(B, 1, n_max, n_max)`` additive masks (a padding token sees
+    only itself, no real token sees it), ``(B, n_max)`` positions, and the ``(L,)`` flat indexes of the real tokens
+    in the ``B * n_max`` batch (to read the packed order back)."""
+    b, n_max = len(sample_lens), max(int(n) for n in sample_lens)
+    batch = sequence.new_zeros(b, n_max, sequence.shape[-1])
+    mask = torch.full((b, 1, n_max, n_max), float("-inf"), device=sequence.device, dtype=sequence.dtype)
+    mask[:, 0].diagonal(dim1=-2, dim2=-1).zero_()
+    positions = position_ids.new_zeros(b, n_max)
+    rows, start = [], 0
+    for i, (n, sample_mask) in enumerate(zip(sample_lens, masks)):
+        n = int(n)
+        batch[i, :n] = sequence[start : start + n]
+        mask[i, 0, :n, :n] = sample_mask.to(device=sequence.device, dtype=sequence.dtype)
+        positions[i, :n] = position_ids[start : start + n]
+        rows.append(torch.arange(n, device=sequence.device) + i * n_max)
+        start += n
+    return batch, mask, positions, torch.cat(rows)
 
 
 def aligned_condition_tokens(z: torch.Tensor, t: torch.Tensor, shapes: Sequence[Tuple[int, int]],
@@ -197,13 +227,20 @@ class TinyBagel(nn.Module):
             vae_tokens = vae_tokens + self.cond2llm(aligned_condition_tokens(
                 z_t, t, patchified_vae_latent_shapes, packed_vae_token_indexes, sample_lens))
         sequence[packed_vae_token_indexes] = vae_tokens.to(sequence.dtype)
-        mask = packed_attention_mask(sample_lens, nested_attention_masks, split_lens, attn_modes,
-                                     device=sequence.device, dtype=sequence.dtype)
-        if mask.shape[-1] != sequence_length:  # flex-style padding sample beyond the real tokens
-            raise ValueError(f"sample_lens cover {mask.shape[-1]} tokens but sequence_length is {sequence_length}")
-        hidden = self.language_model.model(
-            inputs_embeds=sequence[None], attention_mask=mask, position_ids=packed_position_ids[None], use_cache=False
-        ).last_hidden_state[0]
+        if int(sum(sample_lens)) != sequence_length:  # flex-style padding sample beyond the real tokens
+            raise ValueError(f"sample_lens cover {int(sum(sample_lens))} tokens but sequence_length is {sequence_length}")
+        masks = sample_attention_masks(sample_lens, nested_attention_masks, split_lens, attn_modes)
+        if self.config.per_sample_attention:
+            batch, mask, positions, rows = per_sample_batch(sequence, packed_position_ids, sample_lens, masks)
+            hidden = self.language_model.model(
+                inputs_embeds=batch, attention_mask=mask, position_ids=positions, use_cache=False
+            ).last_hidden_state.flatten(0, 1)[rows]
+        else:
+            mask = packed_attention_mask(sample_lens, masks, device=sequence.device, dtype=sequence.dtype)
+            hidden = self.language_model.model(
+                inputs_embeds=sequence[None], attention_mask=mask, position_ids=packed_position_ids[None],
+                use_cache=False,
+            ).last_hidden_state[0]
         return hidden, self.llm2vae(hidden[mse_loss_indexes])
 
     # -- BAGEL's training forward ---------------------------------------------------------------------------------
