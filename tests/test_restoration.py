@@ -131,3 +131,25 @@ def test_back_projection_restores_what_was_measured():
     assert after < before / 5
     same, note = back_project(guess, guess, [{"name": "gaussian_noise", "sigma": 0.1}])
     assert np.array_equal(same, guess) and "denoising" in note
+
+
+def test_experiment_reuses_the_stock_sample_for_the_stock_mode(bench):
+    """``T0=1 K=1`` is the stock sampler's own sample (a K=1 mean is the sample itself): the experiment passes the
+    stock prediction instead of sampling it again, and gets what sampling it again would give."""
+    import copy
+    from types import SimpleNamespace
+
+    from bagel_sr.embedded.experiment import parse_modes, sample_modes
+
+    model, vae, tok, pairs = bench
+    model = copy.deepcopy(model)
+    torch.manual_seed(0)
+    torch.nn.init.normal_(model.llm2vae.weight, std=0.5)
+    args = SimpleNamespace(sample_steps=6, sample_timestep_shift=1.0)
+    modes = parse_modes("1:1:0,1:1:1")
+    fresh = sample_modes(model, vae, pairs, tok, modes, args, seed=3)
+    stock = sampling.euler_sample(model, vae, pairs, tok, steps=6, seed=3)
+    reused = sample_modes(model, vae, pairs, tok, modes, args, seed=3, stock=(stock, 0.0))
+    for name in ("T0=1 K=1", "T0=1 K=1 +DC"):
+        assert torch.equal(fresh[name]["pred"], reused[name]["pred"])
+    assert reused["T0=1 K=1"]["seconds"] == 0.0 and fresh["T0=1 K=1"]["seconds"] > 0
