@@ -95,9 +95,9 @@ class ExperimentArguments(TrainConfig):
         metadata={"help": "Redo a finished run in --output_dir (deletes only the files that run wrote there)."})
 
 
-#: The conservative defaults with the cost controls this bench needs for the pixel arm to train in about 1.2x the
-#: flow arm's time (1.04-1.30x measured; issue 17: on this tiny backbone one decoder forward + backward costs as
-#: much as the model's step): one decoded image per micro-batch, a 4x4-latent (32 px) crop decoded with a
+#: The conservative defaults with the cost controls this bench needs for the pixel arm to train in about 1.25x the
+#: flow arm's time (1.23x over three seeds, 1.01-1.41x per seed with per-sample attention; issue 17: on this tiny
+#: backbone one decoder forward + backward costs about as much as the model's step): one decoded image per micro-batch, a 4x4-latent (32 px) crop decoded with a
 #: 1-latent-pixel margin, and no recomputation (the decoder is small enough to keep its activations).
 EMBEDDED_DEFAULTS = dict(CONSERVATIVE_DEFAULTS, checkpointing=False, max_images=1, crop=4, crop_margin=1)
 
