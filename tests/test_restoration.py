@@ -155,7 +155,7 @@ def test_experiment_reuses_the_stock_sample_for_the_stock_mode(bench):
     assert reused["T0=1 K=1"]["seconds"] == 0.0 and fresh["T0=1 K=1"]["seconds"] > 0
 
 
-def test_experiment_modes_share_runs_across_k_and_equal_posterior_samples(bench):
+def test_experiment_modes_share_runs_across_k_and_equal_posterior_samples(bench, monkeypatch):
     """A K=2 mode averages the first 2 runs of the K=3 mode's set: the same prediction as sampling it alone."""
     import copy
     from types import SimpleNamespace
@@ -167,7 +167,17 @@ def test_experiment_modes_share_runs_across_k_and_equal_posterior_samples(bench)
     torch.manual_seed(0)
     torch.nn.init.normal_(model.llm2vae.weight, std=0.5)
     args = SimpleNamespace(sample_steps=6, sample_timestep_shift=1.0)
+    calls = []
+    real_runs = sampling.euler_runs
+
+    def counted(*a, **kw):
+        calls.append((len(list(kw["seeds"])), kw["one_step"]))
+        return real_runs(*a, **kw)
+
+    monkeypatch.setattr(sampling, "euler_runs", counted)
     shared = sample_modes(model, vae, pairs, tok, parse_modes("0.5:3:0,0.5:2:0,0.5:2:1,0.5:2:0:1"), args, seed=3)
+    monkeypatch.undo()
+    assert calls == [(3, False), (2, True)]  # one set of runs per (start, one-step), as many as the largest K
     for name, k, one_step in (("T0=0.5 K=3", 3, False), ("T0=0.5 K=2", 2, False), ("T0=0.5 K=2 one-step", 2, True)):
         alone, _ = sampling.posterior_samples(model, vae, pairs, tok, num_samples=k, seed=3, steps=6, start_t=0.5,
                                               one_step=one_step)
