@@ -4,8 +4,9 @@ Same keyword arguments, same timestep mapping (``t = shift(sigmoid(raw))``), sam
 ``(c, h, p, w, q) -> (h, w, p, q, c)``, same velocity target ``noise - z0`` where ``t > 0``, and ``time_embedder``,
 ``vae2llm`` and ``llm2vae`` each called once per forward, so ``bagel_sr.with_pixel_loss`` wraps it as it wraps
 ``Bagel``.  The language model is ``transformers``' ``Qwen2ForCausalLM`` (a tiny configuration) run on
-``inputs_embeds`` with an additive 4-D attention mask: block-diagonal over the packed samples, and within a sample the
-causal / full / noise split semantics of BAGEL's packing.  Text and VAE tokens share its weights (BAGEL's
+``inputs_embeds`` with additive 4-D attention masks: each packed sample sees only itself (run as a padded batch of
+the samples by default, or as one sequence with a block-diagonal mask: the same computation), and within a sample
+the causal / full / noise split semantics of BAGEL's packing.  Text and VAE tokens share its weights (BAGEL's
 mixture-of-transformers variant keeps separate ones; the contract does not depend on it).  No ViT
 (``visual_und=False``): ViT arguments are accepted and ignored, as ``Bagel`` does without a ViT.
 """

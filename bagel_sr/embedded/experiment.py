@@ -41,7 +41,7 @@ class ExperimentArguments(TrainConfig):
         default=2800,
         metadata={"help": "Optimizer steps per arm. 2800 (the restorer's default since issue 17; the loop's is 2000): "
                           "val, seed 0, + pixel, T0=0.3 K=8: 27.04 dB at 2000 steps, 27.11 at 2400, 27.19 at 2800; "
-                          "affordable since the samples attend per sample (about 1.4x faster)."})
+                          "affordable since the samples attend per sample (1.5x faster per step)."})
     timestep_shift: float = field(
         default=0.4,
         metadata={"help": "Training timestep shift s: t = s*t/(1+(s-1)*t). 0.4 (the restorer's default since issue 17) "
@@ -97,8 +97,9 @@ class ExperimentArguments(TrainConfig):
 
 #: The conservative defaults with the cost controls this bench needs for the pixel arm to train in about 1.25x the
 #: flow arm's time (1.23x over three seeds, 1.01-1.41x per seed with per-sample attention; issue 17: on this tiny
-#: backbone one decoder forward + backward costs about as much as the model's step): one decoded image per micro-batch, a 4x4-latent (32 px) crop decoded with a
-#: 1-latent-pixel margin, and no recomputation (the decoder is small enough to keep its activations).
+#: backbone one decoder forward + backward costs about as much as the model's step): one decoded image per
+#: micro-batch, a 4x4-latent (32 px) crop decoded with a 1-latent-pixel margin, and no recomputation (the decoder is
+#: small enough to keep its activations).
 EMBEDDED_DEFAULTS = dict(CONSERVATIVE_DEFAULTS, checkpointing=False, max_images=1, crop=4, crop_margin=1)
 
 def arm_configs(pixel: PixelLossConfig, term_arms: str) -> Dict[str, PixelLossConfig]:
