@@ -88,7 +88,7 @@ def test_restorer_defaults_and_the_flags_that_restore_the_plugins():
     the documented flags bring those back; the plugin's defaults stay untouched."""
     args, pixel = experiment.parse([])
     assert (args.t2i_ratio, args.vae_cond_dropout_prob, args.timestep_shift, args.steps) == (0.1, 0.0, 0.4, 2800)
-    assert (pixel.weight, pixel.max_t, pixel.max_images, pixel.crop, pixel.crop_margin) == (0.05, 0.3, 1, 4, 1)
+    assert (pixel.weight, pixel.max_t, pixel.max_images, pixel.crop, pixel.crop_margin) == (0.05, 0.3, 1, 4, 0)
     args, pixel = experiment.parse(["--pixel_loss_max_images", "4", "--pixel_loss_crop", "0", "--t2i_ratio", "0.25",
                                     "--vae_cond_dropout_prob", "0.1"])
     assert (pixel.max_images, pixel.crop, args.t2i_ratio, args.vae_cond_dropout_prob) == (4, 0, 0.25, 0.1)
