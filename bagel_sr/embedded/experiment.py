@@ -98,9 +98,9 @@ class ExperimentArguments(TrainConfig):
 #: The conservative defaults with the cost controls this bench needs for the pixel arm to train in little more than
 #: the flow arm's time (issue 17: on this tiny backbone one decoder forward + backward costs about as much as the
 #: model's step): one decoded image per micro-batch, a 4x4-latent (32 px) crop decoded without a margin (a
-#: 1-latent-pixel margin decodes 2.25x the pixels: 1.23x the flow arm's time over three seeds, 1.01-1.41x per seed;
-#: val, seed 0, T0=0.3 K=8: 27.19 dB with it, 27.21 without), and no recomputation (the decoder is small enough to
-#: keep its activations).
+#: 1-latent-pixel margin decodes 2.25x the pixels; side by side, benchmarks/embedded_pixel_cost.py: 1.09-1.21x the
+#: flow arm's step without it, 1.23-1.26x with it; val, seed 0, T0=0.3 K=8: 27.21 dB without, 27.19 with), and no
+#: recomputation (the decoder is small enough to keep its activations).
 EMBEDDED_DEFAULTS = dict(CONSERVATIVE_DEFAULTS, checkpointing=False, max_images=1, crop=4, crop_margin=0)
 
 def arm_configs(pixel: PixelLossConfig, term_arms: str) -> Dict[str, PixelLossConfig]:
@@ -276,15 +276,25 @@ def _arm_metrics(pred: torch.Tensor, pairs: List[data.Sample]) -> Dict:
     return out
 
 
-def run_seed(args: ExperimentArguments, pixel: PixelLossConfig, seed: int, vae, pairs, unpaired, tokenizer,
-             ledger: Optional[Ledger] = None, val_pairs: Optional[List[data.Sample]] = None) -> Dict:
-    model_config = TinyBagelConfig(
+def model_config_for(args: ExperimentArguments, tokenizer: data.WordTokenizer) -> TinyBagelConfig:
+    """The backbone that ``args`` asks for."""
+    return TinyBagelConfig(
         vocab_size=len(tokenizer), hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
         num_attention_heads=args.num_attention_heads, num_key_value_heads=args.num_key_value_heads,
         intermediate_size=args.intermediate_size, timestep_shift=args.timestep_shift,
         aligned_condition=args.aligned_condition,
     )
-    train_cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+
+
+def train_config_for(args: ExperimentArguments) -> TrainConfig:
+    """The training settings that ``args`` asks for (the fields the two share)."""
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+
+
+def run_seed(args: ExperimentArguments, pixel: PixelLossConfig, seed: int, vae, pairs, unpaired, tokenizer,
+             ledger: Optional[Ledger] = None, val_pairs: Optional[List[data.Sample]] = None) -> Dict:
+    model_config = model_config_for(args, tokenizer)
+    train_cfg = train_config_for(args)
     modes = parse_modes(args.sample_modes)
     result, preds = {}, {}
     t0 = time.time()
