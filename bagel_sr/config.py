@@ -5,6 +5,7 @@ The dataclass is usable directly (``PixelLossConfig(weight=0.05)``) and its flag
 BAGEL training script's ``TrainingArguments``.
 """
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional
 
@@ -177,6 +178,21 @@ def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
         raise ValueError(f"--{flag_name(name)}: got {value!r}; allowed: {allowed}.")
 
 
+def argparse_literal(text: Optional[str]) -> Optional[str]:
+    """``text`` as argparse shows it literally: a bare ``%`` doubled (argparse %-formats help and crashes on
+    ``53%``); ``%%`` and ``%(name)s`` kept, so applying it twice changes nothing."""
+    if not text:
+        return text
+    return re.sub(r"%%|%\([^)]*\)[a-z]|%", lambda m: "%%" if m.group(0) == "%" else m.group(0), text)
+
+
+def literal_help(parser):
+    """Make every help text of ``parser`` (an ``argparse.ArgumentParser``) literal; returns it."""
+    for action in parser._actions:
+        action.help = argparse_literal(action.help)
+    return parser
+
+
 def pixel_loss_fields(defaults: Optional[Mapping[str, Any]] = None) -> list:
     """``(name, type, dataclasses.field)`` triples of the ``pixel_loss_*`` flags, for ``make_dataclass``.
 
@@ -190,7 +206,8 @@ def pixel_loss_fields(defaults: Optional[Mapping[str, Any]] = None) -> list:
     out = []
     for f in dataclasses.fields(PixelLossConfig):
         default = defaults.get(f.name, f.default)
-        out.append((flag_name(f.name), f.type, field(default=default, metadata=dict(f.metadata))))
+        metadata = dict(f.metadata, help=argparse_literal(f.metadata.get("help")))  # a checkout's parser shows it
+        out.append((flag_name(f.name), f.type, field(default=default, metadata=metadata)))
     return out
 
 

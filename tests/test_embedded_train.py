@@ -96,6 +96,28 @@ def test_restorer_defaults_and_the_flags_that_restore_the_plugins():
     assert TrainConfig().steps == 2000 and experiment.parse(["--steps", "2000"])[0].steps == 2000
 
 
+def test_help_of_the_main_job_prints_the_flags_and_exits_0(capsys):
+    """argparse %-formats help texts: a bare '53%' in one crashed --help (and ablate, which reads it)."""
+    with pytest.raises(SystemExit) as exit_:
+        experiment.parse(["--help"])
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
+    assert "--pixel_loss_weight" in out and "--sample_modes" in out and "about 53% of the training targets" in out
+
+
+def test_argparse_literal_doubles_only_bare_percent_signs_and_is_idempotent():
+    from transformers import HfArgumentParser
+
+    from bagel_sr.config import argparse_literal, pixel_loss_arguments_class
+
+    assert argparse_literal("53% at t <= 0.3") == "53%% at t <= 0.3"
+    kept = "%(default)s and 100%% already"
+    assert argparse_literal(kept) == kept and argparse_literal(argparse_literal("5%")) == "5%%"
+    assert argparse_literal(None) is None
+    # our flags join parsers we do not build (a checkout's): their help must format without literal_help
+    HfArgumentParser(pixel_loss_arguments_class()).format_help()
+
+
 def test_sample_modes_parse_and_count_evaluations():
     modes = experiment.parse_modes("1:1:0, 0.3:8:1, 0.3:8:0:1")
     assert [m.name for m in modes] == ["T0=1 K=1", "T0=0.3 K=8 +DC", "T0=0.3 K=8 one-step"]

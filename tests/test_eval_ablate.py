@@ -50,6 +50,15 @@ def test_flags_and_names():
     assert runs[0].train_command.startswith(ablate.DEFAULT_BASE_COMMAND + " --pixel_loss_weight 0.0")
 
 
+def test_the_default_base_command_lists_its_flags():
+    """``plan`` reads the flags from the main job's --help (a bare % in a help text once made it exit 1)."""
+    import pathlib
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    known = ablate.target_flags([sys.executable] + ablate.DEFAULT_BASE_COMMAND.split()[1:], repo)
+    assert {"pixel_loss_weight", "pixel_loss_max_t", "sample_modes", "steps", "seeds"} <= known
+
+
 def test_bad_grid_is_a_clear_error(tmp_path):
     (tmp_path / "g.yaml").write_text("grids: {a: [1]}\n")
     with pytest.raises(ValueError, match="unknown keys"):

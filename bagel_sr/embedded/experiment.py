@@ -24,7 +24,7 @@ from . import _compat  # noqa: F401
 import numpy as np
 import torch
 
-from ..config import CONSERVATIVE_DEFAULTS, PixelLossConfig, pixel_loss_arguments_class
+from ..config import CONSERVATIVE_DEFAULTS, PixelLossConfig, literal_help, pixel_loss_arguments_class
 from ..errors import BadInput
 from ..names import check_names
 from ..outputs import Ledger, OutputFolderError, claim
@@ -220,7 +220,8 @@ def sample_modes(model, vae, pairs, tokenizer, modes: Sequence[Mode], args, seed
 def parse(argv: Optional[Sequence[str]] = None):
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser((ExperimentArguments, pixel_loss_arguments_class(defaults=EMBEDDED_DEFAULTS)))
+    classes = (ExperimentArguments, pixel_loss_arguments_class(defaults=EMBEDDED_DEFAULTS))
+    parser = literal_help(HfArgumentParser(classes))
     args, pixel_args = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
     if args.eval_split not in ("heldout", "val"):
         raise BadInput(f"--eval_split: got {args.eval_split!r}; allowed: 'heldout', 'val'")
