@@ -50,10 +50,12 @@ def test_flags_and_names():
     assert runs[0].train_command.startswith(ablate.DEFAULT_BASE_COMMAND + " --pixel_loss_weight 0.0")
 
 
-def test_the_default_base_command_lists_its_flags():
-    """``plan`` reads the flags from the main job's --help (a bare % in a help text once made it exit 1)."""
+def test_the_default_base_command_lists_its_flags(monkeypatch):
+    """``plan`` reads the flags from the main job's --help (a bare % in a help text once made it exit 1); without a
+    checkout that is the embedded experiment's."""
     import pathlib
 
+    monkeypatch.delenv("BAGEL_ROOT", raising=False)
     repo = pathlib.Path(__file__).resolve().parents[1]
     known = ablate.target_flags([sys.executable] + ablate.DEFAULT_BASE_COMMAND.split()[1:], repo)
     assert {"pixel_loss_weight", "pixel_loss_max_t", "sample_modes", "steps", "seeds"} <= known
