@@ -1,7 +1,7 @@
 """What the pixel term costs the embedded experiment's training, measured side by side in one run (a script, never a
 timed test).
 
-    python benchmarks/embedded_pixel_cost.py                 # about 4 minutes on 2 CPU cores
+    python benchmarks/embedded_pixel_cost.py                 # about 3 minutes on 2 CPU cores
     python benchmarks/embedded_pixel_cost.py --steps 300 --repeats 5
 
 The default experiment times its two arms one after the other, minutes apart, and on a shared VM those timings swing

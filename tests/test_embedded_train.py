@@ -106,16 +106,27 @@ def test_help_of_the_main_job_prints_the_flags_and_exits_0(capsys):
 
 
 def test_argparse_literal_doubles_only_bare_percent_signs_and_is_idempotent():
-    from transformers import HfArgumentParser
-
-    from bagel_sr.config import argparse_literal, pixel_loss_arguments_class
+    from bagel_sr.config import argparse_literal
 
     assert argparse_literal("53% at t <= 0.3") == "53%% at t <= 0.3"
     kept = "%(default)s and 100%% already"
     assert argparse_literal(kept) == kept and argparse_literal(argparse_literal("5%")) == "5%%"
     assert argparse_literal(None) is None
-    # our flags join parsers we do not build (a checkout's): their help must format without literal_help
-    HfArgumentParser(pixel_loss_arguments_class()).format_help()
+
+
+def test_pixel_loss_flags_format_in_a_parser_we_do_not_build(monkeypatch):
+    """Our flags join a checkout's parser, which never sees literal_help: a '%' in their help is escaped at the
+    source (pixel_loss_fields)."""
+    import types
+
+    from transformers import HfArgumentParser
+
+    from bagel_sr.config import pixel_loss_arguments_class
+
+    weight = next(f for f in dataclasses.fields(PixelLossConfig) if f.name == "weight")
+    monkeypatch.setattr(weight, "metadata", types.MappingProxyType({"help": "lambda; 5% of L_flow is typical"}))
+    text = " ".join(HfArgumentParser(pixel_loss_arguments_class()).format_help().split())
+    assert "lambda; 5% of L_flow is typical" in text
 
 
 def test_sample_modes_parse_and_count_evaluations():

@@ -98,8 +98,8 @@ class ExperimentArguments(TrainConfig):
 #: The conservative defaults with the cost controls this bench needs for the pixel arm to train in little more than
 #: the flow arm's time (issue 17: on this tiny backbone one decoder forward + backward costs about as much as the
 #: model's step): one decoded image per micro-batch, a 4x4-latent (32 px) crop decoded without a margin (a
-#: 1-latent-pixel margin decodes 2.25x the pixels; side by side, benchmarks/embedded_pixel_cost.py: 1.09-1.21x the
-#: flow arm's step without it, 1.23-1.26x with it; val, seed 0, T0=0.3 K=8: 27.21 dB without, 27.19 with), and no
+#: 1-latent-pixel margin decodes 2.25x the pixels; side by side, benchmarks/embedded_pixel_cost.py: 1.09-1.25x the
+#: flow arm's step without it, 1.23-1.28x with it; val, seed 0, T0=0.3 K=8: 27.21 dB without, 27.19 with), and no
 #: recomputation (the decoder is small enough to keep its activations).
 EMBEDDED_DEFAULTS = dict(CONSERVATIVE_DEFAULTS, checkpointing=False, max_images=1, crop=4, crop_margin=0)
 
