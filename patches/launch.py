@@ -76,6 +76,20 @@ def wrapper_help() -> str:
     return "\n".join(lines)
 
 
+def embedded_help_preamble(embedded_defaults: dict) -> str:
+    """What ``--help`` says without a checkout: the wrapper's flags, then where the demo's defaults differ and why."""
+    stock = PixelLossConfig(**CONSERVATIVE_DEFAULTS)
+    differ = {k: v for k, v in embedded_defaults.items() if getattr(stock, k) != v}
+    lines = ["Without a checkout this command runs the embedded demo (a small BAGEL-shaped model on CPU, built-in data);",
+             "with --bagel_root PATH (or BAGEL_ROOT) it runs your checkout's training script and --help lists its flags.",
+             "", wrapper_help(), ""]
+    if differ:
+        lines.append("The demo's pixel-loss defaults differ from the wrapper's in the cost controls, because on its tiny "
+                     "model one decoder pass costs about as much as a training step:")
+        lines += [f"  --{flag_name(k)} {v} (wrapper: {getattr(stock, k)})" for k, v in differ.items()]
+    return "\n".join(lines)
+
+
 def prepare_checkout(root: str, script: Optional[str] = None, dataset_yamls: Optional[str] = None, *,
                      pixel_loss: bool = True, dry_run: bool = False, host_mode: str = host.DEFAULT_HOST_MODE
                      ) -> Tuple[ModuleType, registry.Handle]:
@@ -159,11 +173,12 @@ def main(argv: Optional[Sequence[str]] = None, *, before_main: Optional[Callable
     if not root:
         from bagel_sr.embedded import experiment
 
-        print("bagel-sr: no BAGEL checkout given; running the embedded default (a small BAGEL-shaped model on CPU).\n"
-              + HOW_TO_POINT, flush=True)
         if wargs.help:
-            print(wrapper_help() + "\n")
-        return experiment.main(rest)  # its parser holds the same defaults
+            print(embedded_help_preamble(experiment.EMBEDDED_DEFAULTS) + "\n", flush=True)
+        else:
+            print("bagel-sr: no BAGEL checkout given; running the embedded default (a small BAGEL-shaped model on CPU).\n"
+                  + HOW_TO_POINT, flush=True)
+        return experiment.main(rest)
     try:
         module, _handle = prepare_checkout(root, wargs.bagel_train_script, wargs.bagel_sr_datasets,
                                            pixel_loss=pixel_loss, dry_run=dry_run,

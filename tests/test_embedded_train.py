@@ -166,3 +166,18 @@ def test_term_arms_bad_input_names_the_flag(term_arms, message, tmp_path):
     with pytest.raises(BadInput, match="--term_arms") as info:
         experiment.parse(["--term_arms", term_arms, "--output_dir", str(tmp_path)])
     assert message in str(info.value)
+
+
+def test_main_job_help_without_a_checkout_is_help_only_and_names_the_demo_defaults(capsys, monkeypatch):
+    """``--help`` without a checkout prints no "running" banner and lists where the demo's defaults differ."""
+    from bagel_sr.patches import launch
+
+    monkeypatch.delenv("BAGEL_ROOT", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        launch.main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "running the embedded default" not in out and out.startswith("Without a checkout")
+    for name, value in (("max_images", 1), ("crop", 4), ("crop_margin", 0), ("checkpointing", False)):
+        assert f"--pixel_loss_{name} {value} (wrapper: {getattr(PixelLossConfig(), name)})" in out
+    assert "--pixel_loss_weight 0.05 (wrapper" not in out  # equal defaults are not listed

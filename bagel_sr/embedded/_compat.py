@@ -5,7 +5,6 @@ whenever it believes it is installed, which breaks ``import diffusers``.  Nothin
 its import fails we tell ``transformers`` and ``diffusers`` it is absent.  A working torchvision is left alone.
 """
 import sys
-import warnings
 
 
 def guard_broken_torchvision() -> bool:
@@ -32,5 +31,4 @@ def guard_broken_torchvision() -> bool:
             diu._torchvision_available = False
         except Exception:
             pass
-        warnings.warn(f"bagel-sr: torchvision is installed but fails to import ({exc}); treating it as absent.")
-        return True
+        return True  # quietly: nothing of the demo uses torchvision, and a warning here led every --help
