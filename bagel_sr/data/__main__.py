@@ -1,17 +1,20 @@
-"""``python -m bagel_sr.data build CONFIG.yaml [--overwrite] [--output-dir DIR] [--no-progress]``.
+"""``python -m bagel_sr.data build CONFIG.yaml [--overwrite] [--output-dir DIR] [--no-progress]``;
+``python -m bagel_sr.data template NAME --input DIR --output DIR [-o FILE]`` (a ready build config).
 
 Exit codes: 0 built, 1 no pairs produced, 2 bad config or an output that must not be touched.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
 from .build import build_dataset
 from .config import load_build_config
 from ..errors import cli_main as _cli_main
-from .errors import BuildError
+from . import template
+from .errors import BuildError, ConfigError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -27,12 +30,19 @@ def _main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--overwrite", action="store_true", help="delete an existing build in output_dir and start again")
     b.add_argument("--output-dir", help="override output_dir (relative to the current directory)")
     b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    t = sub.add_parser("template", help="write a packaged build config with your paths filled in",
+                       description="Templates:\n" + template.describe(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("name", nargs="?", help="template name (run without one to list them)")
+    t.add_argument("--input", help="your folder (or file) of scans: sets input.path")
+    t.add_argument("--output", help="where the build writes the set: sets output_dir")
+    t.add_argument("-o", "--out_file", help="write the config here (default: print it); refuses to replace a file")
     args = parser.parse_args(argv)
+    if args.command == "template":
+        return _template(args)
 
     cfg = load_build_config(args.config)
     if args.output_dir:
-        import os
-
         cfg.data["output_dir"] = os.path.abspath(args.output_dir)
     try:
         summary = build_dataset(cfg, overwrite=args.overwrite, progress=not args.no_progress)
@@ -41,6 +51,25 @@ def _main(argv: Sequence[str] | None = None) -> int:
             print(e.summary.format())
         raise
     print(summary.format())
+    return 0
+
+
+def _template(args: argparse.Namespace) -> int:
+    if not args.name:
+        print("Templates (python -m bagel_sr.data template NAME --input DIR --output DIR -o FILE):\n"
+              + template.describe())
+        return 0
+    config_dir = os.path.dirname(os.path.abspath(args.out_file)) if args.out_file else None
+    text = template.render(args.name, args.input, args.output, config_dir)
+    if not args.out_file:
+        sys.stdout.write(text)
+        return 0
+    if os.path.exists(args.out_file):
+        raise ConfigError(f"-o {args.out_file} exists; remove it or choose another file")
+    os.makedirs(config_dir, exist_ok=True)
+    with open(args.out_file, "w", encoding="utf-8") as f:
+        f.write(text)
+    print(f"wrote {args.out_file}; check it, then: python -m bagel_sr.data build {args.out_file}")
     return 0
 
 
