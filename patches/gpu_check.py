@@ -222,7 +222,9 @@ def run_bench(args: argparse.Namespace, out: pathlib.Path, seconds: float) -> Di
            "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--json", str(json_path)]
     error = None
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    with open(out / "gpu_step.log", "w") as log:
+    if args.device == "cpu":  # threads oversubscribed on a busy CPU stall the toy steps
+        env.setdefault("OMP_NUM_THREADS", "1")
+    with open(out / "gpu_step.log", "w", buffering=1) as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         try:
             deadline = time.time() + seconds
