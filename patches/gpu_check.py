@@ -22,18 +22,19 @@ import io
 import json
 import os
 import pathlib
-import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
 from bagel_sr.errors import BadInput, MissingInput, cli_main
 
-from . import gpu_report
+from . import gpu_env, gpu_report
 
 WORKER_MODULE = "bagel_sr.patches.gpu_check"
 DEVICE_ENV = "BAGEL_SR_GPU_CHECK_DEVICE"  # tells this module's worker which device the launch runs on
@@ -51,66 +52,46 @@ def dryrun_patches() -> List[str]:
     return [p.name for p in registry.select(groups=("dryrun",))]
 
 
-# -------------------------------------------------------------------------------------------- the environment
+# --------------------------------------------------------------------------------------------------- deadline
 
-def environment(device: str, bagel_root: str) -> Dict[str, str]:
-    """What the numbers were measured on; imports nothing of the checkout."""
-    import torch
-
-    env = {"python": platform.python_version(), "torch": torch.__version__, "device": device}
-    if device == "cuda":
-        count = torch.cuda.device_count()
-        names = [torch.cuda.get_device_name(i) for i in range(count)]
-        memory = torch.cuda.get_device_properties(0).total_memory / 1024 ** 3
-        env.update(gpus=f"{count} x {', '.join(sorted(set(names)))} ({memory:.0f} GiB each)",
-                   cuda=str(torch.version.cuda), cudnn=str(torch.backends.cudnn.version()),
-                   nccl=".".join(map(str, torch.cuda.nccl.version())) if hasattr(torch.cuda, "nccl") else "n/a",
-                   driver=_driver())
-    else:
-        env["cpus"] = str(os.cpu_count())
-    env["flash_attn"] = _flash_attn()
-    for name in ("transformers", "accelerate", "safetensors"):
-        env[name] = _version(name)
-    env["checkout"] = _checkout_id(bagel_root)
-    return env
+def _descendants(pid: int) -> List[int]:
+    """Ids of the processes started by ``pid`` and by them (Linux ``/proc``; empty elsewhere)."""
+    children: Dict[int, List[int]] = {}
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
-def _version(name: str) -> str:
-    from importlib import metadata
+@contextlib.contextmanager
+def deadline(seconds: float):
+    """Yields an event set when ``seconds`` pass first: the processes this one started are then killed, by id, so
+    a part that hangs without a word (a stuck collective) still ends and the check still writes its report."""
+    expired = threading.Event()
 
+    def expire() -> None:
+        expired.set()
+        for pid in reversed(_descendants(os.getpid())):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
     try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _flash_attn() -> str:
-    version = _version("flash-attn")
-    if version != "not installed":
-        return version
-    return ("not installed: BAGEL's training attention (nested masks) runs on torch SDPA; the ViT's varlen "
-            "attention runs on bagel-sr's plain-torch stand-in")
-
-
-def _driver() -> str:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "unknown"
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown (no nvidia-smi)"
-
-
-def _checkout_id(root: str) -> str:
-    path = pathlib.Path(root).expanduser().resolve()
-    try:
-        head = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=20)
-        if head.returncode == 0 and head.stdout.strip():
-            return f"{path.name} at {head.stdout.strip()}"
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    return f"{path.name} (not a git checkout)"
+        yield expired
+    finally:
+        timer.cancel()
 
 
 # ----------------------------------------------------------------------------------------------- part 1: smoke
@@ -162,8 +143,9 @@ def banner_check(log_text: str, device: str) -> str:
             else f"CPU patches in force: {', '.join(cpu_rows)}")
 
 
-def run_smoke(args: argparse.Namespace, out: pathlib.Path) -> Dict[str, Any]:
-    """The dry run's own ``run`` with this module's worker; its last line, the banner check, the launch logs."""
+def run_smoke(args: argparse.Namespace, out: pathlib.Path, seconds: float) -> Dict[str, Any]:
+    """The dry run's own ``run`` with this module's worker, stopped after ``seconds``; its last line, the banner
+    check, the launch logs."""
     from . import smoke
 
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="bagel_sr_gpu_check_"))
@@ -173,10 +155,13 @@ def run_smoke(args: argparse.Namespace, out: pathlib.Path) -> Dict[str, Any]:
         argv += ["--bagel_train_script", args.bagel_train_script]
     started, captured = time.time(), io.StringIO()
     try:
-        with _smoke_through_this_worker(smoke, args.device), contextlib.redirect_stdout(_Tee(sys.stdout, captured)):
+        with _smoke_through_this_worker(smoke, args.device), contextlib.redirect_stdout(_Tee(sys.stdout, captured)), \
+                deadline(seconds) as expired:
             code = smoke.run(argv)
         lines = [ln for ln in captured.getvalue().splitlines() if ln.startswith("smoke: ")]
         line = lines[-1] if lines else "smoke: no result line"
+        if expired.is_set():
+            line = f"stopped after {seconds:.0f} s (its share of --budget_s): {line}"
         checks, ok = [], code == 0
         for i in (1, 2):
             log = workdir / f"launch{i}.log"
@@ -220,23 +205,18 @@ def run_bench(args: argparse.Namespace, out: pathlib.Path, seconds: float) -> Di
            "--device", "cuda:0" if args.device == "cuda" else "cpu", "--widths", args.widths, "--layers", args.layers,
            "--tokens", str(args.tokens), "--paired", str(args.paired), "--image_px", str(args.image_px),
            "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--json", str(json_path)]
-    error = None
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if args.device == "cpu":  # threads oversubscribed on a busy CPU stall the toy steps
         env.setdefault("OMP_NUM_THREADS", "1")
-    with open(out / "gpu_step.log", "w", buffering=1) as log:
+    with open(out / "gpu_step.log", "w", buffering=1) as log, deadline(seconds) as expired:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         try:
-            deadline = time.time() + seconds
             for line in proc.stdout:
                 log.write(line)
                 print("  " + line.rstrip()[:200], flush=True)
-                if time.time() > deadline:
-                    proc.kill()
-                    error = f"stopped after {seconds:.0f} s (the time left of --budget_s)"
-                    break
         finally:
             code = proc.wait()
+    error = f"stopped after {seconds:.0f} s (the time left of --budget_s)" if expired.is_set() else None
     if error is None and code != 0:
         tail = (out / "gpu_step.log").read_text(errors="replace").strip().splitlines()[-3:]
         error = f"exit code {code}: " + " | ".join(tail)
@@ -303,15 +283,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     started = time.time()
     out = pathlib.Path(args.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    env = environment(args.device, args.bagel_root)
+    env = gpu_env.environment(args.device, args.bagel_root)
     print("gpu_check: environment\n" + "\n".join(f"  {k}: {v}" for k, v in env.items()), flush=True)
-    args.launch_timeout = max(60, args.budget_s // 2)
+    args.launch_timeout = smoke_share = max(60, args.budget_s // 2)
     result: Dict[str, Any] = dict(device=args.device, environment=env, smoke=None, bench=None, extrapolation=None)
     failures: List[str] = []
     if "smoke" in args.parts:
         print(f"gpu_check: part 1, the checkout's main() on {args.nproc} rank(s) ({args.device}), two launches",
               flush=True)
-        result["smoke"] = run_smoke(args, out)
+        result["smoke"] = run_smoke(args, out, smoke_share if "bench" in args.parts else args.budget_s)
         if not result["smoke"]["ok"]:
             failures.append("main() run: " + result["smoke"]["line"])
     if "bench" in args.parts:

@@ -107,6 +107,19 @@ def test_launches_go_through_this_worker_while_the_check_runs_and_back_after(mon
     assert smoke.WORKER_MODULE == "bagel_sr.patches.smoke" and gpu_check.DEVICE_ENV not in os.environ
 
 
+def test_a_part_that_hangs_is_killed_at_its_deadline_and_one_that_ends_is_left_alone():
+    import time
+
+    with gpu_check.deadline(1.0) as expired:
+        started = time.time()
+        hung = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        code = hung.wait(timeout=30)
+    assert expired.is_set() and code == -9 and time.time() - started < 20
+    with gpu_check.deadline(30.0) as expired:
+        quick = subprocess.run([sys.executable, "-c", "print('ok')"], capture_output=True, text=True)
+    assert not expired.is_set() and quick.returncode == 0 and quick.stdout == "ok\n"
+
+
 def run_cli(*args, timeout=900):
     proc = subprocess.run([sys.executable, "-m", "bagel_sr.gpu_check", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout)
@@ -142,7 +155,12 @@ def toy_args(**kw):
 @pytest.mark.bagel
 @requires_bagel
 def test_the_benchmark_packs_a_real_batch_and_measures_every_configuration_at_each_depth(tmp_path):
-    out = gpu_step.run(toy_args(json=str(tmp_path / "b.json")), log=lambda *a: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a busy shared CPU stalls oversubscribed threads
+    try:
+        out = gpu_step.run(toy_args(json=str(tmp_path / "b.json")), log=lambda *a: None)
+    finally:
+        torch.set_num_threads(threads)
     assert json.loads((tmp_path / "b.json").read_text()) == json.loads(json.dumps(out))
     assert out["tokens"] >= 120 and out["samples"] >= 3 and out["paired"] == 2
     assert [d["layers"] for d in out["depths"]] == [1, 2]
