@@ -43,8 +43,11 @@ def test_extrapolation_is_linear_in_depth_and_the_ratio_is_the_mean_term_over_th
     assert pixel["cost_by_depth_s"] == pytest.approx([0.10, 0.12]) and pixel["flat"]
     assert pixel["ratio"] == pytest.approx(0.11 / 7.5)
     assert pixel["extra_peak_gib"] == pytest.approx(1.5)                    # the larger of 1.0 and 1.5
+    assert pixel["extra_by_depth_gib"] == pytest.approx([1.0, 1.5])
     goals = gpu_report.goals(out)
     assert goals["ratio_met"] is True and goals["extra_met"] is True
+    assert goals["gate_share"] == pytest.approx(0.198, abs=0.002)            # t <= 0.3 under shift 1
+    assert goals["ratio_expected"] == pytest.approx(goals["ratio"] * goals["gate_share"])
 
 
 def test_a_term_that_grows_with_depth_is_not_flat_and_the_goals_can_fail():
