@@ -280,6 +280,8 @@ def check_device(args: argparse.Namespace) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse(argv)
     check_device(args)
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # nothing is fetched, by this process or its launches
+        os.environ.setdefault(name, "1")
     started = time.time()
     out = pathlib.Path(args.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
