@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from bagel_sr.errors import BadInput, RunFailed, cli_main
 
+from . import hu
 from . import metrics as M
 from . import report
 from .images import COLOR_MODES, LoadedImage, load_image
@@ -81,12 +82,10 @@ class EvalSettings:
                 "std_spearman, std_within_2": "with OUTPUTS/std/<id>.npy (infer --num_samples): Spearman of std "
                                               "and |error|, share of pixels with |error| <= 2 std"}
 
-def _prepare(img: LoadedImage, s: EvalSettings) -> np.ndarray:
+def _prepare(img: LoadedImage, s: EvalSettings, intensity: dict | None = None) -> np.ndarray:
+    """The image as metrics see it: with ``hu_window``, in HU (builder images via their ``intensity``), windowed."""
     if s.hu_window:
-        if img.was_integer:
-            raise BadInput(f"{img.path}: --hu_window needs images stored in HU (.npy or float TIFF), "
-                             "not integer PNG/TIFF")
-        return M.hu_window(img.array, *s.hu_window)
+        return hu.windowed(img.array, img.was_integer, img.path, intensity, s.hu_window)
     return img.array
 
 def _fixed_range(ref: LoadedImage, out: LoadedImage, s: EvalSettings) -> float | None:
@@ -150,8 +149,8 @@ def evaluate_pairs(pairs: Sequence[Pair], settings: EvalSettings, progress: bool
     for key, group in groups.items():
         loaded = [(load_image(p.reference, s.color, s.bits_stored), load_image(p.output, s.color, s.bits_stored))
                   for p in group]
-        refs = [_prepare(r, s) for r, _ in loaded]
-        outs = [_prepare(o, s) for _, o in loaded]
+        refs = [_prepare(r, s, p.intensity) for p, (r, _) in zip(group, loaded)]
+        outs = [_prepare(o, s, p.intensity) for p, (_, o) in zip(group, loaded)]
         vol_max = float(max(r.max() for r in refs)) if s.convention == "fastmri" else None
         for p, (r_img, o_img), ref, out in zip(group, loaded, refs, outs):
             dr = vol_max if vol_max is not None else _fixed_range(r_img, o_img, s)
@@ -168,7 +167,7 @@ def evaluate_pairs(pairs: Sequence[Pair], settings: EvalSettings, progress: bool
     if skipped:
         notes.append(f"data consistency skipped steps it cannot re-apply ({', '.join(skipped)}: noise, or across "
                      "slices): their effect stays in dc_nrmse; dc_ref_nrmse is the floor the ground truth reaches")
-    note = _intensity_note(pairs)
+    note = hu.window_note(pairs, s.hu_window) or _intensity_note(pairs)
     if note:
         notes.append(note)
     return per_image, (pd.DataFrame(vol_rows) if vol_rows else None), notes
@@ -222,7 +221,8 @@ def worst_cases_figure(per_image: pd.DataFrame, pairs: Sequence[Pair], settings:
     cases = []
     for row in worst.itertuples():
         p = by_id[row.pair_id]
-        load = lambda path: _prepare(load_image(path, settings.color, settings.bits_stored), settings)  # noqa: E731
+        load = lambda path: _prepare(load_image(path, settings.color, settings.bits_stored), settings,  # noqa: E731
+                                     p.intensity)
         ref = load(p.reference)
         outs = [("output A" if other else "output", load(p.output))]
         if other and row.pair_id in other:
@@ -251,6 +251,7 @@ def run_evaluation(outputs: str | Path, out_dir: str | Path, settings: EvalSetti
     kw = dict(references=references, manifest=manifest, split=split, inputs=inputs, degradations=degradations,
               volume_pattern=volume_pattern, allow_missing=allow_missing)
     pairs = collect_pairs(outputs, **kw)
+    hu.check_pairs(pairs, settings.hu_window)
     per_image, per_volume, notes = evaluate_pairs(pairs, settings, progress)
     print(notes[0], file=sys.stderr)
     per_image.to_csv(out_dir / "per_image.csv", index=False)

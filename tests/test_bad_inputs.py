@@ -469,7 +469,7 @@ def test_integer_images_are_scaled_by_their_bit_depth(tmp_path, bits, value, hig
     ({"input": {"bits_stored": 40}}, "config key 'input.bits_stored'"),
     ({"degradations": []}, "config key 'degradations'"),
     ({"splits": {"fractions": {"train": 0.5}}}, "config key 'splits.fractions'"),
-    ({"splits": {"group_by": "patient"}}, "config key 'splits.group_by'"),
+    ({"splits": {"group_by": "study"}}, "config key 'splits.group_by'"),
     ({"output": {"rows_per_shard": 0}}, "config key 'output.rows_per_shard'"),
     ({"colour": "gray"}, "unknown config key 'colour'"),
 ])
