@@ -35,7 +35,7 @@ def ct_build(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ct")
     first_hu = make_ct_pngs(tmp / "CT_exports")
     build_dataset(template_copy("ct_png_hu.yaml", tmp), progress=False, log=lambda m: None)
-    return tmp / "ct_png_denoise", first_hu
+    return tmp / "ct", first_hu
 
 
 def test_ct_png_template_reads_hu_offset_and_groups_by_patient_folder(ct_build):
@@ -72,7 +72,7 @@ def test_group_by_patient_outside_dicom_and_error_lists_every_value(tmp_path):
 def test_mr_png_template_builds_8_12_16_bit_magnitude(tmp_path):
     make_mr_images(tmp_path / "MR_exports")
     summary = build_dataset(template_copy("mr_png_magnitude.yaml", tmp_path), progress=False, log=lambda m: None)
-    rs = rows(tmp_path / "mr_png_sr_x4")
+    rs = rows(tmp_path / "mr")
     assert sum(summary.pairs.values()) == 12 and {r["group"] for r in rs} == {f"subject{s:02d}" for s in range(1, 5)}
     assert {r["intensity"]["mode"] for r in rs} == {"percentile"} and {r["intensity"]["unit"] for r in rs} == {"raw"}
     assert {r["source"]["bits_stored"] for r in rs} == {8, 16}  # the 12-bit PNG: container depth, with a note
@@ -101,7 +101,7 @@ def test_evaluate_hu_window_on_builder_manifest_of_pngs(ct_build, tmp_path, caps
 def test_hu_window_refused_for_non_hu_sets_and_plain_pngs(tmp_path):
     make_mr_images(tmp_path / "MR_exports", subjects=4)
     build_dataset(template_copy("mr_png_magnitude.yaml", tmp_path), progress=False, log=lambda m: None)
-    out = tmp_path / "mr_png_sr_x4"
+    out = tmp_path / "mr"
     restored = copy_degraded_as_outputs(out)
     with pytest.raises(BadInput, match="unit 'raw'.*drop --hu_window"):
         E.run_evaluation(restored, tmp_path / "rep", E.EvalSettings(hu_window=(40, 400)),
