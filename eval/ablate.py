@@ -374,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs = [r for r in runs if r.name in a.only]
         return 1 if execute(runs, a.keep_going, a.dry_run) else 0
     res = build_report(a.grid, a.out, a.n_boot, not a.no_progress)
-    print(res["table"].to_string(index=False))
+    print(res["console"])
     print(f"report: {res['report']}")
     return 0
 
