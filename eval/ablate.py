@@ -71,7 +71,7 @@ from tqdm.auto import tqdm
 from bagel_sr.errors import BadInput, MissingInput, cli_main, one_line
 from bagel_sr.outputs import claim
 
-from .ablate_check import check_commands_and_flags, check_eval_block, default_base_command, expand, progress_printer
+from .ablate_check import check_eval_block, default_base_command, expand, progress_printer, start_flag_checks
 from .ablate_flags import (_flag_name, check_flag_map, check_sweep, fill, flag_words,  # noqa: F401 (re-exported)
                            format_value, run_name)
 from .ablate_infer import DONE, VARIANT_FILES, Variant, build_variants, check_infer_section, variant_lines, variant_specs
@@ -261,14 +261,18 @@ def plan(grid_path: str | Path, check: bool = True, overwrite: bool = False, pro
     workdir = Path(cfg.get("workdir", ".")).resolve()
     if not workdir.is_dir():
         raise MissingInput(f"workdir {workdir}: no such folder")
+    finish_flag_checks = None
+    if check:  # the targets' --help run while the eval block is checked
+        infer = expand(cfg["eval"]["infer_command"]) if any(r.variants for r in runs) else None
+        finish_flag_checks = start_flag_checks(cfg, expand(cfg.get("base_command") or DEFAULT_BASE_COMMAND), infer,
+                                               workdir, say)
     if cfg.get("eval"):
         rows = [f"{r.name}/{v.name}" for r in runs for v in r.variants] + [r.name for r in runs if not r.variants]
         check_eval_block(cfg, rows, [r.name for r in runs], Path.cwd(), say)
     else:
         say("no eval block: training only ('ablate report' needs eval.manifest or eval.references)")
-    if check:
-        infer = expand(cfg["eval"]["infer_command"]) if any(r.variants for r in runs) else None
-        check_commands_and_flags(cfg, expand(cfg.get("base_command") or DEFAULT_BASE_COMMAND), infer, workdir, say)
+    if finish_flag_checks:
+        finish_flag_checks()
     root = runs[0].run_dir.parent
     root_ledger, _ = claim(root, TOOL, {}, flag="--overwrite")
     ledgers = [claim(run.run_dir, TOOL, {"command": run.train_command, "infer": run.infer_command},

@@ -3,7 +3,8 @@
 - commands: ``$VARS`` and ``~`` in ``base_command`` / ``eval.infer_command`` are expanded (an unset variable is
   refused); the default base command runs the wrapper as a module with this interpreter, so it works from any folder;
 - flags: every training flag against ``BASE --help`` and every swept inference flag against ``INFER --help`` (both
-  at once; a ``torchrun`` launcher is asked through ``python`` directly: one process, no process group);
+  at once, while the eval block is checked; a ``torchrun`` launcher is asked through ``python`` directly: one
+  process, no process group);
 - the ``eval`` block: every refusal of ``ablate report`` (keys, settings, baseline, sort_by, plots, the manifest's
   split and references, ``hu_window`` against the units the references were stored in).
 
@@ -89,9 +90,10 @@ def progress_printer(enabled: bool) -> Callable[[str], None]:
     return say
 
 
-def check_commands_and_flags(cfg: dict[str, Any], base: str | Sequence[str], infer: str | Sequence[str] | None,
-                             workdir: Path, say: Callable[[str], None]) -> None:
-    """Flags of the grid against the base command's and the inference command's ``--help`` (run side by side)."""
+def start_flag_checks(cfg: dict[str, Any], base: str | Sequence[str], infer: str | Sequence[str] | None,
+                      workdir: Path, say: Callable[[str], None]) -> Callable[[], None]:
+    """Start ``BASE --help`` and ``INFER --help`` side by side (other checks run meanwhile); returns ``finish()``,
+    which waits for them and checks the grid's training and inference flags against what they list."""
     from .ablate import check_flags, target_flags
     from .ablate_infer import check_infer_flags, program_words
 
@@ -100,16 +102,20 @@ def check_commands_and_flags(cfg: dict[str, Any], base: str | Sequence[str], inf
         check_expanded(infer, "eval.infer_command")
     base_help = help_command(base)
     infer_help = program_words(infer) if infer else None
-    say(f"checking the training flags: {shlex.join(base_help)} --help"
-        + (f" and the inference flags: {shlex.join(infer_help)} --help" if infer_help else "") + " ...")
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        train = pool.submit(target_flags, base_help, workdir)
-        inf = pool.submit(target_flags, infer_help, workdir, what="eval.infer_command") if infer_help else None
-        known = train.result()
-        check_flags(cfg, known)
+    say(f"asking {shlex.join(program_words(base_help) or base_help)} ... --help for the training flags"
+        + (f" and {shlex.join(infer_help)} --help for the inference flags" if infer_help else ""))
+    pool = ThreadPoolExecutor(max_workers=2)
+    train = pool.submit(target_flags, base_help, workdir)
+    inf = pool.submit(target_flags, infer_help, workdir, what="eval.infer_command") if infer_help else None
+    pool.shutdown(wait=False)
+
+    def finish() -> None:
+        check_flags(cfg, train.result())
         if infer is not None:
             check_infer_flags(cfg, inf.result() if inf else set())
-    say("flags accepted")
+        say("flags accepted")
+
+    return finish
 
 
 def check_eval_block(cfg: dict[str, Any], row_names: Sequence[str], run_names: Sequence[str], workdir: Path,

@@ -73,10 +73,14 @@ def test_mr_png_template_builds_8_12_16_bit_magnitude(tmp_path):
     make_mr_images(tmp_path / "MR_exports")
     summary = build_dataset(template_copy("mr_png_magnitude.yaml", tmp_path), progress=False, log=lambda m: None)
     rs = rows(tmp_path / "mr")
+    (tmp_path / "mr_png_magnitude.yaml").unlink()
     assert sum(summary.pairs.values()) == 12 and {r["group"] for r in rs} == {f"subject{s:02d}" for s in range(1, 5)}
     assert {r["intensity"]["mode"] for r in rs} == {"percentile"} and {r["intensity"]["unit"] for r in rs} == {"raw"}
-    assert {r["source"]["bits_stored"] for r in rs} == {8, 16}  # the 12-bit PNG: container depth, with a note
-    assert any("bits_stored" in n for n in summary.notes)
+    assert {r["source"]["bits_stored"] for r in rs} == {8, 16}  # the 12-bit PNG: container depth
+    assert not summary.notes  # percentiles do not depend on the bit depth: no note about it
+    summary = build_dataset(template_copy("mr_png_magnitude.yaml", tmp_path, output_dir="mr_dtype",
+                                          intensity={"mode": "dtype"}), progress=False, log=lambda m: None)
+    assert any("set input.bits_stored (e.g. 12)" in n for n in summary.notes)  # the stored scale does
 
 
 def test_evaluate_hu_window_on_builder_manifest_of_pngs(ct_build, tmp_path, capsys):
