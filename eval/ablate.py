@@ -41,13 +41,18 @@ inference, not the training). Each run x variant is one report row ``RUN/VARIANT
 run compares each row with that run's row of the same variant. The report's first table shows PSNR, SSIM and the
 hallucination share (``halluc_share``) side by side for every row. Example::
 
+    base_command: torchrun --nproc_per_node 8 -m bagel_sr.patches.launch --bagel_root $BAGEL_ROOT
+      --model_path hf/BAGEL-7B-MoT --finetune_from_hf True --resume_model_only True --finetune_from_ema True
+      --dataset_config_file ct/dataset_config.yaml --bagel_sr_datasets ct/bagel_sr_dataset.yaml
     common_flags: {checkpoint_dir: "{run_dir}/checkpoints", total_steps: 2000}
     grid: {pixel_loss_weight: [0.0, 0.05]}
     infer_grid: {start_t: [1.0, 0.3], num_samples: [1, 4]}       # 2 trainings, 8 report rows
     eval:
-      infer_command: python -m bagel_sr.eval.infer --inputs data/manifest.jsonl --split test --bagel_root ../Bagel
+      infer_command: python -m bagel_sr.eval.infer --inputs ct/manifest.jsonl --split test --bagel_root $BAGEL_ROOT
         --model_path hf/BAGEL-7B-MoT --checkpoint {run_dir}/checkpoints/0002000/ema.safetensors --out {outputs}
-      manifest: data/manifest.jsonl
+      manifest: ct/manifest.jsonl
+      split: test
+      hu_window: [40, 400]
       baseline: weight0.0
 """
 from __future__ import annotations
