@@ -168,7 +168,8 @@ def evaluate_pairs(pairs: Sequence[Pair], settings: EvalSettings, progress: bool
                       for x in str(v).split("; ")})
     if skipped:
         notes.append(f"data consistency skipped steps it cannot re-apply ({', '.join(skipped)}: noise, or across "
-                     "slices): their effect stays in dc_nrmse; dc_ref_nrmse is the floor the ground truth reaches")
+                     "slices): their effect stays in dc_nrmse (an output equal to the input scores 0) and in dc_ref_nrmse, "
+                     "what the ground truth itself scores")
     note = hu.window_note(pairs, s.hu_window) or _intensity_note(pairs)
     if note:
         notes.append(note)

@@ -9,8 +9,7 @@ from typing import Sequence
 import pandas as pd
 
 #: Folder names that say nothing about a run (skipped when a label is made from a path).
-GENERIC_FOLDERS = {"outputs", "output", "out", "restored", "results", "predictions", "preds", "images", "png",
-                   "test", "val", "eval"}
+GENERIC_FOLDERS = {"outputs", "output", "out", "results", "predictions", "preds"}
 #: Fewer units (images or volumes) or subjects than this get a note that the intervals are not to be trusted.
 SMALL_N, SMALL_SUBJECTS = 10, 3
 #: Console width of printed tables.
@@ -36,7 +35,7 @@ METRIC_NOTES = {
 }
 
 
-def path_label(path: str | Path, keep: int = 2) -> str:
+def path_label(path: str | Path, keep: int = 1) -> str:
     """A run's name from its outputs path: the last ``keep`` parts that are not generic folder names
     (``runs/weight0.05/outputs`` -> ``weight0.05``; ``runs/w/outputs/start_t=0.3`` -> ``w/start_t=0.3``)."""
     parts = [p for p in Path(path).resolve().parts if p not in ("/", "")]

@@ -120,7 +120,9 @@ def plot_worst_cases(cases: Sequence[dict], path: str | Path) -> str:
             ax_err.set_title(f"|error| of {'AB'[i]}" if two else "|error|", fontsize=7)
             ax_err.set_xticks([])
             ax_err.set_yticks([])
-            fig.colorbar(im, ax=ax_err, fraction=0.046, pad=0.03).ax.tick_params(labelsize=6)
+            bar = fig.colorbar(im, ax=ax_err, fraction=0.046, pad=0.03)
+            bar.ax.tick_params(labelsize=6)
+            bar.set_label("x data range" if dr == 1 else "image units", fontsize=6)
         for c in range(c0 + 1 + 2 * len(case["outputs"]), ncols):
             axes[r, c].axis("off")
     fig.tight_layout()

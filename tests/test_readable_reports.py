@@ -149,3 +149,13 @@ def test_hu_evaluation_summary_explains_dc_metrics_and_small_sample(tmp_path):
     per = pd.read_csv(tmp_path / "rep" / "per_image.csv")
     assert (per["dc_ref_nrmse"] > per["dc_nrmse"]).all()  # the copied input is "more consistent" than the truth
     assert Path(tmp_path / "rep" / "worst_cases.png").is_file()
+
+
+def test_path_labels_skip_generic_folders_and_tell_runs_apart(tmp_path):
+    from bagel_sr.eval.readable import pair_labels, path_label
+
+    assert path_label(tmp_path / "runs" / "weight0.05" / "outputs") == "weight0.05"
+    assert path_label(tmp_path / "restored") == "restored"
+    a, b = (tmp_path / "runs" / w / "outputs" / "start_t=0.3" for w in ("w0", "w1"))
+    assert pair_labels(a, b) == ("w0/start_t=0.3", "w1/start_t=0.3")
+    assert pair_labels(a, b, ("mine", None)) == ("mine", "w1/start_t=0.3")
