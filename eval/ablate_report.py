@@ -148,14 +148,14 @@ def build_report(grid_path: str | Path, out: str | Path | None = None, n_boot: i
     ledger.record("ablation.csv")
     table.to_csv(out / "ablation.csv", index=False)
     train_flags = {_flag_name(k) for r in runs for k in r.flags}
-    figures = _figures(cfg, table, settings, out, ledger, train_flags)
+    figures = _figures(cfg, table, settings, out, ledger, train_flags, _flag_columns(table, finished))
     by_name = {r.name: r for r in finished}
     grid_png = _image_grid([by_name[n] for n in table["run"]], ev, per_image, settings,
                            ledger.record("image_grid.png"), int(ev.get("grid_images", 4)))
     if grid_png:
         figures.append(grid_png)
     pending = [r.name for r in rows_all if not r.done]
-    md = _report_markdown(cfg, table, sort_by, settings, pending, figures, small)
+    md = _report_markdown(cfg, table, sort_by, settings, pending, figures, small, _flag_columns(table, finished))
     ledger.record("report.md")
     (out / "report.md").write_text(md, encoding="utf-8")
     console = readable.fit_console(console_view(table, settings), f"{out / 'report.md'} and {out / 'ablation.csv'}")
@@ -211,33 +211,34 @@ def _add_baseline_columns(table: pd.DataFrame, unit_tables: dict, baselines: dic
 
 
 def _figures(cfg: dict[str, Any], table: pd.DataFrame, settings: EvalSettings, out: Path, ledger,
-             train_flags: set[str]) -> list[str]:
+             train_flags: set[str], flag_columns: list[str]) -> list[str]:
     params = _default_plots(cfg, table, train_flags)
     figs = []
     for metric in headline_metrics(settings):
         if metric not in table.columns:
             continue
         for param in params:  # one line per combination of the other swept flags (e.g. each inference variant)
-            others = [c for c in _varied_flags(table) if c != param]
+            others = [c for c in flag_columns if c != param and table[c].astype(str).nunique() > 1]
             path = ledger.record(f"{metric}_vs_{param}.png")
             title = f"{cfg.get('name') or 'ablation'}: {metric} vs {param}"
             figs.append(report.plot_metric_vs_param(table, param, metric, path, others, title))
     return figs
 
 
-def _varied_flags(table: pd.DataFrame) -> list[str]:
-    """Flag columns (training and inference) whose value differs between rows."""
-    metrics = metric_columns(table)
-    return [c for c in table.columns if c not in ("run", "n", "unit") and "_vs_" not in c
-            and not any(c == m or c.startswith(f"{m}_") for m in metrics)
-            and table[c].astype(str).nunique() > 1]
+def _flag_columns(table: pd.DataFrame, rows: Sequence[Row]) -> list[str]:
+    """The table's flag columns (training and inference flags of the rows; a metric column never counts, even
+    one whose values are all undefined, such as the infinite dc_psnr of outputs that equal their input)."""
+    names = {k for r in rows for k in r.flags}
+    return [c for c in table.columns if c in names]
 
 
 def _report_markdown(cfg: dict[str, Any], table: pd.DataFrame, sort_by: str, settings: EvalSettings,
-                     pending: list[str], figures: list[str], small: str | None = None) -> str:
+                     pending: list[str], figures: list[str], small: str | None = None,
+                     flags: list[str] | None = None) -> str:
     metrics = metric_columns(table)
-    flags = [c for c in table.columns if c not in ("run", "n", "unit") and not any(
-        c == m or c.startswith(f"{m}_") for m in metrics)]
+    if flags is None:
+        flags = [c for c in table.columns if c not in ("run", "n", "unit") and not any(
+            c == m or c.startswith(f"{m}_") for m in metrics)]
     view = table[["run"] + flags].copy()
     headline = headline_metrics(settings)
     for m in headline:

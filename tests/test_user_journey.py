@@ -74,6 +74,20 @@ def test_png_folder_to_evaluation_and_ablation_plan(tmp_path):
         "start_t=1.0,num_samples=4"]
     assert not list(runs.rglob("DONE")) and not list(runs.rglob("checkpoints"))  # plan trained nothing
 
+    # what 'ablate run' leaves (simulated: trainings and inferences marked done, outputs = the degraded inputs):
+    # the report the plan promised runs without a refusal, and reads well
+    for run in runs.glob("weight*"):
+        (run / "DONE").write_text("simulated\n")
+        for variant in (run / "infer").iterdir():
+            shutil.copytree(tmp_path / "ct" / "heldout" / "test" / "lr", run / "outputs" / variant.name)
+            (variant / "DONE").write_text("simulated\n")
+    res = sh(tmp_path, "-m", "bagel_sr.eval.ablate", "report", "ablation.yaml", "--n_boot", "200", "--no_progress",
+             env={"BAGEL_ROOT": root})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert max(len(line) for line in res.stdout.splitlines()) <= 120 and "note: small sample" in res.stdout
+    header = next(line for line in (runs / "report" / "report.md").read_text().splitlines() if line.startswith("| run"))
+    assert header.split(" | ")[1:4] == ["pixel_loss_weight", "start_t", "num_samples"] and "dc_psnr" not in header
+
 
 def test_documented_ablation_yaml_refuses_an_unset_bagel_root(tmp_path):
     """Without a checkout the plan stops at once, naming the variable to set (no --help is run)."""
