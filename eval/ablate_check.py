@@ -109,8 +109,17 @@ def start_flag_checks(cfg: dict[str, Any], base: str | Sequence[str], infer: str
     inf = pool.submit(target_flags, infer_help, workdir, what="eval.infer_command") if infer_help else None
     pool.shutdown(wait=False)
 
+    embedded = (WRAPPER_MODULE in base_help or any(w.endswith("main_sr_pixel_loss.py") for w in base_help)) and not (
+        any(w.split("=")[0] == "--bagel_root" for w in base_help) or os.environ.get("BAGEL_ROOT"))
+
     def finish() -> None:
-        check_flags(cfg, train.result())
+        try:
+            check_flags(cfg, train.result())
+        except BadInput as e:
+            if not embedded:
+                raise
+            raise BadInput(f"{e} (no checkout is named, so the base command runs the embedded default, whose flags "
+                           "differ: set BAGEL_ROOT or add --bagel_root PATH to base_command)") from None
         if infer is not None:
             check_infer_flags(cfg, inf.result() if inf else set())
         say("flags accepted")

@@ -115,3 +115,13 @@ def test_default_base_command_runs_from_any_folder(tmp_path, monkeypatch):
     runs = ablate.plan("g.yaml", progress=False)
     assert runs[0].train_command.startswith(f"{sys.executable} -m bagel_sr.patches.launch --pixel_loss_weight 0.0")
     assert Path(tmp_path / "runs" / "weight0.0" / "command.sh").is_file()
+
+
+def test_flags_of_a_checkout_refused_by_the_embedded_default_say_to_name_the_checkout(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("BAGEL_ROOT", raising=False)
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump({"grid": {"pixel_loss_weight": [0.0]}, "output_root": "runs",
+                                                     "common_flags": {"total_steps": 2000}}))
+    assert cli_main(ablate.main, ["plan", "g.yaml"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--total_steps is not accepted" in err and "set BAGEL_ROOT or add --bagel_root PATH" in err
