@@ -14,16 +14,28 @@ import yaml
 
 from user_pngs import make_ct_pngs
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "eval.md"
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs" / "eval.md"
 MARKER = "<!-- user-journey: ablation.yaml"
 
 
-def documented_yaml() -> str:
-    """The YAML block that follows the marker in docs/eval.md (the one users copy)."""
-    text = DOCS.read_text(encoding="utf-8")
+def marked_yaml(path: Path) -> str | None:
+    """The YAML block that follows the marker in ``path`` (None when the file has no marker)."""
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    if MARKER not in text:
+        return None
     found = re.search(re.escape(MARKER) + r".*?\n```yaml\n(.*?)\n```", text, re.S)
-    assert found, f"{DOCS} lost the block marked {MARKER!r}"
+    assert found, f"{path}: the marker {MARKER!r} is not followed by a ```yaml block"
     return found.group(1) + "\n"
+
+
+def documented_yaml() -> str:
+    """The block users copy: docs/eval.md's, which the README's (if it carries the marker) must equal."""
+    text = marked_yaml(DOCS)
+    assert text, f"{DOCS} lost the block marked {MARKER!r}"
+    readme = marked_yaml(REPO / "README.md")
+    assert readme in (None, text), "README.md's marked ablation YAML differs from docs/eval.md's; keep them equal"
+    return text
 
 
 def sh(cwd: Path, *args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
