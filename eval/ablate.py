@@ -79,7 +79,8 @@ from bagel_sr.outputs import claim
 from .ablate_check import check_eval_block, default_base_command, expand, progress_printer, start_flag_checks
 from .ablate_flags import (_flag_name, check_flag_map, check_sweep, fill, flag_words,  # noqa: F401 (re-exported)
                            format_value, run_name)
-from .ablate_infer import DONE, VARIANT_FILES, Variant, build_variants, check_infer_section, variant_lines, variant_specs
+from .ablate_infer import (DONE, VARIANT_FILES, Variant, build_variants, check_infer_section, variant_lines,
+                           variant_specs)
 
 DEFAULT_BASE_COMMAND = shlex.join(default_base_command())  # the wrapper as a module: works from any folder
 FAILED = "FAILED"

@@ -131,7 +131,6 @@ def check_eval_block(cfg: dict[str, Any], row_names: Sequence[str], run_names: S
                      say: Callable[[str], None]) -> None:
     """Every refusal of ``ablate report`` that does not need the outputs, now (paths relative to ``workdir``)."""
     from .ablate_report import eval_settings
-    from .evaluate import EvalSettings  # noqa: F401 (its checks run in eval_settings)
 
     ev = cfg.get("eval") or {}
     unknown = sorted(set(ev) - set(EVAL_KEYS))

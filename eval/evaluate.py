@@ -168,8 +168,8 @@ def evaluate_pairs(pairs: Sequence[Pair], settings: EvalSettings, progress: bool
                       for x in str(v).split("; ")})
     if skipped:
         notes.append(f"data consistency skipped steps it cannot re-apply ({', '.join(skipped)}: noise, or across "
-                     "slices): their effect stays in dc_nrmse (an output equal to the input scores 0) and in dc_ref_nrmse, "
-                     "what the ground truth itself scores")
+                     "slices): their effect stays in dc_nrmse (an output equal to the input scores 0) and in "
+                     "dc_ref_nrmse, what the ground truth itself scores")
     note = hu.window_note(pairs, s.hu_window) or _intensity_note(pairs)
     if note:
         notes.append(note)
@@ -247,7 +247,8 @@ def run_evaluation(outputs: str | Path, out_dir: str | Path, settings: EvalSetti
     summary.to_csv(out_dir / "summary.csv", index=False)
     labels = (readable.pair_labels(outputs, compare, (label, compare_label)) if compare
               else (label or readable.path_label(outputs), "compare"))
-    result: dict[str, Any] = {"labels": labels, "notes": notes, "per_image": per_image, "per_volume": per_volume, "summary": summary, "unit": unit,
+    result: dict[str, Any] = {"labels": labels, "notes": notes, "per_image": per_image, "per_volume": per_volume,
+                              "summary": summary, "unit": unit,
                               "pairs": pairs, "comparison": None}
     other_pairs, bad = None, {"A": _nonfinite_files(per_image)}
     if compare:

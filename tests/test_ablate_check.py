@@ -98,7 +98,8 @@ def test_plan_checks_flags_and_data_with_progress_and_expands_vars(tmp_path, cap
 def test_expand_and_torchrun_help_command(monkeypatch):
     monkeypatch.setenv("BAGEL_ROOT", "/data/Bagel")
     home = os.path.expanduser("~")
-    assert expand("run --a $BAGEL_ROOT --b ~/x --c=~/y --d a~b") == f"run --a /data/Bagel --b {home}/x --c={home}/y --d a~b"
+    assert (expand("run --a $BAGEL_ROOT --b ~/x --c=~/y --d a~b")
+            == f"run --a /data/Bagel --b {home}/x --c={home}/y --d a~b")
     assert expand(["run", "${BAGEL_ROOT}/m", "~"]) == ["run", "/data/Bagel/m", home]
     words = help_command("torchrun --nproc_per_node 8 --standalone -m bagel_sr.patches.launch --bagel_root /b --x 1")
     assert words == [sys.executable, "-m", "bagel_sr.patches.launch", "--bagel_root", "/b", "--x", "1"]

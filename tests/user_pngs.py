@@ -33,7 +33,8 @@ def make_ct_pngs(root: Path, patients: int = 4, slices: int = 3, size: int = 64)
         for k in range(slices):
             hu = phantom_hu(size, 100 * p + k)
             first = hu if first is None else first
-            Image.fromarray(np.clip(np.round(hu + 1024), 0, 65535).astype(np.uint16)).save(folder / f"slice_{k:03d}.png")
+            stored = np.clip(np.round(hu + 1024), 0, 65535).astype(np.uint16)  # value = HU + 1024
+            Image.fromarray(stored).save(folder / f"slice_{k:03d}.png")
     return first
 
 
