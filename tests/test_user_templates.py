@@ -114,3 +114,22 @@ def test_hu_window_refused_for_non_hu_sets_and_plain_pngs(tmp_path):
         windowed(np.zeros((4, 4)), True, "x.png", None, (40, 400))
     hu = windowed(np.array([[0.0, 1.0]]), True, "x.png", {"unit": "HU", "low": -160, "high": 240}, (40, 400))
     np.testing.assert_allclose(hu, [[0.0, 1.0]])
+
+
+def test_ct_template_reads_signed_16_bit_tiffs_in_hu(tmp_path):
+    """The other common CT export: HU as signed 16-bit TIFF (no offset: rescale intercept 0)."""
+    import tifffile
+
+    for p in (1, 2):
+        (tmp_path / "CT_exports" / f"case_{p}").mkdir(parents=True)
+        tifffile.imwrite(tmp_path / "CT_exports" / f"case_{p}" / "s0.tif", np.round(phantom_hu(48, p)).astype(np.int16))
+    build_dataset(template_copy("ct_png_hu.yaml", tmp_path, input__rescale={"slope": 1.0, "intercept": 0.0},
+                                splits__fractions={"train": 0.5, "val": 0.0, "test": 0.5}),
+                  progress=False, log=lambda m: None)
+    rs = rows(tmp_path / "ct")
+    assert {r["group"] for r in rs} == {"case_1", "case_2"} and {r["split"] for r in rs} == {"train", "test"}
+    held = next(r for r in rs if r["split"] == "test")
+    it, p = held["intensity"], int(held["group"][-1])
+    hr = np.asarray(Image.open(tmp_path / "ct" / held["heldout"]["hr"]).convert("L"), dtype=float)
+    back = it["low"] + hr / 255 * (it["high"] - it["low"])
+    assert np.abs(back - np.clip(np.round(phantom_hu(48, p)), -160, 240)).max() <= 400 / 255 / 2 + 1e-6
