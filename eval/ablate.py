@@ -4,9 +4,12 @@
     python -m bagel_sr.eval.ablate run    GRID.yaml   # runs pending runs one after another (finished ones skipped)
     python -m bagel_sr.eval.ablate report GRID.yaml   # evaluates finished rows, writes report/report.md + PNGs
 
-Grid YAML keys (relative paths are relative to the directory the command is started from):
-  base_command   string or list; default ``python train/main_sr_pixel_loss.py`` (the embedded default, CPU).
-                 A checkout: ``torchrun --nproc_per_node 8 train/main_sr_pixel_loss.py --bagel_root ...``.
+Grid YAML keys (relative paths are relative to the directory the command is started from; ``plan`` checks the
+flags and the ``eval`` block against the data before it writes anything, so ``report`` has nothing left to refuse):
+  base_command   string or list; default ``python -m bagel_sr.patches.launch`` (the wrapper, from any folder: the
+                 embedded default on CPU, or the checkout of ``BAGEL_ROOT``). A checkout on 8 GPUs:
+                 ``torchrun --nproc_per_node 8 -m bagel_sr.patches.launch --bagel_root $BAGEL_ROOT ...``.
+                 ``$VARS`` and ``~`` are expanded here and in ``eval.infer_command`` at plan time.
   output_root    folder of the run folders (default ``runs/ablation``).
   workdir        folder the commands run in (default: the current directory at plan time).
   common_flags   flags for every run, e.g. ``{checkpoint_dir: "{run_dir}/checkpoints", total_steps: 500}``.
@@ -38,13 +41,18 @@ inference, not the training). Each run x variant is one report row ``RUN/VARIANT
 run compares each row with that run's row of the same variant. The report's first table shows PSNR, SSIM and the
 hallucination share (``halluc_share``) side by side for every row. Example::
 
+    base_command: torchrun --nproc_per_node 8 -m bagel_sr.patches.launch --bagel_root $BAGEL_ROOT
+      --model_path hf/BAGEL-7B-MoT --finetune_from_hf True --resume_model_only True --finetune_from_ema True
+      --dataset_config_file ct/dataset_config.yaml --bagel_sr_datasets ct/bagel_sr_dataset.yaml
     common_flags: {checkpoint_dir: "{run_dir}/checkpoints", total_steps: 2000}
     grid: {pixel_loss_weight: [0.0, 0.05]}
     infer_grid: {start_t: [1.0, 0.3], num_samples: [1, 4]}       # 2 trainings, 8 report rows
     eval:
-      infer_command: python -m bagel_sr.eval.infer --inputs data/manifest.jsonl --split test --bagel_root ../Bagel
+      infer_command: python -m bagel_sr.eval.infer --inputs ct/manifest.jsonl --split test --bagel_root $BAGEL_ROOT
         --model_path hf/BAGEL-7B-MoT --checkpoint {run_dir}/checkpoints/0002000/ema.safetensors --out {outputs}
-      manifest: data/manifest.jsonl
+      manifest: ct/manifest.jsonl
+      split: test
+      hu_window: [40, 400]
       baseline: weight0.0
 """
 from __future__ import annotations
@@ -68,12 +76,13 @@ from tqdm.auto import tqdm
 from bagel_sr.errors import BadInput, MissingInput, cli_main, one_line
 from bagel_sr.outputs import claim
 
+from .ablate_check import check_eval_block, default_base_command, expand, progress_printer, start_flag_checks
 from .ablate_flags import (_flag_name, check_flag_map, check_sweep, fill, flag_words,  # noqa: F401 (re-exported)
                            format_value, run_name)
-from .ablate_infer import (DONE, VARIANT_FILES, Variant, build_variants, check_infer_flags, check_infer_section,
-                           program_words, variant_lines, variant_specs)
+from .ablate_infer import (DONE, VARIANT_FILES, Variant, build_variants, check_infer_section, variant_lines,
+                           variant_specs)
 
-DEFAULT_BASE_COMMAND = "python train/main_sr_pixel_loss.py"
+DEFAULT_BASE_COMMAND = shlex.join(default_base_command())  # the wrapper as a module: works from any folder
 FAILED = "FAILED"
 TOOL = "bagel_sr.eval.ablate"
 #: What ablate writes in each run folder (recorded in its ledger before they are written).
@@ -163,8 +172,10 @@ def _command_text(base: str | Sequence[str], words: list[str], fields: dict[str,
 def build_runs(cfg: dict[str, Any]) -> list[Run]:
     """Runs with absolute folders, filled-in commands and their inference variants."""
     root = Path(cfg.get("output_root", "runs/ablation")).resolve()
-    base = cfg.get("base_command") or DEFAULT_BASE_COMMAND
-    ev = cfg.get("eval") or {}
+    base = expand(cfg.get("base_command") or DEFAULT_BASE_COMMAND)
+    ev = dict(cfg.get("eval") or {})
+    if ev.get("infer_command"):
+        ev["infer_command"] = expand(ev["infer_command"])
     runs = []
     for name, flags, entry in _expand(cfg):
         run_dir = root / name
@@ -240,24 +251,34 @@ def command_script(run: Run, workdir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plan(grid_path: str | Path, check: bool = True, overwrite: bool = False) -> list[Run]:
+def plan(grid_path: str | Path, check: bool = True, overwrite: bool = False, progress: bool = True) -> list[Run]:
     """Write ``command.sh`` and ``run.json`` of every unfinished run and ``OUTPUT_ROOT/commands.txt``.
 
     Each folder is claimed through :func:`bagel_sr.outputs.claim` (a ledger of what ablate wrote): a run folder
     holding something ablate did not write is refused; a run made with another command is refused unless
     ``overwrite``, which deletes only ablate's own files there (the target's outputs have their own ledger).
-    With ``check``, the whole plan is validated first: every flag against the target's ``--help``.
+    The whole plan is validated first (:mod:`.ablate_check`): the ``eval`` block against the data, and, with
+    ``check``, every flag against the target's ``--help``; ``progress``: one line per step on stderr.
     """
+    say = progress_printer(progress)
     cfg = load_grid(grid_path)
     runs = build_runs(cfg)
+    say(f"{len(runs)} training run(s), {sum(max(len(r.variants), 1) for r in runs)} report row(s)")
     workdir = Path(cfg.get("workdir", ".")).resolve()
     if not workdir.is_dir():
         raise MissingInput(f"workdir {workdir}: no such folder")
-    if check:
-        check_flags(cfg, target_flags(cfg.get("base_command") or DEFAULT_BASE_COMMAND, workdir))
-        if any(r.variants for r in runs):
-            infer = program_words(cfg["eval"]["infer_command"])
-            check_infer_flags(cfg, target_flags(infer, workdir, what="eval.infer_command") if infer else set())
+    finish_flag_checks = None
+    if check:  # the targets' --help run while the eval block is checked
+        infer = expand(cfg["eval"]["infer_command"]) if any(r.variants for r in runs) else None
+        finish_flag_checks = start_flag_checks(cfg, expand(cfg.get("base_command") or DEFAULT_BASE_COMMAND), infer,
+                                               workdir, say)
+    if cfg.get("eval"):
+        rows = [f"{r.name}/{v.name}" for r in runs for v in r.variants] + [r.name for r in runs if not r.variants]
+        check_eval_block(cfg, rows, [r.name for r in runs], Path.cwd(), say)
+    else:
+        say("no eval block: training only ('ablate report' needs eval.manifest or eval.references)")
+    if finish_flag_checks:
+        finish_flag_checks()
     root = runs[0].run_dir.parent
     root_ledger, _ = claim(root, TOOL, {}, flag="--overwrite")
     ledgers = [claim(run.run_dir, TOOL, {"command": run.train_command, "infer": run.infer_command},
@@ -351,11 +372,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "the files ablate wrote in their folders)")
     a = p.parse_args(argv)
     if a.action == "plan":
-        runs = plan(a.grid, not a.no_flag_check, a.overwrite)
+        runs = plan(a.grid, not a.no_flag_check, a.overwrite, not a.no_progress)
         print(f"planned {len(runs)} runs; commands in {runs[0].run_dir.parent / 'commands.txt'}")
         return 0
     if a.action == "run":
-        runs = plan(a.grid, not a.no_flag_check, a.overwrite)
+        runs = plan(a.grid, not a.no_flag_check, a.overwrite, not a.no_progress)
         if a.only:
             unknown = sorted(set(a.only) - {r.name for r in runs})
             if unknown:
@@ -363,7 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs = [r for r in runs if r.name in a.only]
         return 1 if execute(runs, a.keep_going, a.dry_run) else 0
     res = build_report(a.grid, a.out, a.n_boot, not a.no_progress)
-    print(res["table"].to_string(index=False))
+    print(res["console"])
     print(f"report: {res['report']}")
     return 0
 

@@ -4,6 +4,7 @@ variant), compare with a baseline, write ``report.md``, ``ablation.csv``, metric
 in the first table; the other metrics follow in a second one."""
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -13,7 +14,7 @@ import pandas as pd
 from bagel_sr.errors import BadInput
 from bagel_sr.outputs import claim
 
-from . import report
+from . import readable, report
 from .ablate import TOOL, Run, _flag_name, build_runs, fill, load_grid
 from .evaluate import EvalSettings, collect_pairs, compare_tables, metric_columns, run_evaluation, unit_table
 from .images import load_image
@@ -120,11 +121,12 @@ def build_report(grid_path: str | Path, out: str | Path | None = None, n_boot: i
     ledger, _ = claim(out, TOOL + ".report", {}, flag="--out")  # a report folder holds only what reports wrote
     settings = eval_settings(ev)
     n_boot = int(n_boot or ev.get("n_boot", 10000))
-    rows, unit_tables, per_image = [], {}, {}
+    rows, unit_tables, per_image, small = [], {}, {}, None
     for r in finished:
         res = run_evaluation(r.outputs, r.eval_dir, settings, ev.get("references"),
                              ev.get("manifest"), split=ev.get("split"), n_boot=n_boot, worst=0, progress=progress,
-                             title=f"Evaluation of run {r.name}")
+                             title=f"Evaluation of run {r.name}", label=r.name)
+        small = small or next((n for n in res["notes"] if n.startswith("small sample")), None)
         per_image[r.name] = res["per_image"]
         unit_tables[r.name] = unit_table(res["per_image"], res["per_volume"])
         row: dict[str, Any] = {"run": r.name, **r.flags}
@@ -146,17 +148,35 @@ def build_report(grid_path: str | Path, out: str | Path | None = None, n_boot: i
     ledger.record("ablation.csv")
     table.to_csv(out / "ablation.csv", index=False)
     train_flags = {_flag_name(k) for r in runs for k in r.flags}
-    figures = _figures(cfg, table, settings, out, ledger, train_flags)
+    figures = _figures(cfg, table, settings, out, ledger, train_flags, _flag_columns(table, finished))
     by_name = {r.name: r for r in finished}
     grid_png = _image_grid([by_name[n] for n in table["run"]], ev, per_image, settings,
                            ledger.record("image_grid.png"), int(ev.get("grid_images", 4)))
     if grid_png:
         figures.append(grid_png)
     pending = [r.name for r in rows_all if not r.done]
-    md = _report_markdown(cfg, table, sort_by, settings, pending, figures)
+    md = _report_markdown(cfg, table, sort_by, settings, pending, figures, small, _flag_columns(table, finished))
     ledger.record("report.md")
     (out / "report.md").write_text(md, encoding="utf-8")
-    return {"table": table, "report": out / "report.md", "figures": figures}
+    console = readable.fit_console(console_view(table, settings), f"{out / 'report.md'} and {out / 'ablation.csv'}")
+    if small:
+        console += "\n" + textwrap.fill("note: " + small, readable.CONSOLE_WIDTH)
+    return {"table": table, "report": out / "report.md", "figures": figures, "console": console}
+
+
+def console_view(table: pd.DataFrame, settings: EvalSettings) -> pd.DataFrame:
+    """The rows with the headline metrics (mean [95% CI]), the difference to the baseline and n: what the console
+    shows (the flags are in the row names; everything is in report.md and ablation.csv)."""
+    view = table[["run"]].copy()
+    for m in headline_metrics(settings):
+        if m in table.columns:
+            digits = 4 if m == "psnr" else 3
+            view[m] = [report.fmt_ci(r[m], r[f"{m}_lo"], r[f"{m}_hi"], digits) for _, r in table.iterrows()]
+    for c in [c for c in table.columns if "_vs_" in c and not c.endswith(("_lo", "_hi", "_p"))]:
+        view[c.replace("_vs_", " vs ")] = [f"{report.fmt(r[c], 3)}, p={report.fmt(r[f'{c}_p'], 2)}"
+                                          for _, r in table.iterrows()]
+    view["n"] = table["n"].to_numpy()
+    return view
 
 
 def _baselines(finished: Sequence[Row], baseline: str) -> dict[str, str | None]:
@@ -191,25 +211,34 @@ def _add_baseline_columns(table: pd.DataFrame, unit_tables: dict, baselines: dic
 
 
 def _figures(cfg: dict[str, Any], table: pd.DataFrame, settings: EvalSettings, out: Path, ledger,
-             train_flags: set[str]) -> list[str]:
+             train_flags: set[str], flag_columns: list[str]) -> list[str]:
     params = _default_plots(cfg, table, train_flags)
     figs = []
     for metric in headline_metrics(settings):
         if metric not in table.columns:
             continue
-        for param in params:
-            others = [p for p in params if p != param]
-            hue = others[0] if others else None
+        for param in params:  # one line per combination of the other swept flags (e.g. each inference variant)
+            others = [c for c in flag_columns if c != param and table[c].astype(str).nunique() > 1]
             path = ledger.record(f"{metric}_vs_{param}.png")
-            figs.append(report.plot_metric_vs_param(table, param, metric, path, hue))
+            title = f"{cfg.get('name') or 'ablation'}: {metric} vs {param}"
+            figs.append(report.plot_metric_vs_param(table, param, metric, path, others, title))
     return figs
 
 
+def _flag_columns(table: pd.DataFrame, rows: Sequence[Row]) -> list[str]:
+    """The table's flag columns (training and inference flags of the rows; a metric column never counts, even
+    one whose values are all undefined, such as the infinite dc_psnr of outputs that equal their input)."""
+    names = {k for r in rows for k in r.flags}
+    return [c for c in table.columns if c in names]
+
+
 def _report_markdown(cfg: dict[str, Any], table: pd.DataFrame, sort_by: str, settings: EvalSettings,
-                     pending: list[str], figures: list[str]) -> str:
+                     pending: list[str], figures: list[str], small: str | None = None,
+                     flags: list[str] | None = None) -> str:
     metrics = metric_columns(table)
-    flags = [c for c in table.columns if c not in ("run", "n", "unit") and not any(
-        c == m or c.startswith(f"{m}_") for m in metrics)]
+    if flags is None:
+        flags = [c for c in table.columns if c not in ("run", "n", "unit") and not any(
+            c == m or c.startswith(f"{m}_") for m in metrics)]
     view = table[["run"] + flags].copy()
     headline = headline_metrics(settings)
     for m in headline:
@@ -224,6 +253,8 @@ def _report_markdown(cfg: dict[str, Any], table: pd.DataFrame, sort_by: str, set
     lines = [f"# {title}", "", f"Sorted by {sort_by} ({'higher' if report.higher_is_better(sort_by) else 'lower'} "
              "is better); mean [95% bootstrap interval].", ""]
     lines += [f"- {k}: {v}" for k, v in settings.describe().items()]
+    if small:
+        lines += ["", f"**Note: {small}.**"]
     lines += ["", report.markdown_table(view)]
     others = [m for m in metrics if m not in headline]
     if others:
@@ -233,6 +264,9 @@ def _report_markdown(cfg: dict[str, Any], table: pd.DataFrame, sort_by: str, set
         lines += ["", "Other metrics:", "", report.markdown_table(rest)]
     if pending:
         lines += ["", f"Not finished (left out): {', '.join(pending)}"]
+    glossary = readable.metric_notes(metrics)
+    if glossary:
+        lines += ["", "What the less common metrics mean:", ""] + [f"- {g}" for g in glossary]
     lines += [f"\n![{Path(f).stem}]({Path(f).name})" for f in figures]
     return "\n".join(lines) + "\n"
 

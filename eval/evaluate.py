@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 import warnings
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
@@ -26,12 +27,14 @@ from tqdm.auto import tqdm
 
 from bagel_sr.errors import BadInput, RunFailed, cli_main
 
+from . import hu
 from . import metrics as M
-from . import report
+from . import readable, report
 from .images import COLOR_MODES, LoadedImage, load_image
 from .pairs import (Pair, collect_pairs, pairs_from_folders, pairs_from_manifest,  # noqa: F401 (re-exported)
                     read_manifest)
 from .lpips_metric import make_lpips
+from .worst_cases import worst_cases_figure  # noqa: F401 (re-exported)
 from .tables import (_comparison_view, _summary_view, compare_tables, failed_units,  # noqa: F401 (re-exported)
                      metric_columns, summarize, unit_table)
 
@@ -81,12 +84,10 @@ class EvalSettings:
                 "std_spearman, std_within_2": "with OUTPUTS/std/<id>.npy (infer --num_samples): Spearman of std "
                                               "and |error|, share of pixels with |error| <= 2 std"}
 
-def _prepare(img: LoadedImage, s: EvalSettings) -> np.ndarray:
+def _prepare(img: LoadedImage, s: EvalSettings, intensity: dict | None = None) -> np.ndarray:
+    """The image as metrics see it: with ``hu_window``, in HU (builder images via their ``intensity``), windowed."""
     if s.hu_window:
-        if img.was_integer:
-            raise BadInput(f"{img.path}: --hu_window needs images stored in HU (.npy or float TIFF), "
-                             "not integer PNG/TIFF")
-        return M.hu_window(img.array, *s.hu_window)
+        return hu.windowed(img.array, img.was_integer, img.path, intensity, s.hu_window)
     return img.array
 
 def _fixed_range(ref: LoadedImage, out: LoadedImage, s: EvalSettings) -> float | None:
@@ -150,8 +151,8 @@ def evaluate_pairs(pairs: Sequence[Pair], settings: EvalSettings, progress: bool
     for key, group in groups.items():
         loaded = [(load_image(p.reference, s.color, s.bits_stored), load_image(p.output, s.color, s.bits_stored))
                   for p in group]
-        refs = [_prepare(r, s) for r, _ in loaded]
-        outs = [_prepare(o, s) for _, o in loaded]
+        refs = [_prepare(r, s, p.intensity) for p, (r, _) in zip(group, loaded)]
+        outs = [_prepare(o, s, p.intensity) for p, (_, o) in zip(group, loaded)]
         vol_max = float(max(r.max() for r in refs)) if s.convention == "fastmri" else None
         for p, (r_img, o_img), ref, out in zip(group, loaded, refs, outs):
             dr = vol_max if vol_max is not None else _fixed_range(r_img, o_img, s)
@@ -167,8 +168,9 @@ def evaluate_pairs(pairs: Sequence[Pair], settings: EvalSettings, progress: bool
                       for x in str(v).split("; ")})
     if skipped:
         notes.append(f"data consistency skipped steps it cannot re-apply ({', '.join(skipped)}: noise, or across "
-                     "slices): their effect stays in dc_nrmse; dc_ref_nrmse is the floor the ground truth reaches")
-    note = _intensity_note(pairs)
+                     "slices): their effect stays in dc_nrmse (an output equal to the input scores 0) and in "
+                     "dc_ref_nrmse, what the ground truth itself scores")
+    note = hu.window_note(pairs, s.hu_window) or _intensity_note(pairs)
     if note:
         notes.append(note)
     return per_image, (pd.DataFrame(vol_rows) if vol_rows else None), notes
@@ -212,26 +214,6 @@ def _volume_row(vol: str, refs: list, outs: list, slice_rows: list[dict], s: Eva
         row.update(fm, nrmse=float(np.sqrt(fm["nmse"])))
     return row
 
-def worst_cases_figure(per_image: pd.DataFrame, pairs: Sequence[Pair], settings: EvalSettings, path: Path,
-                       k: int = 6, other: dict[str, Pair] | None = None, metric: str = "psnr") -> str | None:
-    """PNG of the ``k`` pairs worst by ``metric`` with error maps (and the compared run's output if given)."""
-    if k <= 0 or metric not in per_image.columns:
-        return None
-    by_id = {p.pair_id: p for p in pairs}
-    worst = per_image.sort_values(metric, ascending=report.higher_is_better(metric)).head(k)
-    cases = []
-    for row in worst.itertuples():
-        p = by_id[row.pair_id]
-        load = lambda path: _prepare(load_image(path, settings.color, settings.bits_stored), settings)  # noqa: E731
-        ref = load(p.reference)
-        outs = [("output A" if other else "output", load(p.output))]
-        if other and row.pair_id in other:
-            outs.append(("output B", load(other[row.pair_id].output)))
-        halluc = f"\nhalluc={report.fmt(row.halluc_share, 3)}" if hasattr(row, "halluc_share") else ""
-        cases.append({"title": f"{row.pair_id}\n{metric}={report.fmt(getattr(row, metric))}{halluc}", "reference": ref,
-                      "outputs": outs, "data_range": row.data_range})
-    return report.plot_worst_cases(cases, path)
-
 # ---------------------------------------------------------------- orchestration
 
 def run_evaluation(outputs: str | Path, out_dir: str | Path, settings: EvalSettings,
@@ -239,10 +221,13 @@ def run_evaluation(outputs: str | Path, out_dir: str | Path, settings: EvalSetti
                    compare: str | Path | None = None, split: str | None = None, inputs: str | Path | None = None,
                    degradations: list | None = None, volume_pattern: str | None = None,
                    allow_missing: bool = False, n_boot: int = 10000, seed: int = 0, worst: int = 6,
-                   progress: bool = True, title: str = "Evaluation", allow_nonfinite: bool = False) -> dict[str, Any]:
+                   progress: bool = True, title: str = "Evaluation", allow_nonfinite: bool = False,
+                   label: str | None = None, compare_label: str | None = None) -> dict[str, Any]:
     """Evaluate ``outputs`` (and ``compare``), write CSVs, ``summary.md``, ``summary.json`` and figures to ``out_dir``.
 
-    Returns the tables (``per_image``, ``per_volume``, ``summary``, ``comparison``), the unit used and
+    ``label``/``compare_label`` name the runs in the report (default: their outputs paths without generic folder
+    names such as ``outputs``). Returns the tables (``per_image``, ``per_volume``, ``summary``, ``comparison``), the
+    ``notes`` and ``labels`` of the summary, the unit used and
     ``nonfinite`` (output files holding NaN/Inf, per run). Such outputs are failures: counted in the tables, scored
     as losses in the comparison, and, unless ``allow_nonfinite``, a :class:`RunFailed` after the report is written.
     """
@@ -251,6 +236,7 @@ def run_evaluation(outputs: str | Path, out_dir: str | Path, settings: EvalSetti
     kw = dict(references=references, manifest=manifest, split=split, inputs=inputs, degradations=degradations,
               volume_pattern=volume_pattern, allow_missing=allow_missing)
     pairs = collect_pairs(outputs, **kw)
+    hu.check_pairs(pairs, settings.hu_window)
     per_image, per_volume, notes = evaluate_pairs(pairs, settings, progress)
     print(notes[0], file=sys.stderr)
     per_image.to_csv(out_dir / "per_image.csv", index=False)
@@ -259,7 +245,10 @@ def run_evaluation(outputs: str | Path, out_dir: str | Path, settings: EvalSetti
     table, unit, key = unit_table(per_image, per_volume)
     summary = summarize(table, unit, n_boot, seed)
     summary.to_csv(out_dir / "summary.csv", index=False)
-    result: dict[str, Any] = {"per_image": per_image, "per_volume": per_volume, "summary": summary, "unit": unit,
+    labels = (readable.pair_labels(outputs, compare, (label, compare_label)) if compare
+              else (label or readable.path_label(outputs), "compare"))
+    result: dict[str, Any] = {"labels": labels, "notes": notes, "per_image": per_image, "per_volume": per_volume,
+                              "summary": summary, "unit": unit,
                               "pairs": pairs, "comparison": None}
     other_pairs, bad = None, {"A": _nonfinite_files(per_image)}
     if compare:
@@ -274,15 +263,18 @@ def run_evaluation(outputs: str | Path, out_dir: str | Path, settings: EvalSetti
             diffs.to_csv(out_dir / "comparison_per_volume.csv", index=False)
         tests.to_csv(out_dir / "comparison.csv", index=False)
         result["comparison"] = tests
-        notes.append(f"A = {Path(outputs).name}, B = {Path(compare).name}; Wilcoxon signed-rank on per-{unit} "
+        notes.append(f"A = {labels[0]} ({outputs}), B = {labels[1]} ({compare}); Wilcoxon signed-rank on per-{unit} "
                      "differences (two-sided)")
         if bad["A"] or bad["B"]:
             notes.append("in the comparison a failed (NaN/Inf) output scores one observed range worse than the worst "
                          "finite value of either run: it loses against any output and ties with another failure")
     if unit == "volume":
         notes.append("intervals resample volumes (slices of a volume are not independent)")
+    small = readable.small_sample_note(len(table), unit, len(per_image), [p.subject for p in pairs])
+    if small:
+        notes.insert(0, small)
     fig = worst_cases_figure(per_image, pairs, settings, out_dir / "worst_cases.png", worst,
-                             {p.pair_id: p for p in other_pairs} if other_pairs else None)
+                             {p.pair_id: p for p in other_pairs} if other_pairs else None, labels=labels)
     result["nonfinite"] = bad
     failed_note = {"failed outputs (NaN/Inf)": "; ".join(
         f"{run}: {len(files)}" + (f" ({', '.join(Path(f).name for f in files[:5])})" if files else "")
@@ -292,7 +284,8 @@ def run_evaluation(outputs: str | Path, out_dir: str | Path, settings: EvalSetti
                                          **failed_note},
                                  _summary_view(summary),
                                  _comparison_view(result["comparison"]) if compare else None,
-                                 notes, [Path(fig).name] if fig else [])
+                                 notes, [Path(fig).name] if fig else [], labels,
+                                 readable.metric_notes(summary["metric"].tolist()))
     (out_dir / "summary.md").write_text(md, encoding="utf-8")
     (out_dir / "summary.json").write_text(json.dumps(
         {"settings": asdict(settings), "unit": unit, "summary": summary.to_dict("records"), "nonfinite_outputs": bad,
@@ -329,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", help="manifest.jsonl of the data builder (instead of --references)")
     p.add_argument("--split", help="manifest split to evaluate (e.g. test)")
     p.add_argument("--compare", help="outputs of a second run (B) for a paired comparison")
+    p.add_argument("--label", help="name of run A in the report (default: its outputs path without 'outputs')")
+    p.add_argument("--compare_label", help="name of run B in the report (default: as --label)")
     p.add_argument("--inputs", help="folder mode: degraded inputs, for data consistency with --degradations")
     p.add_argument("--degradations", help="folder mode: JSON list of degradation steps applied to every pair")
     p.add_argument("--data_range", type=float, help="intensity range (required for float images)")
@@ -381,8 +376,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                             hallucination_threshold=a.hallucination_threshold)
     res = run_evaluation(a.outputs, a.out, settings, a.references, a.manifest, a.compare, a.split, a.inputs,
                          degradations, a.volume_pattern, a.allow_missing, a.n_boot, a.seed, a.worst,
-                         not a.no_progress, allow_nonfinite=True)
-    print(_summary_view(res["summary"]).to_string(index=False))
+                         not a.no_progress, allow_nonfinite=True, label=a.label, compare_label=a.compare_label)
+    print(readable.fit_console(_summary_view(res["summary"]), str(Path(a.out) / "summary.md")))
+    for note in res["notes"]:
+        if note.startswith("small sample"):
+            print(textwrap.fill("note: " + note, readable.CONSOLE_WIDTH))
     print(f"report: {Path(a.out) / 'summary.md'}")
     if not a.allow_nonfinite:
         check_finite(res, a.out)

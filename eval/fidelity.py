@@ -1,4 +1,4 @@
-"""Fidelity-aware sampling around any restorer (issue 17): settings, K-sample posterior mean with a std map, data
+"""Fidelity-aware sampling around any restorer: settings, K-sample posterior mean with a std map, data
 consistency with the input, and where the std maps go.  Used by :mod:`bagel_sr.eval.infer` for both restorers."""
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +13,7 @@ from bagel_sr.outputs import Ledger
 
 @dataclass
 class FidelityArgs:
-    """Sampling that keeps to the input (issue 17); the defaults are the stock sampler."""
+    """Sampling that keeps to the input; the defaults are the stock sampler."""
 
     start_t: float = 1.0
     one_step: bool = False

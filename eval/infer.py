@@ -288,7 +288,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="redo a folder made with other settings or weights (deletes only the outputs infer wrote)")
     for name, value in asdict(SamplingArgs()).items():
         p.add_argument(f"--{name}", type=type(value), default=value, help="BAGEL inference setting")
-    g = p.add_argument_group("fidelity-aware sampling (issue 17)")
+    g = p.add_argument_group("fidelity-aware sampling")
     g.add_argument("--start_t", type=float, default=1.0,
                    help="start from the input noised to this flow time (1 = from pure noise, the stock sampler)")
     g.add_argument("--one_step", action="store_true",

@@ -192,7 +192,7 @@ def fastmri_volume_metrics(gt: np.ndarray, pred: np.ndarray) -> dict[str, float]
             "data_range": maxval}
 
 
-# ---------------------------------------------------------------- hallucination and calibration (issue 17)
+# ---------------------------------------------------------------- hallucination and calibration
 
 
 def hallucination_share(ref: np.ndarray, pred: np.ndarray, data_range: float, threshold: float = 0.1) -> float:

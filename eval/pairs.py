@@ -28,6 +28,7 @@ class Pair:
     volume_id: str | None = None
     slice_index: int | None = None
     intensity: dict | None = None  # the builder's mapping: 8-bit pixel p -> low + p / 255 * (high - low)
+    subject: str | None = None  # the patient/subject (the builder's split group), when known
 
 
 def _missing_error(what: str, missing: Sequence[str], where: str, hint: str = "") -> MissingInput:
@@ -126,7 +127,7 @@ def pairs_from_manifest(outputs: str | Path, manifest: str | Path, split: str | 
         vol, sl = _volume_and_slice(r)
         hr, lr = _row_paths(r, root)
         pairs.append(Pair(str(r["pair_id"]), out, hr, lr, list(r.get("degradations") or []), vol, sl,
-                          r.get("intensity")))
+                          r.get("intensity"), None if r.get("group") is None else str(r["group"])))
     if missing and not allow_missing:
         hint = "" if split else "Rows of every split were read; pass --split test to restrict them. "
         raise _missing_error("outputs", missing, str(outputs), hint)

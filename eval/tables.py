@@ -76,7 +76,8 @@ def compare_tables(a: pd.DataFrame, b: pd.DataFrame, key: str, n_boot: int = 100
         if fail_a.any() or fail_b.any():  # failures are scored, not dropped
             worst = failure_score(np.concatenate([va[~fail_a], vb[~fail_b]]), report.higher_is_better(m))
             va, vb = np.where(fail_a, worst, va), np.where(fail_b, worst, vb)
-        diffs[f"{m}_a"], diffs[f"{m}_b"], diffs[f"{m}_diff"] = va, vb, va - vb
+        with np.errstate(invalid="ignore"):  # inf - inf (two identical pairs' PSNR) is NaN, dropped later
+            diffs[f"{m}_a"], diffs[f"{m}_b"], diffs[f"{m}_diff"] = va, vb, va - vb
         tests.append({"metric": m, **stats.paired_comparison(va, vb, n_boot=n_boot, seed=seed)})
     return diffs, pd.DataFrame(tests)
 

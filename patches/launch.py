@@ -192,3 +192,9 @@ def main(argv: Optional[Sequence[str]] = None, *, before_main: Optional[Callable
     if before_main is not None:
         before_main(module)
     return module.main()
+
+
+if __name__ == "__main__":  # python -m bagel_sr.patches.launch: the wrapper from any folder (ablate's default)
+    from bagel_sr.errors import cli_main
+
+    sys.exit(cli_main(main))

@@ -320,7 +320,7 @@ def test_registration_patch_adds_undoes_and_rekeys_moved_sets(tmp_path):
         register_built_datasets(tmp_path / "nothing_here", mod)
 
 
-@pytest.mark.parametrize("name", ["ct_denoise_dicom.yaml", "mr_sr_nifti.yaml"])
+@pytest.mark.parametrize("name", ["ct_denoise_dicom.yaml", "mr_sr_nifti.yaml", "ct_png_hu.yaml", "mr_png_magnitude.yaml"])
 def test_example_configs_validate(name):
     from importlib import resources
 

@@ -137,7 +137,7 @@ def with_(**changes):
     ({"degradations": [{"name": "slice_thickness", "factor": 2}]}, r"needs volumes.*input.kind 'images'"),
     ({"degradations": []}, r"'degradations'"),
     ({"splits__fractions": {"train": 0.5, "val": 0.2}}, r"'splits.fractions'.*summing to 1"),
-    ({"splits__group_by": "patient"}, r"'splits.group_by'.*'patient'.*need DICOM"),
+    ({"splits__group_by": "study"}, r"'splits.group_by'.*'study'.*auto, subject, patient, regex, parent_dir, file .*need DICOM"),
     ({"input__sliceaxis": 1}, r"unknown config key 'input.sliceaxis'"),
     ({"name": "my-set"}, r"'name'.*'my-set'"),
     ({"instructions__task": "colorize"}, r"'instructions.task'.*'colorize'"),

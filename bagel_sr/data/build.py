@@ -78,7 +78,8 @@ def make_pairs(ref: SourceRef, cfg: BuildConfig, split: str, group: tuple[str, s
         percentiles=tuple(cfg.intensity["percentiles"]), fixed_range=cfg.intensity["range"],
         source_dtype=src.source_dtype, is_image_file=ref.kind == "image", bits_stored=src.info.get("bits_stored"),
     )
-    intensity = {**mapping.as_dict(), **{k: src.info[k] for k in ("bits_stored", "bits_source", "note") if k in src.info}}
+    kept = ("bits_stored", "bits_source", "note") if mapping.mode == "dtype" else ("bits_stored", "bits_source")
+    intensity = {**mapping.as_dict(), **{k: src.info[k] for k in kept if k in src.info}}  # the depth note: dtype only
     clean = mapping.to_working(src.array)
     context = {"value_range": list(mapping.working_range()), "pixel_size_mm": src.pixel_size_mm}
     degraded, vol_records, vol_seed = clean, [], None

@@ -25,6 +25,8 @@ from .instructions import TASKS
 INPUT_KINDS = ("images", "dicom", "nifti")
 MODALITIES = ("auto", "CT", "MR", "other")
 GROUP_BY = ("auto", "subject", "patient", "study", "series", "regex", "parent_dir", "file")
+#: Groupings read from DICOM tags only (``patient`` is the PatientID for DICOM, the subject folder otherwise).
+DICOM_ONLY_GROUP_BY = ("study", "series")
 
 DEFAULTS: dict[str, Any] = {
     "name": None,
@@ -249,9 +251,10 @@ def _validate(d: dict[str, Any]) -> tuple[DegradationStep, ...]:
            "splits.fractions", fr, "{train: f, val: f, test: f}, non-negative, summing to 1, train > 0")
     sp["fractions"] = {k: float(fr.get(k, 0.0)) for k in ("train", "val", "test")}
     _check(sp["group_by"] in GROUP_BY, "splits.group_by", sp["group_by"], ", ".join(GROUP_BY))
-    if sp["group_by"] in ("patient", "study", "series"):
+    if sp["group_by"] in DICOM_ONLY_GROUP_BY:
         _check(inp["kind"] == "dicom", "splits.group_by", sp["group_by"],
-               "regex, parent_dir, file or auto for input.kind " + repr(inp["kind"]) + " (patient/study/series need DICOM)")
+               ", ".join(g for g in GROUP_BY if g not in DICOM_ONLY_GROUP_BY) + " for input.kind "
+               + repr(inp["kind"]) + " (study/series need DICOM; patient = the patient folder outside DICOM)")
     if sp["group_by"] == "regex":
         rx = sp["group_regex"]
         try:

@@ -29,10 +29,11 @@ SUBJECT_FIELDS = ("patient_id", "bids_subject", "subject_folder")
 
 
 def resolve_group_by(group_by: str, kind: str) -> str:
-    """``auto`` -> ``patient`` for DICOM, ``subject`` (see the module docstring) for NIfTI and image files."""
-    if group_by != "auto":
-        return group_by
-    return "patient" if kind == "dicom" else "subject"
+    """``auto`` -> ``patient`` for DICOM, ``subject`` (see the module docstring) for NIfTI and image files;
+    ``patient`` outside DICOM is ``subject`` (a patient-like or BIDS folder, else the first folder)."""
+    if group_by == "auto" or (group_by == "patient" and kind != "dicom"):
+        return "patient" if kind == "dicom" else "subject"
+    return group_by
 
 
 def subject_key(ref: SourceRef) -> tuple[str, str] | None:
