@@ -1,4 +1,5 @@
-"""``python -m bagel_sr.data build CONFIG.yaml [--overwrite] [--output-dir DIR] [--no-progress]``.
+"""``python -m bagel_sr.data build CONFIG.yaml [--overwrite] [--output-dir DIR] [--no-progress] [--world_size N]
+[--num_workers K]``.
 
 Exit codes: 0 built, 1 no pairs produced, 2 bad config or an output that must not be touched.
 """
@@ -11,7 +12,7 @@ from typing import Sequence
 from .build import build_dataset
 from .config import load_build_config
 from ..errors import cli_main as _cli_main
-from .errors import BuildError
+from .errors import BuildError, ConfigError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -27,6 +28,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--overwrite", action="store_true", help="delete an existing build in output_dir and start again")
     b.add_argument("--output-dir", help="override output_dir (relative to the current directory)")
     b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    b.add_argument("--world_size", type=int, default=None, help="GPUs (ranks) the train row groups must feed "
+                   "(default: bagel.world_size, 2 = the dry run's ranks)")
+    b.add_argument("--num_workers", type=int, default=None, help="data-loader workers per rank the row groups must "
+                   "feed (default: bagel.num_workers, 1)")
     args = parser.parse_args(argv)
 
     cfg = load_build_config(args.config)
@@ -34,6 +39,12 @@ def _main(argv: Sequence[str] | None = None) -> int:
         import os
 
         cfg.data["output_dir"] = os.path.abspath(args.output_dir)
+    for key in ("world_size", "num_workers"):
+        value = getattr(args, key)
+        if value is not None:
+            if value < 1:
+                raise ConfigError(f"--{key} {value}: must be an integer >= 1")
+            cfg.data["bagel"][key] = value
     try:
         summary = build_dataset(cfg, overwrite=args.overwrite, progress=not args.no_progress)
     except BuildError as e:
