@@ -1,7 +1,8 @@
 """CPU dry run of a checkout's own ``main()`` with the pixel term, before booking GPUs.
 
     python -m bagel_sr.smoke --bagel_root PATH [--model_path PATH] [--steps 4] [--nproc 2] [--save_at K]
-                             [--workdir DIR] [BAGEL flags] [--pixel_loss_* flags]
+                             [--workdir DIR] [--dataset_config_file YAML --bagel_sr_datasets YAML]
+                             [BAGEL flags] [--pixel_loss_* flags]
 
 It launches ``torchrun --nproc_per_node N`` twice on the wrapper (``train/main_sr_pixel_loss.py``'s logic) with
 the ``dryrun`` rows of :mod:`bagel_sr.patches.registry` (:mod:`bagel_sr.patches.cpu_main`): first to step ``K`` (checkpoint), then with
@@ -17,6 +18,11 @@ the ``dryrun`` rows of :mod:`bagel_sr.patches.registry` (:mod:`bagel_sr.patches.
 The last line is ``smoke: OK ...`` (exit 0) or ``smoke: FAILED: <what>`` (exit 1). Without ``--model_path`` a tiny
 random model folder of the checkout's architecture is written (:mod:`.smoke_model`); without
 ``--dataset_config_file`` / ``--bagel_sr_datasets`` a tiny paired set is built (:mod:`.smoke_data`).
+
+On your data, a preflight (:mod:`.smoke_preflight`) first checks what BAGEL's loader will do with your configs at
+the dry run's ranks, workers and token limits, and adapts the dry run's own settings (one ``smoke:`` line each) or
+stops with one line naming the fix. Each launch's log is capped and a launch without a new step for
+``--stall_timeout`` seconds is stopped with the reason (:mod:`.smoke_watch`).
 
 ``--stock`` runs the checkout's ``main()`` without the wrapper (same CPU patches) and ``--no_resume`` makes one
 launch only: together they compare stock and wrapped trajectories (tests).
@@ -156,6 +162,8 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, List[str]]:
     p.add_argument("--timeout", type=int, default=900, help="seconds per launch before it is stopped (default 900)")
     p.add_argument("--stall_timeout", type=int, default=120, help="seconds without a new step line after which a "
                    "launch is stopped, with the reason (default 120)")
+    p.add_argument("--no_preflight", action="store_true", help="launch without checking the data configs first "
+                   "(for a fork whose loader deals data out differently; a stalled launch is still stopped)")
     smoke_preflight.add_data_flags(p)
     args, rest = p.parse_known_args(argv)
     rest = smoke_preflight.data_flags_back(args) + rest
@@ -251,10 +259,11 @@ def run(argv: Sequence[str]) -> int:
     try:
         load_ae = _preflight(args)
         args.worker_extra, flags = _prepare_inputs(args, rest, workdir, load_ae)
-        plan = smoke_preflight.plan_dry_run(flags, rest, args.worker_extra, args.nproc, args.nproc_given, workdir)
-        for note in plan.notes:
-            print(f"smoke: {note}", flush=True)
-        flags, args.worker_extra, args.nproc = plan.flags, plan.extra, plan.nproc
+        if not args.no_preflight:
+            plan = smoke_preflight.plan_dry_run(flags, rest, args.worker_extra, args.nproc, args.nproc_given, workdir)
+            for note in plan.notes:
+                print(f"smoke: {note}", flush=True)
+            flags, args.worker_extra, args.nproc = plan.flags, plan.extra, plan.nproc
         for old in ("checkpoints", "results"):
             shutil.rmtree(workdir / old, ignore_errors=True)
         logs, notes = [], []

@@ -83,7 +83,7 @@ class CappedLog:
         if self.dropped:
             self.handle.write(f"[bagel-sr smoke] {self.dropped} line(s) not written; counts of the repeated kinds:\n")
             for kind, n in self.kinds.most_common(10):
-                if n > KEEP_PER_KIND:
+                if n > KEEP_PER_KIND and kind:
                     self.handle.write(f"[bagel-sr smoke]   {n} x {self.examples[kind]}\n")
         self.handle.flush()
 
