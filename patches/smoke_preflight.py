@@ -186,7 +186,14 @@ def plan_dry_run(flags: List[str], user_flags: Sequence[str], extra: List[str], 
     Raises :class:`SmokeStop` with one line naming the fix. Needs the checkout importable (``data.*``).
     """
     plan = DryRunPlan(list(flags), list(extra), nproc)
-    config_path = Path(flag_value(flags, "dataset_config_file"))
+    if flag_value(flags, "dataset_config_file") is None:
+        built = (flag_value(flags, "bagel_sr_datasets") or "").split(",")[0].strip()
+        beside = Path(built).with_name("dataset_config.yaml") if built.endswith(".yaml") else Path(built) / "dataset_config.yaml"
+        if not built or not beside.is_file():
+            raise SmokeStop("no --dataset_config_file given: pass the dataset_config.yaml your build wrote")
+        plan.set("dataset_config_file", beside)
+        plan.notes.append(f"no --dataset_config_file given: the dry run uses the one beside your set, {beside}")
+    config_path = Path(flag_value(plan.flags, "dataset_config_file"))
     try:
         config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as e:
