@@ -181,6 +181,35 @@ def test_preflight_stops_in_one_line_when_the_user_fixed_the_setting(tmp_path, u
     assert named in str(stop.value) and "\n" not in str(stop.value)
 
 
+@pytest.mark.bagel
+@requires_bagel
+def test_preflight_counts_a_users_chat_lines_and_tokens(tmp_path):
+    """A user's own mandatory vlm_sft group (a jsonl of one line) is kept, read and counted like BAGEL deals it."""
+    import json
+
+    from bagel_sr.patches.checkout import add_to_sys_path
+    from bagel_sr.patches.smoke_feed import read_feed
+
+    add_to_sys_path(bagel_root())
+    import data.transforms
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    line = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
+                                                {"from": "gpt", "value": "A CT slice."}]}
+    (tmp_path / "chat.jsonl").write_text(json.dumps(line) + "\n")
+    info = {"vlm_sft": {"my_chat": {"data_dir": str(tmp_path), "jsonl_path": str(tmp_path / "chat.jsonl"),
+                                    "num_total_samples": 1}}}
+    group = {"dataset_names": ["my_chat"], "is_mandatory": True, "num_used_data": [10], "weight": 1,
+             "image_transform_args": {"image_stride": 14, "max_image_size": 56, "min_image_size": 56}}
+    (feed,) = read_feed({"vlm_sft": group}, info, data.transforms.ImageTransform)
+    assert (feed.kind, feed.units, feed.is_mandatory) == ("jsonl", 1, True)
+    assert feed.per_worker(1, 1) == 1 and feed.per_worker(2, 1) == 0
+    # 4x4 ViT patches; the answer's 11 bytes at most; plan: image + question + answer (2 tokens each)
+    assert 16 + 2 * 2 < feed.min_tokens <= feed.max_tokens <= 16 + len("<image>\nWhat is it?A CT slice.") + 2 * 5
+    (missing,) = read_feed({"vlm_sft": dict(group, dataset_names=["other"])}, info, data.transforms.ImageTransform)
+    assert "not registered in DATASET_INFO['vlm_sft']" in missing.problems[0]
+
+
 # -------------------------------------------------------------------------------------- the user's journey
 
 @pytest.mark.bagel
