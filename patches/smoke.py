@@ -238,7 +238,8 @@ def _launch(args: argparse.Namespace, flags: List[str], total_steps: int, save_e
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(log_path.parent),
                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), TOKENIZERS_PARALLELISM="false",
                PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)  # a stopped launch takes its ranks with it
     watch(proc, log_path, stall_s=args.stall_timeout, timeout_s=args.timeout,
           echo=lambda line: print("  " + line.rstrip()[:200], flush=True))
     code = proc.returncode

@@ -12,7 +12,9 @@ of times while no step ever comes. The watcher
 """
 from __future__ import annotations
 
+import os
 import queue
+import signal
 import re
 import subprocess
 import threading
@@ -128,21 +130,32 @@ def watch(proc: subprocess.Popen, log_path: Path, *, stall_s: float, timeout_s: 
                         window[kind] += 1
                         examples.setdefault(kind, line.strip()[:160])
                 if now - last_progress > stall_s:
-                    proc.kill()
+                    _kill(proc)
                     raise SmokeStop(_stall_reason(stall_s, window, examples, log_path))
                 if now - started > timeout_s:
-                    proc.kill()
+                    _kill(proc)
                     raise SmokeStop(f"launch exceeded --timeout {timeout_s:.0f} s (log: {log_path})")
         finally:
             if proc.poll() is None:
-                proc.kill()
+                _kill(proc)
             proc.wait()
             log.close()
 
 
+def _kill(proc: subprocess.Popen) -> None:
+    """Kill ``proc`` and, when it leads its own process group (``start_new_session=True``), its ranks with it."""
+    try:
+        if os.getpgid(proc.pid) == proc.pid:
+            os.killpg(proc.pid, signal.SIGKILL)
+            return
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.kill()
+
+
 def _stall_reason(stall_s: float, window: Counter, examples: dict, log_path: Path) -> str:
     if not window:
-        return (f"no step for {stall_s:.0f} s and nothing printed: the launch hangs (raise --stall_timeout if your "
+        return (f"no step for {stall_s:.0f} s and nothing printed since: the launch hangs (raise --stall_timeout if your "
                 f"machine is slow; log: {log_path})")
     kind, n = window.most_common(1)[0]
     return (f"no step for {stall_s:.0f} s while the loader printed {n} x '{examples[kind]}': "

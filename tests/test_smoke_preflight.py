@@ -123,8 +123,16 @@ def test_steps_keep_a_launch_alive_and_a_silent_one_is_stopped(tmp_path):
     proc = _spawn(steps)
     watch(proc, tmp_path / "ok.log", stall_s=2.5, timeout_s=60)              # each step within the stall window
     assert proc.returncode == 0 and (tmp_path / "ok.log").read_text().count("(step=") == 3
-    with pytest.raises(SmokeStop, match="nothing printed: the launch hangs"):
-        watch(_spawn("import time; time.sleep(60)"), tmp_path / "hang.log", stall_s=2, timeout_s=60)
+    code = ("import subprocess, sys, time\n"
+            "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+            "print(child.pid, flush=True); time.sleep(60)")
+    hang = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    with pytest.raises(SmokeStop, match="nothing printed since: the launch hangs"):
+        watch(hang, tmp_path / "hang.log", stall_s=2, timeout_s=60)
+    child = int((tmp_path / "hang.log").read_text().split()[0])
+    time.sleep(0.5)
+    assert not os.path.exists(f"/proc/{child}") or open(f"/proc/{child}/stat").read().split()[2] == "Z"  # its child too
 
 
 def test_too_long_samples_are_explained():
