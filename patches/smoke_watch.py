@@ -7,7 +7,8 @@ of times while no step ever comes. The watcher
 - writes each kind of line (digits folded: ``repeat in rank-# worker-#``) at most :data:`KEEP_PER_KIND` times and
   counts the rest (a summary at the end of the log), and stops writing at ``max_log_bytes``;
 - ends the launch when no progress was seen for ``stall_s`` seconds: progress is a step line, the loop's start line,
-  or, before that, any line that is not a repeat of one already seen a few times;
+  or, before that, any line that is not a repeat of one already seen a few times (a launch silent before the loop
+  starts, setting up, gets :data:`SILENT_STARTUP` times as long);
 - explains the stall from the most frequent repeated line of the window (:data:`MEANINGS`).
 """
 from __future__ import annotations
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Callable, Optional, TextIO
 
 KEEP_PER_KIND = 20
+#: Before the loop's start line, a launch that prints nothing (imports, model set-up) gets this many stall windows.
+SILENT_STARTUP = 3
 MAX_LOG_BYTES = 20 * 2 ** 20
 STEP_LINE = re.compile(r"\(step=\d+\)")
 START_LINE = re.compile(r"Training for \d+ steps, starting at \d+")
@@ -129,9 +132,10 @@ def watch(proc: subprocess.Popen, log_path: Path, *, stall_s: float, timeout_s: 
                     else:
                         window[kind] += 1
                         examples.setdefault(kind, line.strip()[:160])
-                if now - last_progress > stall_s:
+                limit = stall_s if looping or window else SILENT_STARTUP * stall_s
+                if now - last_progress > limit:
                     _kill(proc)
-                    raise SmokeStop(_stall_reason(stall_s, window, examples, log_path))
+                    raise SmokeStop(_stall_reason(limit, window, examples, log_path))
                 if now - started > timeout_s:
                     _kill(proc)
                     raise SmokeStop(f"launch exceeded --timeout {timeout_s:.0f} s (log: {log_path})")

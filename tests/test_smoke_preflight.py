@@ -128,8 +128,10 @@ def test_steps_keep_a_launch_alive_and_a_silent_one_is_stopped(tmp_path):
             "print(child.pid, flush=True); time.sleep(60)")
     hang = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    with pytest.raises(SmokeStop, match="nothing printed since: the launch hangs"):
-        watch(hang, tmp_path / "hang.log", stall_s=2, timeout_s=60)
+    started = time.time()
+    with pytest.raises(SmokeStop, match="no step for 3 s and nothing printed since: the launch hangs"):
+        watch(hang, tmp_path / "hang.log", stall_s=1, timeout_s=60)               # silent set-up: 3 windows
+    assert 3 <= time.time() - started < 20
     child = int((tmp_path / "hang.log").read_text().split()[0])
     time.sleep(0.5)
     assert not os.path.exists(f"/proc/{child}") or open(f"/proc/{child}/stat").read().split()[2] == "Z"  # its child too
