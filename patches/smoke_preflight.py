@@ -90,12 +90,15 @@ def _dataset_info(flags: Sequence[str], extra: Sequence[str]) -> Dict[str, Dict[
     """The checkout's ``DATASET_INFO`` (a copy) plus the built sets of ``--bagel_sr_datasets`` and the dry run's chat."""
     import json
 
-    from .datasets import load_built_dataset
+    from .datasets import load_built_dataset, load_text_group
     from bagel_sr.data import layout
 
     info = copy.deepcopy(importlib.import_module("data.dataset_info").DATASET_INFO)
     for path in filter(None, (flag_value(flags, "bagel_sr_datasets") or "").split(",")):
         info.setdefault(layout.BAGEL_GROUP, {}).update(load_built_dataset(path.strip()))
+        text = load_text_group(path.strip())
+        if text:
+            info.setdefault(text[0], {})[text[1]] = text[2]
     chat = flag_value(extra, "register_chat")
     if chat:
         spec = json.loads(Path(chat).read_text())

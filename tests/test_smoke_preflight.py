@@ -97,6 +97,54 @@ def test_the_build_refuses_a_bad_world_size(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == "error: --world_size 0: must be an integer >= 1"
 
 
+def write_chat(folder: pathlib.Path, lines: int = 3) -> pathlib.Path:
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(folder / "a.png")
+    item = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat is shown?"},
+                                                {"from": "gpt", "value": "A gray square."}]}
+    (folder / "chat.jsonl").write_text("".join(json.dumps(item) + "\n" for _ in range(lines)))
+    return folder / "chat.jsonl"
+
+
+def test_vlm_sft_from_adds_a_mandatory_text_group_that_registers_and_undoes(tmp_path):
+    import types
+
+    from bagel_sr.patches.datasets import register_built_datasets
+
+    chat = write_chat(tmp_path / "chat")
+    write_ct_pngs(tmp_path)
+    (tmp_path / "build.yaml").write_text(BUILD_YAML)
+    proc = subprocess.run([sys.executable, "-m", "bagel_sr.data", "build", "build.yaml", "--no-progress",
+                           "--vlm_sft_from", str(chat)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "text group: vlm_sft 'my_ct_sr_chat' (3 chat lines" in proc.stdout
+    config = yaml.safe_load((tmp_path / "my_sr" / "dataset_config.yaml").read_text())
+    assert list(config) == ["unified_edit", "vlm_sft"] and config["vlm_sft"]["is_mandatory"] is True
+    assert config["vlm_sft"]["dataset_names"] == ["my_ct_sr_chat"] and config["vlm_sft"]["num_used_data"] == [3]
+    mod = types.ModuleType("data.dataset_info")
+    mod.DATASET_INFO = {"vlm_sft": {"llava": {"data_dir": "x"}}}
+    mod.DATASET_REGISTRY = {"unified_edit": object, "vlm_sft": object}
+    with register_built_datasets(tmp_path / "my_sr" / "bagel_sr_dataset.yaml", mod):
+        entry = mod.DATASET_INFO["vlm_sft"]["my_ct_sr_chat"]
+        assert entry == {"data_dir": str(chat.parent), "jsonl_path": str(chat), "num_total_samples": 3}
+        assert "llava" in mod.DATASET_INFO["vlm_sft"] and "my_ct_sr" in mod.DATASET_INFO["unified_edit"]
+    assert mod.DATASET_INFO == {"vlm_sft": {"llava": {"data_dir": "x"}}}       # as before, the created group too
+
+
+def test_a_bad_chat_set_is_refused_in_one_line_before_the_build(tmp_path):
+    chat = write_chat(tmp_path / "chat")
+    chat.write_text(chat.read_text() + '{"image": "missing.png", "conversations": [{"from": "gpt", "value": "x"}]}\n')
+    write_ct_pngs(tmp_path)
+    (tmp_path / "build.yaml").write_text(BUILD_YAML)
+    proc = subprocess.run([sys.executable, "-m", "bagel_sr.data", "build", "build.yaml", "--vlm_sft_from", str(chat)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and not (tmp_path / "my_sr").exists()
+    assert proc.stderr.strip().splitlines()[-1] == (f"error: --vlm_sft_from {chat} line 4: image {chat.parent}/missing.png "
+                                                    f"does not exist (set --vlm_sft_images to its folder)")
+
+
 # ------------------------------------------------------------------------------------------ the launch watch
 
 def _spawn(code: str) -> subprocess.Popen:
@@ -177,6 +225,18 @@ def test_preflight_adapts_the_dry_runs_own_settings_and_says_so(tmp_path):
     assert "your samples are up to" in notes
     limit = int(plan.flags[plan.flags.index("--max_num_tokens_per_sample", len(plan.flags) - 4) + 1])
     assert 2 * 256 + 18 * 18 + 8 < limit <= 2 * 256 + 18 * 18 + 8 + 128 + 64
+
+
+@pytest.mark.bagel
+@requires_bagel
+def test_preflight_keeps_the_users_own_text_group(tmp_path):
+    from bagel_sr.data.text_group import add_text_group
+
+    summary = build_dataset(build_config(tmp_path), progress=False)
+    add_text_group(summary.output_dir, summary.name, str(write_chat(tmp_path / "chat")))
+    plan = _plan(tmp_path, tmp_path / "my_sr", [])
+    assert plan.extra == [] and not any("vlm_sft" in note for note in plan.notes) and plan.nproc == 2
+    assert plan.flags.count("--dataset_config_file") == 1                   # the user's config, not a copy
 
 
 @pytest.mark.bagel
