@@ -6,7 +6,9 @@ entries added here are seen there. Accepted paths: a built set's ``bagel_sr_data
 ``dataset_config.yaml`` (the sibling file is used) or the output folder itself.
 
 Fact checked before patching: ``data.dataset_info.DATASET_REGISTRY['unified_edit']`` exists and
-``DATASET_INFO`` is a dict; its ``'unified_edit'`` group is created when a fork holds only its own groups.
+``DATASET_INFO`` is a dict; its ``'unified_edit'`` group is created when a fork holds only its own groups. A set
+built with ``--vlm_sft_from`` also registers its chat set (``text_group`` of the file) under
+``DATASET_INFO['vlm_sft']``, which needs ``DATASET_REGISTRY['vlm_sft']``.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ class DatasetRegistration:
     previous: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     undone: bool = False
     info: dict[str, Any] | None = None  # DATASET_INFO, when the group was created here (undo removes it)
+    text: list[tuple[dict[str, Any], str, Any]] = field(default_factory=list)  # (group, name, previous) of chat sets
 
     @property
     def names(self) -> list[str]:
@@ -53,6 +56,11 @@ class DatasetRegistration:
                 self.group[name] = old
         if self.info is not None and not self.group:
             self.info.pop(layout.BAGEL_GROUP, None)
+        for group, name, old in reversed(self.text):
+            if old is None:
+                group.pop(name, None)
+            else:
+                group[name] = old
         self.undone = True
 
     __call__ = undo
@@ -127,6 +135,33 @@ def load_built_dataset(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]
     return entries
 
 
+def load_text_group(path: str | os.PathLike[str]) -> tuple[str, str, dict[str, Any]] | None:
+    """``(group, name, DATASET_INFO entry)`` of the chat set a build added with ``--vlm_sft_from``, or None."""
+    reg = _registration_file(path)
+    text = (yaml.safe_load(reg.read_text(encoding="utf-8")) or {}).get("text_group")
+    if not text:
+        return None
+    for key in ("jsonl_path", "data_dir"):
+        if not os.path.exists(text[key]):
+            raise DatasetRegistrationError(f"{reg}: the text group's {key} does not exist: {text[key]}")
+    entry = {k: text[k] for k in ("data_dir", "jsonl_path", "num_total_samples")}
+    return text["group"], text["name"], entry
+
+
+def _register_text_groups(module: ModuleType, paths: list, handle: "DatasetRegistration") -> None:
+    for p in paths:
+        found = load_text_group(p)
+        if found is None:
+            continue
+        group_name, name, entry = found
+        if group_name not in (getattr(module, "DATASET_REGISTRY", None) or {}):
+            raise DatasetRegistrationError(f"BAGEL checkout mismatch: no DATASET_REGISTRY['{group_name}'] for the "
+                                           f"chat set of {p}")
+        group = module.DATASET_INFO.setdefault(group_name, {})
+        handle.text.append((group, name, group.get(name)))
+        group[name] = entry
+
+
 def _check_checkout(module: ModuleType) -> tuple[dict[str, Any], bool]:
     """``(DATASET_INFO['unified_edit'], created)``: the group, created (empty) when the registry maps the type but
     ``DATASET_INFO`` holds no group for it (forks keep only their own groups)."""
@@ -164,6 +199,7 @@ def register_built_datasets(
     """
     if isinstance(yaml_paths, (str, os.PathLike)):
         yaml_paths = [yaml_paths]
+    yaml_paths = list(yaml_paths)
     module = dataset_info_module or importlib.import_module("data.dataset_info")
     group, created = _check_checkout(module)
     entries: dict[str, dict[str, Any]] = {}
@@ -182,6 +218,11 @@ def register_built_datasets(
     for name, entry in entries.items():
         handle.previous[name] = group.get(name)
         group[name] = entry
+    try:
+        _register_text_groups(module, yaml_paths, handle)
+    except Exception:
+        handle.undo()
+        raise
     return handle
 
 

@@ -1,7 +1,8 @@
 """CPU dry run of a checkout's own ``main()`` with the pixel term, before booking GPUs.
 
     python -m bagel_sr.smoke --bagel_root PATH [--model_path PATH] [--steps 4] [--nproc 2] [--save_at K]
-                             [--workdir DIR] [BAGEL flags] [--pixel_loss_* flags]
+                             [--workdir DIR] [--dataset_config_file YAML --bagel_sr_datasets YAML]
+                             [BAGEL flags] [--pixel_loss_* flags]
 
 It launches ``torchrun --nproc_per_node N`` twice on the wrapper (``train/main_sr_pixel_loss.py``'s logic) with
 the ``dryrun`` rows of :mod:`bagel_sr.patches.registry` (:mod:`bagel_sr.patches.cpu_main`): first to step ``K`` (checkpoint), then with
@@ -17,6 +18,11 @@ the ``dryrun`` rows of :mod:`bagel_sr.patches.registry` (:mod:`bagel_sr.patches.
 The last line is ``smoke: OK ...`` (exit 0) or ``smoke: FAILED: <what>`` (exit 1). Without ``--model_path`` a tiny
 random model folder of the checkout's architecture is written (:mod:`.smoke_model`); without
 ``--dataset_config_file`` / ``--bagel_sr_datasets`` a tiny paired set is built (:mod:`.smoke_data`).
+
+On your data, a preflight (:mod:`.smoke_preflight`) first checks what BAGEL's loader will do with your configs at
+the dry run's ranks, workers and token limits, and adapts the dry run's own settings (one ``smoke:`` line each) or
+stops with one line naming the fix. Each launch's log is capped and a launch without a new step for
+``--stall_timeout`` seconds is stopped with the reason (:mod:`.smoke_watch`).
 
 ``--stock`` runs the checkout's ``main()`` without the wrapper (same CPU patches) and ``--no_resume`` makes one
 launch only: together they compare stock and wrapped trajectories (tests).
@@ -37,6 +43,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
+from bagel_sr.patches import smoke_preflight
+from bagel_sr.patches.smoke_watch import SmokeStop, watch
 from bagel_sr.state import KEY_PREFIX  # our log keys' prefix when a checkout returns the same keys
 
 WORKER_MODULE = "bagel_sr.patches.smoke"
@@ -64,7 +72,7 @@ VISUAL_UND_HINT = (
     "upstream's resume fails: it pops the ViT's position table from every checkpoint)")
 
 
-class SmokeFailure(Exception):
+class SmokeFailure(SmokeStop):
     """A check of the dry run failed; the message says which."""
 
 
@@ -152,7 +160,14 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, List[str]]:
     p.add_argument("--stock", action="store_true", help="run the checkout's main() without the bagel-sr wrapper")
     p.add_argument("--no_resume", action="store_true", help="one launch of --steps steps, no resume check")
     p.add_argument("--timeout", type=int, default=900, help="seconds per launch before it is stopped (default 900)")
+    p.add_argument("--stall_timeout", type=int, default=120, help="seconds without a new step line after which a "
+                   "launch is stopped, with the reason (default 120)")
+    p.add_argument("--no_preflight", action="store_true", help="launch without checking the data configs first "
+                   "(for a fork whose loader deals data out differently; a stalled launch is still stopped)")
+    smoke_preflight.add_data_flags(p)
     args, rest = p.parse_known_args(argv)
+    rest = smoke_preflight.data_flags_back(args) + rest
+    args.nproc_given = smoke_preflight.flag_value(argv, "nproc") is not None
     if not args.bagel_root:
         p.error("--bagel_root PATH (or BAGEL_ROOT=PATH) is required: the dry run runs your checkout's main()")
     if args.steps < 2 and not args.no_resume:
@@ -223,19 +238,11 @@ def _launch(args: argparse.Namespace, flags: List[str], total_steps: int, save_e
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(log_path.parent),
                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), TOKENIZERS_PARALLELISM="false",
                PYTHONUNBUFFERED="1")
-    started = time.time()
-    with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        try:
-            for line in proc.stdout:
-                log_file.write(line)
-                if line.startswith(("(step=", "bagel-sr", "smoke")):
-                    print("  " + line.rstrip()[:200], flush=True)
-                if time.time() - started > args.timeout:
-                    proc.kill()
-                    raise SmokeFailure(f"launch exceeded --timeout {args.timeout} s (log: {log_path})")
-        finally:
-            code = proc.wait()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)  # a stopped launch takes its ranks with it
+    watch(proc, log_path, stall_s=args.stall_timeout, timeout_s=args.timeout,
+          echo=lambda line: print("  " + line.rstrip()[:200], flush=True))
+    code = proc.returncode
     if code != 0:
         if "assert not training_args.visual_und" in log_path.read_text():
             raise SmokeFailure(VISUAL_UND_HINT + f" (log: {log_path})")
@@ -253,6 +260,11 @@ def run(argv: Sequence[str]) -> int:
     try:
         load_ae = _preflight(args)
         args.worker_extra, flags = _prepare_inputs(args, rest, workdir, load_ae)
+        if not args.no_preflight:
+            plan = smoke_preflight.plan_dry_run(flags, rest, args.worker_extra, args.nproc, args.nproc_given, workdir)
+            for note in plan.notes:
+                print(f"smoke: {note}", flush=True)
+            flags, args.worker_extra, args.nproc = plan.flags, plan.extra, plan.nproc
         for old in ("checkpoints", "results"):
             shutil.rmtree(workdir / old, ignore_errors=True)
         logs, notes = [], []
@@ -278,7 +290,7 @@ def run(argv: Sequence[str]) -> int:
         if result.get("skipped"):
             notes.append(result["skipped"])
         (workdir / "trajectory.json").write_text(json.dumps([log.trajectory() for log in logs]))
-    except SmokeFailure as failure:
+    except SmokeStop as failure:
         print(f"smoke: FAILED: {failure} (work folder kept: {workdir})", flush=True)
         return 1
     except Exception as error:  # a checkout that lacks a fact, a bad flag: one line, named

@@ -15,7 +15,7 @@ import pathlib
 import numpy as np
 from PIL import Image
 
-from typing import Callable
+from typing import Callable, Optional
 
 from bagel_sr.data import build_dataset
 
@@ -84,14 +84,22 @@ def build_smoke_data(workdir: pathlib.Path, seed: int = 0) -> tuple[pathlib.Path
     import yaml
 
     registration = build_smoke_dataset(workdir, seed)
-    entry = write_chat_set(workdir, workdir / "data" / "sources")
+    entry_path, group = write_chat_entry(workdir, workdir / "data" / "sources")
     config = yaml.safe_load(registration.with_name("dataset_config.yaml").read_text())
-    config[CHAT_GROUP] = chat_group(entry["num_total_samples"])
+    config[CHAT_GROUP] = group
     config_path = workdir / "data" / "dataset_config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return registration, config_path, entry_path
+
+
+def write_chat_entry(workdir: pathlib.Path, sources: Optional[pathlib.Path] = None, seed: int = 0) -> tuple[pathlib.Path, dict]:
+    """The chat set alone (tiles written first when ``sources`` is None); returns ``(chat entry JSON, its group)``."""
+    if sources is None:
+        sources = write_source_tiles(workdir / "data" / "chat_sources", seed)
+    entry = write_chat_set(workdir, sources)
     entry_path = workdir / "data" / "chat_entry.json"
     entry_path.write_text(json.dumps({"group": CHAT_GROUP, "name": CHAT_NAME, "entry": entry}))
-    return registration, config_path, entry_path
+    return entry_path, chat_group(entry["num_total_samples"])
 
 
 def register_chat_entry(entry_file: str) -> "Callable[[], None]":

@@ -23,7 +23,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from . import layout
+from . import feeding, layout
 from .config import BuildConfig, load_build_config
 from .degradations import apply_chain
 from .errors import BuildError, ConfigError, OutputExistsError, SourceError
@@ -192,6 +192,7 @@ class BuildSummary:
                     lines.append(f"  ... and {len(items) - max_listed} more")
         lines.append(f"BAGEL: --dataset_config_file {self.dataset_config_file}")
         lines.append(f"register (bagel-sr wrapper / bagel_sr.patches.datasets): {self.registration_file}")
+        lines.append(feeding.next_step(str(self.dataset_config_file), str(self.registration_file)))
         return "\n".join(lines)
 
 
@@ -240,13 +241,8 @@ def _write_final_files(cfg: BuildConfig, writer: ShardWriter, info_paths: dict[s
             "weight": cfg.bagel["weight"],
         }
     }
-    header = (
-        f"# BAGEL --dataset_config_file fragment for the bagel-sr set '{cfg.name}'.\n"
-        f"# Register the set first: the bagel-sr wrapper flag / bagel_sr.patches.datasets with {layout.REGISTRATION_FILE}.\n"
-        f"# num_used_data = parquet files drawn per pass (repeated when larger than the {train_files} train shard(s),\n"
-        f"# up to {rg} row groups each); BAGEL needs num_used_data x row groups >= NUM_GPUS x NUM_WORKERS.\n"
-    )
-    atomic_write_text(out / layout.DATASET_CONFIG_FILE, header + yaml.safe_dump(fragment, sort_keys=False))
+    text = feeding.dataset_config_text(cfg.name, yaml.safe_dump(fragment, sort_keys=False), train_files, rg, cfg.bagel)
+    atomic_write_text(out / layout.DATASET_CONFIG_FILE, text)
 
     datasets = {}
     for split in layout.SPLITS:
@@ -340,7 +336,7 @@ def build_dataset(
             f"the inputs under {cfg.input_path} changed since the interrupted build in {cfg.output_dir} "
             f"({state.n_sources} source(s) then, {len(ids)} now); start again with --overwrite.")
     writer = ShardWriter(cfg.output_dir, state, cfg.output["rows_per_shard"], cfg.output["rows_per_row_group"],
-                         cfg.output["heldout_png"])
+                         cfg.output["heldout_png"], readers=cfg.bagel["world_size"] * cfg.bagel["num_workers"])
     if resumed:
         removed = writer.remove_orphans()
         log(f"resuming {cfg.output_dir}: {len(state.done) + len(state.failed)}/{len(refs)} sources done"
@@ -396,7 +392,7 @@ def build_dataset(
         resumed_sources=done_before if resumed else 0,
         fractions=cfg.splits["fractions"],
         group_fields=groups_by_field(groups),
-        notes=sorted(notes),
+        notes=sorted(notes) + feeding.notes_for(cfg.bagel, [s["num_row_groups"] for s in state.shards["train"]]),
     )
     report = {
         "name": cfg.name,

@@ -56,6 +56,8 @@ DEFAULTS: dict[str, Any] = {
         "num_used_data": None,
         "weight": 1,
         "is_mandatory": True,
+        "world_size": 2,
+        "num_workers": 1,
     },
 }
 
@@ -282,4 +284,6 @@ def _validate(d: dict[str, Any]) -> tuple[DegradationStep, ...]:
            "bagel.num_used_data", bg["num_used_data"], "null (= number of train shards) or an integer >= 1")
     _check(_is_num(bg["weight"]) and bg["weight"] > 0, "bagel.weight", bg["weight"], "a number > 0")
     _check(isinstance(bg["is_mandatory"], bool), "bagel.is_mandatory", bg["is_mandatory"], "true or false")
+    for k in ("world_size", "num_workers"):  # the ranks x loader workers the train row groups must feed
+        _check(_is_int(bg[k]) and bg[k] >= 1, f"bagel.{k}", bg[k], "an integer >= 1")
     return steps

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import layout
+from .feeding import row_group_size
 
 SCHEMA = pa.schema([
     ("image_list", pa.list_(pa.binary())),
@@ -128,7 +129,9 @@ class BuildState:
 class ShardWriter:
     """Buffers pairs per split and commits full shards (see the module docstring)."""
 
-    def __init__(self, out_dir: Path, state: BuildState, rows_per_shard: int, rows_per_row_group: int, heldout_png: bool):
+    def __init__(self, out_dir: Path, state: BuildState, rows_per_shard: int, rows_per_row_group: int, heldout_png: bool,
+                 readers: int = 1):
+        self.readers = readers  # ranks x loader workers: a shard gets that many row groups when it has the rows
         self.out = out_dir
         self.state = state
         self.rows_per_shard = rows_per_shard
@@ -195,7 +198,7 @@ class ShardWriter:
         )
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # no .parquet suffix: BAGEL lists *.parquet
-        pq.write_table(table, tmp, row_group_size=self.rows_per_row_group)
+        pq.write_table(table, tmp, row_group_size=row_group_size(len(pairs), self.rows_per_row_group, self.readers))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
