@@ -146,7 +146,9 @@ def check_resume(first: LaunchLog, second: LaunchLog, saved_step: int) -> str:
 
 def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, List[str]]:
     p = argparse.ArgumentParser(prog="python -m bagel_sr.smoke", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Every other flag (the --pixel_loss_* flags, the checkout's own) is passed on "
+                                "to the checkout's main().")
     p.add_argument("--bagel_root", default=os.environ.get("BAGEL_ROOT"), help="your BAGEL checkout (or BAGEL_ROOT)")
     p.add_argument("--bagel_train_script", default=None, help="training script inside the checkout (autodetected)")
     p.add_argument("--model_path", default=None, help="a released model folder: its configs are shrunk to a few "
