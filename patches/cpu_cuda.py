@@ -68,6 +68,8 @@ class CudaToCpu(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch.Tensor.cuda:
             return args[0].to(CPU, non_blocking=bool(kwargs.get("non_blocking", False)))
+        if func is torch.Tensor.pin_memory:  # pinned host memory needs a CUDA driver
+            return args[0]
         if "device" in kwargs and (is_cuda(kwargs["device"]) or _device_index(kwargs["device"])):
             kwargs = dict(kwargs, device=CPU)
         if func is torch.Tensor.to and len(args) > 1 and (is_cuda(args[1]) or _device_index(args[1])):

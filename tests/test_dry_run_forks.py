@@ -77,6 +77,7 @@ def test_a_forks_own_cuda_calls_run_on_cpu_and_nothing_stays_patched(gloo_group)
         ddp = DDP(vae, device_ids=[1], output_device=1)                        # DDP's device ids
         fsdp = FSDP(torch.nn.Linear(2, 2), device_id=torch.device("cuda", 1))  # FSDP's device_id
         x = torch.zeros(2, 3, device=torch.device("cuda", 0)) + torch.ones(3).cuda() + torch.ones(3).to(0)
+        x = x.pin_memory().to("cuda", torch.float64, non_blocking=True).float()
         y = fsdp(ddp(model(x.to(device="cuda"))))
         assert model.weight.device.type == vae.weight.device.type == x.device.type == y.device.type == "cpu"
         assert y.shape == (2, 2)
