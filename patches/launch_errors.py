@@ -69,8 +69,8 @@ def first_exception(text: str) -> Optional[LoggedException]:
                 frames[-1].code = stripped
         else:
             match = EXCEPTION.match(line)
-            if match is None:
-                return LoggedException(line.split(":")[0], line, frames)
+            if match is None:  # another rank's log line between this rank's traceback lines
+                continue
             return LoggedException(match["type"], (match["message"] or "").strip(), frames)
     return None
 

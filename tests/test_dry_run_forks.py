@@ -147,6 +147,7 @@ def _log(root: pathlib.Path, frame_file: str, line: int, code: str, error: str) 
         {error}
         """)
     ranks = "".join(f"[rank{r}]: {line}\n" for r in (0, 1) for line in one.splitlines())
+    ranks = ranks.replace("\n", "\n[2026-12-06 02:38:21] Training arguments TrainingArguments(lr=0.1)\n", 1)  # rank 1 logs
     return ("W1206 starting\n" + ranks + "Traceback (most recent call last):\n  File \"/bin/torchrun\", line 8\n"
             "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \nmain FAILED\n")
 
