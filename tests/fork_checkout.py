@@ -199,8 +199,11 @@ def make_deepspeed_fork(upstream: str | pathlib.Path, dest: str | pathlib.Path) 
 
 # ------------------------------------------------------------ traits of the forks users bring to the dry run
 
-#: The traits :func:`make_trait_fork` can give a checkout (any subset; all at once is the real fork's shape).
+#: The traits of the real fork :func:`make_trait_fork` gives a checkout (any subset; all at once by default).
 TRAITS = ("old_base", "own_wrapper", "deepspeed_init", "layer_default")
+#: A trait the dry run cannot map: the script asks CUDA for its free memory (``torch.cuda.mem_get_info``).
+GPU_ONLY_TRAIT = "gpu_only_call"
+GPU_ONLY_LINE = "free_memory, total_memory = torch.cuda.mem_get_info()"
 #: The default ``--layer_module`` of a fork with ``layer_default``: a name its decoder-layer registry lacks.
 FORK_LAYER_DEFAULT = "Qwen2MoTDecoderLayerMed"
 
@@ -297,16 +300,20 @@ def layer_default_edits() -> tuple:
 def make_trait_fork(upstream: str | pathlib.Path, dest: str | pathlib.Path, traits=TRAITS) -> pathlib.Path:
     """Copy the checkout ``upstream`` to ``dest`` with the given :data:`TRAITS`; returns ``dest``.
 
-    ``old_base`` applies to every training script; ``own_wrapper`` and ``layer_default`` to upstream's script;
+    ``old_base`` applies to every training script; ``own_wrapper``, ``layer_default`` and ``gpu_only_call`` to
+    upstream's script;
     ``deepspeed_init`` writes :data:`DEEPSPEED_SCRIPT` (upstream's script ported by :data:`DEEPSPEED_EDITS`, then
     :func:`deepspeed_init_edits`), which carries ``old_base`` as well. Every edit must match exactly once."""
-    unknown = set(traits) - set(TRAITS)
+    unknown = set(traits) - set(TRAITS) - {GPU_ONLY_TRAIT}
     if unknown:
-        raise ValueError(f"unknown fork traits {sorted(unknown)}; known: {TRAITS}")
+        raise ValueError(f"unknown fork traits {sorted(unknown)}; known: {TRAITS + (GPU_ONLY_TRAIT,)}")
     dest = pathlib.Path(dest)
     shutil.copytree(upstream, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".git"))
     for edit in layer_default_edits() if "layer_default" in traits else ():  # before the DeepSpeed copy
         apply_edit(dest, edit)
+    if GPU_ONLY_TRAIT in traits:
+        apply_edit(dest, Edit("gpu_only_free_memory", UPSTREAM_SCRIPT, r"(\n(?P<i>    )torch\.cuda\.set_device\(device\)\n)",
+                              f"\\1\\g<i>{GPU_ONLY_LINE}  # fork: sizes its batches to the free GPU memory\n"))
     edits: list = []
     if "deepspeed_init" in traits:
         shutil.copyfile(dest / UPSTREAM_SCRIPT, dest / DEEPSPEED_SCRIPT)

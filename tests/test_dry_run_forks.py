@@ -5,7 +5,7 @@ launch log (``patches/launch_errors.py``). With BAGEL (``bagel``): the dry run t
 by ``tests/fork_checkout.py`` (``make_trait_fork``): an older base without upstream's MFU and wandb-project flags,
 a script whose own FSDP helper asks CUDA itself and keeps the VAE in DDP, a DeepSpeed script started by
 ``deepspeed.init_distributed(dist_backend="nccl")``, and one fork with all three (whose default ``--layer_module``
-its registry lacks).
+its registry lacks); and a fork asking CUDA for something the dry run cannot map (one line naming its file:line).
 """
 import dataclasses
 import os
@@ -238,6 +238,20 @@ def test_dry_run_passes_on_each_fork_trait(tmp_path, traits_workdir, name):
     root = make_trait_fork(upstream_root(), tmp_path / "fork", traits)
     code, out, line = _dry_run(root, "--workdir", str(traits_workdir), "--steps", "2", *flags, script=script)
     _assert_ok(code, out, line, traits_workdir, traits, script is not None)
+
+
+@pytest.mark.bagel
+@requires_bagel
+def test_a_call_that_needs_a_gpu_stops_in_one_line_naming_the_forks_line(tmp_path, traits_workdir):
+    from fork_checkout import GPU_ONLY_LINE, GPU_ONLY_TRAIT, make_trait_fork
+
+    root = make_trait_fork(upstream_root(), tmp_path / "fork", (GPU_ONLY_TRAIT,))
+    code, out, line = _dry_run(root, "--workdir", str(traits_workdir), "--steps", "1", "--no_resume")
+    assert code == 1, out[-3000:]
+    assert re.match(r"smoke: FAILED: torchrun exited with code 1: the checkout needs a GPU at "
+                    rf"train/pretrain_unified_navit\.py:\d+ \(`{re.escape(GPU_ONLY_LINE)} # fork: [^`]*`\), which the "
+                    r"dry run does not map to the CPU: AssertionError: Torch not compiled with CUDA enabled \(log: ",
+                    line), line
 
 
 @pytest.mark.bagel
