@@ -8,7 +8,6 @@ a script whose own FSDP helper asks CUDA itself and keeps the VAE in DDP, a Deep
 its registry lacks); and a fork asking CUDA for something the dry run cannot map (one line naming its file:line).
 """
 import dataclasses
-import os
 import pathlib
 import re
 import subprocess
