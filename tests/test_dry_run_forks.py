@@ -128,6 +128,15 @@ def test_every_checkout_module_sees_the_dry_runs_torch_cuda(tmp_path):
         del sys.modules[helper.__name__]
 
 
+def test_the_scripts_cuda_autocast_in_both_spellings_is_cpu_autocast():
+    ctx = fake_checkout.context(dry_run=True)
+    with registry.apply(ctx, names=["patch_cuda_autocast"]):
+        for autocast in (ctx.train_module.torch.amp.autocast, ctx.train_module.torch.autocast):
+            with autocast(device_type="cuda", dtype=torch.bfloat16):
+                assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    assert ctx.train_module.torch is torch
+
+
 # ------------------------------------------------------------------------------------ a failed launch, one line
 
 def _log(root: pathlib.Path, frame_file: str, line: int, code: str, error: str) -> str:
