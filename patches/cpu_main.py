@@ -149,11 +149,11 @@ def patch_cuda_queries(ctx: Any) -> Undo:
 
 
 def patch_cuda_autocast(ctx: Any) -> Undo:
-    """``<script>.torch.amp.autocast("cuda", dtype=bf16)`` -> CPU autocast with the same dtype."""
+    """``<script>.torch.amp.autocast("cuda", dtype=bf16)`` (and ``torch.autocast``) -> CPU autocast, same dtype."""
     module = ctx.train_module
     _require(module, "torch", "CUDA autocast")
     amp = NameView(torch.amp, {"autocast": cpu_autocast})
-    return _replace_name(module, "torch", NameView(module.torch, {"amp": amp}))
+    return _replace_name(module, "torch", NameView(module.torch, {"amp": amp, "autocast": cpu_autocast}))
 
 
 def patch_nccl(ctx: Any) -> Undo:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Collection, List, Optional, Tuple
 
 import torch
 
-from . import cpu, cpu_main, datasets, inference, training
+from . import cpu, cpu_cuda, cpu_main, datasets, inference, training
 from .context import PatchContext, RunState, Undo, noop
 
 STAGES = ("checkout", "script")
@@ -104,6 +104,24 @@ PATCHES: Tuple[Patch, ...] = (
     Patch("patch_device_mesh", "train.fsdp_utils.init_device_mesh", "dryrun", "script",
           "the HYBRID_SHARD device mesh on 'cpu'",
           cpu_main.patch_device_mesh, _fsdp_name("init_device_mesh"), when=_dry_run, condition="dry run"),
+    Patch("patch_cuda_tensors", "torch function mode of the thread that runs main()", "dryrun", "script",
+          "torch calls given a CUDA device (device=, .to('cuda:N'), Tensor.cuda, Module.cuda) get the CPU",
+          cpu_cuda.patch_cuda_tensors, lambda ctx: cpu_cuda.function_modes(), when=_dry_run, condition="dry run"),
+    Patch("patch_parallel_device_ids", "DistributedDataParallel.__init__, FullyShardedDataParallel.__init__",
+          "dryrun", "script", "DDP without device_ids/output_device, FSDP's int or CUDA device_id read as the CPU",
+          cpu_cuda.patch_parallel_device_ids, lambda ctx: cpu_cuda.parallel_inits(), when=_dry_run,
+          condition="dry run"),
+    Patch("patch_checkout_torch", "<other checkout modules>.torch", "dryrun", "script",
+          "the script's torch view (torch.cuda queries, set_device, CUDA autocast) in every loaded checkout module",
+          cpu_cuda.patch_checkout_torch, cpu_cuda.checkout_torch_names,
+          when=lambda ctx: ctx.dry_run and cpu_cuda.checkout_root(ctx) is not None, condition="dry run"),
+    Patch("patch_process_group_backend", "torch.distributed.init_process_group", "dryrun", "script",
+          "init_process_group('nccl') uses gloo however the checkout reaches it",
+          cpu_cuda.patch_process_group_backend, cpu_cuda.process_group_names, when=_dry_run, condition="dry run"),
+    Patch("patch_deepspeed_init", "deepspeed.init_distributed", "dryrun", "script",
+          "deepspeed.init_distributed(dist_backend='nccl') uses gloo",
+          cpu_cuda.patch_deepspeed_init, cpu_cuda.deepspeed_names,
+          when=lambda ctx: ctx.dry_run and "deepspeed" in sys.modules, condition="dry run, deepspeed imported"),
     Patch("patch_start_t", "<inferencer>.model.generate_image, <inferencer>.update_context_image", "inference",
           "checkout", "sampling starts from the condition image noised to --start_t, optionally one step to 0 (issue 17)",
           inference.patch_start_t,

@@ -63,6 +63,10 @@ DRY_RUN_FLAGS = {
     "max_num_tokens": "640", "max_num_tokens_per_sample": "640", "prefer_buffer_before": "160",
     "max_buffer_size": "4", "wandb_offline": "True", "wandb_project": "bagel_sr_smoke", "wandb_name": "smoke",
 }
+#: The flags of those (and of the launches) a dry run cannot do without; the others are left out where the
+#: checkout's script does not declare them (:mod:`.checkout_flags`).
+NEEDED_FLAGS = ("finetune_from_hf", "visual_gen", "model_path", "dataset_config_file", "results_dir",
+                "checkpoint_dir", "total_steps", "save_every", "log_every")
 
 
 VISUAL_UND_HINT = (
@@ -191,18 +195,21 @@ def _flag_given(rest: Sequence[str], name: str) -> bool:
 
 def _preflight(args: argparse.Namespace):
     """Import the checkout and apply every patch of the launches once (then undo): a missing fact fails here,
-    before any launch. Returns the checkout's ``load_ae``."""
-    from bagel_sr.patches import launch
+    before any launch. Returns the checkout's ``load_ae``; ``args.accepted``: the flags its script declares."""
+    from bagel_sr.patches import checkout_flags, launch
 
-    _module, handle = launch.prepare_checkout(args.bagel_root, args.bagel_train_script, pixel_loss=not args.stock,
-                                              dry_run=True)
-    handle.undo()
+    module, handle = launch.prepare_checkout(args.bagel_root, args.bagel_train_script, pixel_loss=not args.stock,
+                                             dry_run=True)
+    try:
+        args.accepted = checkout_flags.accepted_flags(module)
+    finally:
+        handle.undo()
     return sys.modules["modeling.autoencoder"].load_ae
 
 
 def _prepare_inputs(args: argparse.Namespace, rest: List[str], workdir: pathlib.Path, load_ae) -> List[str]:
     """Model folder and data set (unless the user gave theirs); returns the BAGEL flags of both launches."""
-    from bagel_sr.patches import smoke_data, smoke_model
+    from bagel_sr.patches import checkout_flags, launch, smoke_data, smoke_model
 
     flags = dict(DRY_RUN_FLAGS, results_dir=str(workdir / "results"), checkpoint_dir=str(workdir / "checkpoints"),
                  num_shard=str(args.nproc))
@@ -222,6 +229,10 @@ def _prepare_inputs(args: argparse.Namespace, rest: List[str], workdir: pathlib.
             files = smoke_data.build_smoke_data(workdir)
         flags["bagel_sr_datasets"], flags["dataset_config_file"] = str(files[0]), str(files[1])
         extra = ["--register_chat", str(files[2])]
+    flags = checkout_flags.keep_accepted(
+        flags, args.accepted, needed=NEEDED_FLAGS + (() if args.no_resume else ("auto_resume",)),
+        exempt=launch.WRAPPER_FLAGS, script=args.bagel_train_script or "the checkout's training script",
+        note=lambda line: print("smoke: " + line, flush=True))
     out: List[str] = []
     for k, v in flags.items():
         out += [f"--{k}", v]
@@ -238,6 +249,7 @@ def _launch(args: argparse.Namespace, flags: List[str], total_steps: int, save_e
         cmd.append("--stock")
     cmd += list(extra) + list(args.worker_extra) + ["--"] + flags + ["--total_steps", str(total_steps), "--save_every", str(save_every)]
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(log_path.parent),
+               DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), TOKENIZERS_PARALLELISM="false",
                PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
@@ -248,8 +260,10 @@ def _launch(args: argparse.Namespace, flags: List[str], total_steps: int, save_e
     if code != 0:
         if "assert not training_args.visual_und" in log_path.read_text():
             raise SmokeFailure(VISUAL_UND_HINT + f" (log: {log_path})")
-        tail = "".join(log_path.read_text().splitlines(keepends=True)[-25:])
-        raise SmokeFailure(f"torchrun exited with code {code}; last lines of {log_path}:\n{tail}")
+        from bagel_sr.patches import checkout, launch_errors
+
+        reason = launch_errors.explain_log(log_path.read_text(), checkout.find_checkout(args.bagel_root))
+        raise SmokeFailure(f"torchrun exited with code {code}: {reason} (log: {log_path})")
     return LaunchLog.parse(log_path.read_text())
 
 

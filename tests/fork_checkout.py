@@ -195,3 +195,134 @@ def make_deepspeed_fork(upstream: str | pathlib.Path, dest: str | pathlib.Path) 
     for edit in DEEPSPEED_EDITS:
         apply_edit(dest, edit)
     return dest
+
+
+# ------------------------------------------------------------ traits of the forks users bring to the dry run
+
+#: The traits of the real fork :func:`make_trait_fork` gives a checkout (any subset; all at once by default).
+TRAITS = ("old_base", "own_wrapper", "deepspeed_init", "layer_default")
+#: A trait the dry run cannot map: the script asks CUDA for its free memory (``torch.cuda.mem_get_info``).
+GPU_ONLY_TRAIT = "gpu_only_call"
+GPU_ONLY_LINE = "free_memory, total_memory = torch.cuda.mem_get_info()"
+#: The default ``--layer_module`` of a fork with ``layer_default``: a name its decoder-layer registry lacks.
+FORK_LAYER_DEFAULT = "Qwen2MoTDecoderLayerMed"
+
+
+def old_base_edits(script: str) -> tuple:
+    """An older base than upstream HEAD: no MFU logging (``--peak_device_tflops``) and no ``--wandb_project``."""
+    return (
+        Edit("old_base_no_peak_tflops_field", script,
+             r"    peak_device_tflops: float = field\(\n(?:        .*\n)+?    \)\n", ""),
+        Edit("old_base_no_tflops_autodetect", script,
+             r"    if training_args\.peak_device_tflops <= 0:\n(?:        .*\n)+", ""),
+        Edit("old_base_no_tflops_log", script,
+             r"        if training_args\.peak_device_tflops > 0:\n(?:            .*\n)        else:\n(?:            .*\n)", ""),
+        Edit("old_base_no_tflops_uses", script, r"training_args\.peak_device_tflops", "0.0"),
+        Edit("old_base_no_wandb_project_field", script,
+             r"    wandb_project: str = field\(\n(?:        .*\n)+?    \)\n", ""),
+        Edit("old_base_no_wandb_project_uses", script, r"project=training_args\.wandb_project", "project='bagel'"),
+    )
+
+
+_OWN_WRAPPER = '''
+
+def fsdp_wrapper_with_ddp(original_model, fsdp_config, vae_model=None, ignored_modules=[]):
+    # fork: places the model on its own GPU before FSDP; a VAE being fine-tuned is kept in sync by DDP
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    original_model = original_model.cuda(local_rank)
+    if vae_model is not None:
+        vae_model = vae_model.to(f"cuda:{local_rank}")
+        if any(p.requires_grad for p in vae_model.parameters()):
+            vae_model = DistributedDataParallel(vae_model, device_ids=[local_rank], output_device=local_rank)
+            print(f"fork: the VAE is trained, kept in sync by DDP on device {local_rank}", flush=True)
+    if fsdp_config.sharding_strategy == "HYBRID_SHARD":
+        return fsdp_wrapper(original_model, fsdp_config, ignored_modules), vae_model
+    layers = {Qwen2DecoderLayer, Qwen2MoEDecoderLayer, Qwen2MoTDecoderLayer, SiglipEncoderLayer,
+              SiglipVisionTransformer, MLPconnector, TimestepEmbedder, PositionEmbedding}
+    fsdp_model = FSDP(
+        original_model,
+        auto_wrap_policy=functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=layers),
+        ignored_modules=ignored_modules,
+        mixed_precision=MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16,
+                                       buffer_dtype=torch.bfloat16),
+        device_id=torch.device("cuda", local_rank),
+        sharding_strategy=ShardingStrategy[fsdp_config.sharding_strategy],
+        backward_prefetch=BackwardPrefetch[fsdp_config.backward_prefetch],
+        cpu_offload=CPUOffload(offload_params=fsdp_config.cpu_offload),
+    )
+    return fsdp_model, vae_model
+'''
+
+
+def own_wrapper_edits(script: str) -> tuple:
+    """The fork's own FSDP helper in ``train/fsdp_utils.py`` (``model.cuda(i)``, ``.to("cuda:N")``,
+    ``torch.device("cuda", i)``, the VAE in DDP with ``device_ids`` when it is trained), used by ``script``, whose
+    device is ``torch.device("cuda", LOCAL_RANK)``."""
+    return (
+        Edit("own_wrapper_imports_ddp", "train/fsdp_utils.py",
+             r"(\nfrom torch\.distributed\.fsdp\.wrap import transformer_auto_wrap_policy\n)",
+             "\\1from torch.nn.parallel import DistributedDataParallel\n"),
+        Edit("own_wrapper_helper", "train/fsdp_utils.py", r"(?=\n\nclass FSDPCheckpoint:)", _OWN_WRAPPER.rstrip("\n")),
+        Edit("own_wrapper_imported", script, r"(    fsdp_ema_setup, fsdp_ema_update,)(\n\))",
+             "\\1 fsdp_wrapper_with_ddp,\\2"),
+        Edit("own_wrapper_called", script, r"fsdp_model = fsdp_wrapper\(model, fsdp_config\)",
+             "fsdp_model, vae_ddp = fsdp_wrapper_with_ddp(model, fsdp_config, "
+             "vae_model if training_args.visual_gen else None)"),
+        Edit("own_wrapper_cuda_device", script, r"device = dist\.get_rank\(\) % torch\.cuda\.device_count\(\)",
+             "device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))"),
+    )
+
+
+def deepspeed_init_edits(script: str) -> tuple:
+    """The DeepSpeed port starts its process group with ``deepspeed.init_distributed(dist_backend="nccl")`` and
+    resumes with ``engine.load_checkpoint`` (so the dry run's second launch resumes it)."""
+    return (
+        Edit("ds_init_distributed", script, r'dist\.init_process_group\("nccl"\)',
+             'deepspeed.init_distributed(dist_backend="nccl")'),
+        Edit("ds_engine_load_checkpoint", script,
+             r"        optimizer, scheduler, train_step, data_status = FSDPCheckpoint\.try_load_train_state\(\n"
+             r"(?:            .*\n)+?        \)\n",
+             "        train_step, data_status = 0, None\n"
+             "        if resume_from is not None and os.path.exists(resume_from):\n"
+             "            folder, tag = os.path.split(os.path.normpath(resume_from))\n"
+             "            fsdp_model.load_checkpoint(folder, tag=tag)\n"
+             "            train_step = int(tag) + 1\n"),
+    )
+
+
+def layer_default_edits() -> tuple:
+    """The fork's default ``--layer_module`` is a name its decoder-layer registry lacks (users pass theirs)."""
+    return (Edit("layer_default_not_registered", UPSTREAM_SCRIPT,
+                 r'(    layer_module: str = field\(\n        default=)"Qwen2MoTDecoderLayer"',
+                 f'\\1"{FORK_LAYER_DEFAULT}"'),)
+
+
+def make_trait_fork(upstream: str | pathlib.Path, dest: str | pathlib.Path, traits=TRAITS) -> pathlib.Path:
+    """Copy the checkout ``upstream`` to ``dest`` with the given :data:`TRAITS`; returns ``dest``.
+
+    ``old_base`` applies to every training script; ``own_wrapper``, ``layer_default`` and ``gpu_only_call`` to
+    upstream's script;
+    ``deepspeed_init`` writes :data:`DEEPSPEED_SCRIPT` (upstream's script ported by :data:`DEEPSPEED_EDITS`, then
+    :func:`deepspeed_init_edits`), which carries ``old_base`` as well. Every edit must match exactly once."""
+    unknown = set(traits) - set(TRAITS) - {GPU_ONLY_TRAIT}
+    if unknown:
+        raise ValueError(f"unknown fork traits {sorted(unknown)}; known: {TRAITS + (GPU_ONLY_TRAIT,)}")
+    dest = pathlib.Path(dest)
+    shutil.copytree(upstream, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".git"))
+    for edit in layer_default_edits() if "layer_default" in traits else ():  # before the DeepSpeed copy
+        apply_edit(dest, edit)
+    if GPU_ONLY_TRAIT in traits:
+        apply_edit(dest, Edit("gpu_only_free_memory", UPSTREAM_SCRIPT, r"(\n(?P<i>    )torch\.cuda\.set_device\(device\)\n)",
+                              f"\\1\\g<i>{GPU_ONLY_LINE}  # fork: sizes its batches to the free GPU memory\n"))
+    edits: list = []
+    if "deepspeed_init" in traits:
+        shutil.copyfile(dest / UPSTREAM_SCRIPT, dest / DEEPSPEED_SCRIPT)
+        edits += list(DEEPSPEED_EDITS) + list(deepspeed_init_edits(DEEPSPEED_SCRIPT))
+    if "own_wrapper" in traits:
+        edits += own_wrapper_edits(UPSTREAM_SCRIPT)
+    if "old_base" in traits:
+        scripts = [UPSTREAM_SCRIPT] + ([DEEPSPEED_SCRIPT] if "deepspeed_init" in traits else [])
+        edits += [e for s in scripts for e in old_base_edits(s)]
+    for edit in edits:
+        apply_edit(dest, edit)
+    return dest
