@@ -305,7 +305,7 @@ def pixel_term(
     value = sum(weights[n] * totals[n] for n in names) if len(names) > 1 else totals[names[0]] * weights[names[0]]
     logged = {n: totals[n] for n in config.term_weights if n in totals}
     count = torch.tensor(float(len(chosen)), device=v_hat.device)
-    if len(names) == 1:  # one term, as before issue 16: its gradient carried directly
+    if len(names) == 1:  # one term: its gradient carried directly
         a = weights[names[0]]
         grad = full[names[0]] * a if a != 1.0 else full[names[0]]
         has = grads[names[0]] is not None

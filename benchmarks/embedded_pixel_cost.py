@@ -8,7 +8,7 @@ The default experiment times its two arms one after the other, minutes apart, an
 by 20-30%. Here the arms train from the same seed, pool and settings (the experiment's defaults, fewer steps),
 alternated ``--repeats`` times: flow only, the pixel arm at the embedded defaults (one decoded image per
 micro-batch, a 4x4-latent crop, no margin), the same with a 1-latent-pixel margin, and the whole image
-(``--pixel_loss_crop 0``). Prints each arm's median ms per training step and its ratio to flow only (issue 17's
+(``--pixel_loss_crop 0``). Prints each arm's median ms per training step and its ratio to flow only (the
 target: <= 1.3x).
 """
 import argparse

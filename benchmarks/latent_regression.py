@@ -1,4 +1,4 @@
-"""How far above its bicubic input can a simple estimator from the input's latent go on the embedded bench? (issue 17)
+"""How far above its bicubic input can a simple estimator from the input's latent go on the embedded bench?
 
     python benchmarks/latent_regression.py                 # ridge on 4000 training pairs, val and held-out
     python benchmarks/latent_regression.py --context 0 1 2 --train_pairs 4000

@@ -1,4 +1,4 @@
-"""Safety runs of the fidelity terms on the embedded bench (a script, not a test; issue 16, item 3).
+"""Safety runs of the fidelity terms on the embedded bench (a script, not a test).
 
     python benchmarks/term_safety.py                  # 200 steps, each structural term at 10x its default weight
     python benchmarks/term_safety.py --steps 50 --terms ssim:1

@@ -1,4 +1,4 @@
-"""The inference patch: BAGEL's sampler starts from the degraded input (``--start_t``, issue 17).
+"""The inference patch: BAGEL's sampler starts from the degraded input (``--start_t``).
 
 ``patch_start_t`` wraps two bound methods of one ``InterleaveInferencer`` (instance attributes, so other
 instances and the classes are untouched):

@@ -123,7 +123,7 @@ PATCHES: Tuple[Patch, ...] = (
           cpu_cuda.patch_deepspeed_init, cpu_cuda.deepspeed_names,
           when=lambda ctx: ctx.dry_run and "deepspeed" in sys.modules, condition="dry run, deepspeed imported"),
     Patch("patch_start_t", "<inferencer>.model.generate_image, <inferencer>.update_context_image", "inference",
-          "checkout", "sampling starts from the condition image noised to --start_t, optionally one step to 0 (issue 17)",
+          "checkout", "sampling starts from the condition image noised to --start_t, optionally one step to 0",
           inference.patch_start_t,
           lambda ctx: (vars(ctx.inferencer.model).get("generate_image"), vars(ctx.inferencer).get("update_context_image")),
           when=lambda ctx: ctx.inferencer is not None and (ctx.start_t < 1.0 or ctx.one_step),

@@ -183,7 +183,7 @@ def patch_parser(ctx: PatchContext) -> Undo:
                         "--pixel_loss_weight > 0 needs --mse_weight > 0: the pixel term rides on the flow loss's "
                         "reduction; set --pixel_loss_weight 0 or a positive --mse_weight."
                     )
-                # issue 15: --pixel_loss_datasets names must exist in the --dataset_config_file's groups
+                # --pixel_loss_datasets names must exist in the --dataset_config_file's groups
                 known = dataset_config_names(parsed)
                 if run.config.enabled and known is not None:
                     check_names("--pixel_loss_datasets", run.config.dataset_names, known)

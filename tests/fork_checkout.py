@@ -3,7 +3,7 @@
 Not a test file, and no BAGEL code lives here: :func:`make_fork` copies the checkout named by ``BAGEL_ROOT`` into a
 folder and applies each edit of :data:`EDITS` (a regex replacement that must match exactly once, so an upstream
 change that moves the code fails loudly, naming the edit).  The result has the shape of the research forks users
-bring (issue 14): a decoder that checkpoints its own levels, a ``forward`` with its own pixel/SSIM term and extra
+bring: a decoder that checkpoints its own levels, a ``forward`` with its own pixel/SSIM term and extra
 outputs, a ``train/main.py`` with pixel flags and its own ``loss += ...`` but no ``--gradient_accumulation_steps``,
 a ``DATASET_INFO`` without ``unified_edit`` (the registry still maps it) and an inferencer that ignores the input
 size.  The fork's own term is a stand-in (an L1/L2 of ``z0_hat - z0`` on the gated target tokens): what matters to

@@ -1,5 +1,5 @@
 """Bad input, reruns and stale state, table-driven: each case names what a user did and the one-line message
-(or count) they must get. Covers issue 15's findings and the builder's existing checks."""
+(or count) they must get. Covers the wrapper's early checks and the builder's."""
 import json
 import os
 import signal

@@ -73,7 +73,7 @@ def test_experiment_end_to_end(tmp_path):
     assert arms["flow_only"]["pixel_loss"]["pixel_loss_weight"] == 0.0
     assert arms["pixel"]["pixel_loss"]["pixel_loss_weight"] == 0.05
     assert report["n_pairs"] == len(data.eval_pairs("val"))
-    # inference modes (issue 17): a row per mode and arm, one chosen on val, DC moves the output toward the input
+    # inference modes: a row per mode and arm, one chosen on val, DC moves the output toward the input
     modes = arms["pixel"]["modes"]
     assert list(modes) == ["T0=1 K=1", "T0=0.3 K=2", "T0=0.3 K=2 +DC", "T0=0.3 K=2 one-step"]
     assert modes["T0=1 K=1"]["psnr"]["mean"] == arms["pixel"]["psnr"]["mean"]  # the stock sampler, same seed
@@ -84,7 +84,7 @@ def test_experiment_end_to_end(tmp_path):
 
 
 def test_restorer_defaults_and_the_flags_that_restore_the_plugins():
-    """The experiment's own defaults (issue 17: cost controls, data mix) differ from the plugin's and the loop's, and
+    """The experiment's own defaults (cost controls, data mix) differ from the plugin's and the loop's, and
     the documented flags bring those back; the plugin's defaults stay untouched."""
     args, pixel = experiment.parse([])
     assert (args.t2i_ratio, args.vae_cond_dropout_prob, args.timestep_shift, args.steps) == (0.1, 0.0, 0.4, 2800)

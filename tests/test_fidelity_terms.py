@@ -1,4 +1,4 @@
-"""Fidelity terms (issue 16): each term's value against a direct computation, its gradient against autograd on a
+"""Fidelity terms: each term's value against a direct computation, its gradient against autograd on a
 reference implementation, and its safety (gradient at v_hat bounded by the L2 term's on flat and textured targets)."""
 import numpy as np
 import pytest

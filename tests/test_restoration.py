@@ -1,4 +1,4 @@
-"""Fidelity-aware sampling (issue 17): start from the input, K-sample aggregate, data-consistency projection."""
+"""Fidelity-aware sampling: start from the input, K-sample aggregate, data-consistency projection."""
 import numpy as np
 import pytest
 import torch

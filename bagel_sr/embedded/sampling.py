@@ -106,7 +106,7 @@ def posterior_samples(model: TinyBagel, vae, samples: Sequence[data.Sample], tok
                       num_samples: int = 1, how: str = "mean", seed: int = 0, **sample_kw):
     """``num_samples`` Euler samples (seeds ``seed + j``) -> (their mean or median clipped to [-1, 1], their
     per-pixel std).  The samples are aggregated before clipping: clipping each sample first biases the mean where the
-    truth lies at the range's end (a black background gets the positive half of the samples' noise; issue 17)."""
+    truth lies at the range's end (a black background gets the positive half of the samples' noise)."""
     runs = euler_runs(model, vae, samples, tokenizer, seeds=range(seed, seed + num_samples), clamp=False, **sample_kw)
     center, spread = aggregate(runs, how)
     return center.clamp(-1, 1), spread
