@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import pathlib
 import re
 import sys
@@ -103,7 +104,16 @@ def _module_of(path: str, root: pathlib.Path):
             return module
     try:
         dotted = ".".join(resolved.relative_to(root.resolve()).with_suffix("").parts)
-        return importlib.import_module(dotted)
+        module = importlib.import_module(dotted)
+        if pathlib.Path(module.__file__).resolve() == resolved:
+            return module
+    except Exception:
+        pass
+    try:  # the dotted name is another checkout's (a package of that name loaded first): load the file itself
+        spec = importlib.util.spec_from_file_location(f"_bagel_sr_keys_{abs(hash(str(resolved)))}", resolved)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
     except Exception:  # not importable on its own: no keys to list
         return None
 
