@@ -20,6 +20,7 @@ import yaml
 from .degradations import DegradationStep, validate_step
 from .errors import ConfigError
 from .intensity import CT_WINDOWS, INTENSITY_MODES
+from .lesions import validate_config as validate_lesions
 from .instructions import TASKS
 
 INPUT_KINDS = ("images", "dicom", "nifti")
@@ -55,6 +56,7 @@ DEFAULTS: dict[str, Any] = {
         "weight": 1,
         "is_mandatory": True,
     },
+    "lesions": None,  # synthetic lesions (bagel_sr/data/lesions.py); validated there
 }
 
 
@@ -279,4 +281,5 @@ def _validate(d: dict[str, Any]) -> tuple[DegradationStep, ...]:
            "bagel.num_used_data", bg["num_used_data"], "null (= number of train shards) or an integer >= 1")
     _check(_is_num(bg["weight"]) and bg["weight"] > 0, "bagel.weight", bg["weight"], "a number > 0")
     _check(isinstance(bg["is_mandatory"], bool), "bagel.is_mandatory", bg["is_mandatory"], "true or false")
+    d["lesions"] = validate_lesions(d["lesions"], [s.name for s in steps if s.spec.volumetric])
     return steps
