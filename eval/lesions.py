@@ -8,7 +8,8 @@ Images are compared in stored units ([0, 1] over the builder's window); contrast
 * detector: a scale-normalised Laplacian-of-Gaussian (``-sigma^2 LoG``, ``sigma = r / sqrt(2)``, the matched scale of
   a disk of radius r) per channel = (detector radius, sign); radii are the lesions' radii snapped to the bank
   :data:`BANK`. Each channel's response is divided by its robust spread (MAD) over the body of the system's own
-  lesion-free twins, peaks are found per channel and merged across channels (greedy, strongest first);
+  lesion-free twins, peaks are found per channel and merged across channels (greedy, strongest first; a peak within the sum of
+  the two radii of a stronger one, such as a bright blob's dark side lobes, is the same detection);
 * threshold: one per system (truth, degraded input, each restoration), set on that system's lesion-free twins so the
   mean number of false detections **per image** is the stated rate (``fp_per_image``);
 * a lesion is detected when its own channel's normalised response within ``max(2, r / 2)`` pixels of its centre
@@ -120,7 +121,7 @@ class Detector:
         found.sort(key=lambda p: -p[0])
         kept: list[tuple[float, int, int, float]] = []
         for p in found:
-            if all(np.hypot(p[1] - q[1], p[2] - q[2]) > max(p[3], q[3]) for q in kept):
+            if all(np.hypot(p[1] - q[1], p[2] - q[2]) > p[3] + q[3] for q in kept):  # overlapping blobs: one
                 kept.append(p)
         return kept
 
