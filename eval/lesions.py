@@ -7,8 +7,10 @@ Images are compared in stored units ([0, 1] over the builder's window); contrast
   ``erased`` = CR < 0.5 (:data:`ERASED_BELOW`);
 * detector: a scale-normalised Laplacian-of-Gaussian (``-sigma^2 LoG``, ``sigma = r / sqrt(2)``, the matched scale of
   a disk of radius r) per channel = (detector radius, sign); radii are the lesions' radii snapped to the bank
-  :data:`BANK`. Each channel's response is divided by its robust spread (MAD) over the body of the system's own
-  lesion-free twins, peaks are found per channel and merged across channels (greedy, strongest first; a peak within the sum of
+  :data:`BANK`. Each channel's response is divided by the local background variation, the standard deviation in the
+  ring around each pixel (floored by its 5th percentile over the body of the system's own lesion-free twins, the
+  flattest tissue's level, and at least half an 8-bit level), so an edge of
+  anatomy scores low and a blob on flat tissue high (a contrast-to-noise score); peaks are found per channel and merged across channels (greedy, strongest first; a peak within the sum of
   the two radii of a stronger one, such as a bright blob's dark side lobes, is the same detection);
 * threshold: one per system (truth, degraded input, each restoration), set on that system's lesion-free twins so the
   mean number of false detections **per image** is the stated rate (``fp_per_image``);
@@ -36,6 +38,7 @@ from . import stats
 ERASED_BELOW = 0.5
 BANK = tuple(float(v) for v in 1.5 * np.sqrt(2.0) ** np.arange(6))  # 1.5 ... 8.5 px
 DEFAULT_FP_PER_IMAGE = 0.25
+FLOOR_PERCENTILE = 5  # the local-variation floor: this percentile of the ring std over the twins' bodies (flat tissue)
 
 
 # ------------------------------------------------------------------------------------------------ records
@@ -98,18 +101,36 @@ def channel_mask(body: np.ndarray, radius: float) -> np.ndarray:
     return ndimage.distance_transform_edt(body) > L.ring_radii(radius)[1]
 
 
+def ring_std(image: np.ndarray, radius: float) -> np.ndarray:
+    """Standard deviation of ``image`` in the ring (:func:`bagel_sr.data.lesions.ring_radii`) around every pixel."""
+    from scipy.signal import fftconvolve
+
+    inner, outer = L.ring_radii(radius)
+    n = int(np.ceil(outer))
+    d = np.hypot(*np.mgrid[-n:n + 1, -n:n + 1])
+    kernel = ((d > inner) & (d <= outer)).astype(np.float64)
+    kernel /= kernel.sum()
+    x = np.pad(np.asarray(image, dtype=np.float64), n, mode="reflect")
+    mean, sq = fftconvolve(x, kernel, mode="valid"), fftconvolve(x * x, kernel, mode="valid")
+    return np.sqrt(np.clip(sq - mean * mean, 0.0, None))
+
+
 @dataclass
 class Detector:
-    """Per-channel spread (MAD of the response over the twins' bodies) and one threshold on the normalised score."""
+    """Per-channel floor of the local variation (a low percentile of the ring std over the twins' bodies) and one threshold on the
+    score ``response / sqrt(ring_std^2 + floor^2)``."""
 
     channels: list[tuple[float, int]]
-    spread: dict[tuple[float, int], float]
+    floor: dict[tuple[float, int], float]
     threshold: float = float("inf")
     fp_per_image: float = DEFAULT_FP_PER_IMAGE
     achieved_fp_per_image: float = float("nan")
 
+    def score(self, image: np.ndarray, channel: tuple[float, int]) -> np.ndarray:
+        return response(image, *channel) / np.sqrt(ring_std(image, channel[0]) ** 2 + self.floor[channel] ** 2)
+
     def scores(self, image: np.ndarray) -> dict[tuple[float, int], np.ndarray]:
-        return {c: response(image, *c) / self.spread[c] for c in self.channels}
+        return {c: self.score(image, c) for c in self.channels}
 
     def peaks(self, image: np.ndarray, body: np.ndarray) -> list[tuple[float, int, int, float]]:
         """All merged peaks ``(score, row, col, radius)``, strongest first (no threshold)."""
@@ -129,9 +150,9 @@ class Detector:
         return [p for p in self.peaks(image, body) if p[0] >= self.threshold]
 
     def lesion_score(self, image: np.ndarray, lesion: dict) -> float:
-        """The lesion's own channel's normalised response, maximal within ``max(2, r/2)`` of its centre."""
+        """The lesion's own channel's score, maximal within ``max(2, r/2)`` of its centre."""
         c = (detector_radius(lesion["radius"]), 1 if lesion["amplitude_stored"] > 0 else -1)
-        z = response(image, *c) / self.spread[c]
+        z = self.score(image, c)
         d = np.hypot(*np.meshgrid(np.arange(image.shape[0]) - lesion["center"][0],
                                   np.arange(image.shape[1]) - lesion["center"][1], indexing="ij"))
         return float(z[d <= max(2.0, lesion["radius"] / 2)].max())
@@ -143,12 +164,12 @@ def calibrate(twins: Sequence[np.ndarray], bodies: Sequence[np.ndarray], channel
     threshold is the ``k+1``-th highest merged peak score, ``k = floor(fp_per_image * len(twins))``."""
     if not twins:
         raise BadInput("the lesion study needs the lesion-free twins (their outputs too) to set the detector threshold")
-    spread = {}
-    for c in channels:
-        vals = np.concatenate([response(t, *c)[b] for t, b in zip(twins, bodies)]) if twins else np.zeros(1)
-        mad = float(np.median(np.abs(vals - np.median(vals)))) * 1.4826 if vals.size else 0.0
-        spread[c] = mad if mad > 1e-12 else float(np.std(vals)) or 1e-6
-    det = Detector(channels, spread, fp_per_image=fp_per_image)
+    floor = {}
+    for r in sorted({c[0] for c in channels}):
+        vals = np.concatenate([ring_std(t, r)[b] for t, b in zip(twins, bodies)])
+        low = float(np.percentile(vals, FLOOR_PERCENTILE)) if vals.size else 0.0
+        floor[(r, 1)] = floor[(r, -1)] = max(low, 0.5 / 255)  # at least half an 8-bit level
+    det = Detector(channels, {c: floor[c] for c in channels}, fp_per_image=fp_per_image)
     scores = sorted((p[0] for t, b in zip(twins, bodies) for p in det.peaks(t, b)), reverse=True)
     k = int(np.floor(fp_per_image * len(twins) + 1e-9))
     det.threshold = float(np.nextafter(scores[k], np.inf)) if k < len(scores) else (scores[-1] if scores else 0.0)

@@ -11,8 +11,10 @@ Conventions (shared with ``bagel_sr.eval.lesions``, which measures them):
   units, ``amplitude_stored`` = the same in stored-image units ([0, 1] over the 8-bit window);
 * measurement regions: lesion = distance <= r; ring = ``r + RING_GAP < d <= r + RING_GAP + max(RING_MIN, r)``;
 * placement: inside the body (CT above -500 HU, else above 10% of the range) with the ring, not overlapping another
-  lesion's ring, unclipped by the 8-bit window, on locally flat tissue (the clean image's own lesion-minus-ring
-  difference at most a quarter of the lesion's).
+  lesion's ring, unclipped by the 8-bit window, on locally flat tissue: the clean image's own lesion-minus-ring
+  difference at most a quarter of the lesion's, and the clutter at the lesion's scale (the standard deviation in the
+  ring of the clean image smoothed by a Gaussian of sigma r / sqrt(2), which leaves anatomy and removes pixel noise)
+  at most 0.3 of its contrast.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ RING_GAP, RING_MIN = 2.0, 3.0
 CT_BODY_HU = -500.0            # air / lung below this
 OTHER_BODY_FRACTION = 0.1      # background below this share of the working range
 FLATNESS = 0.25                # clean lesion-minus-ring difference allowed, as a share of the lesion's contrast
+CLUTTER = 0.3                  # ring std of the clean image at the lesion's scale allowed, as a share of its contrast
 TRIES = 200                    # placement draws per lesion
 LESION_FILE = "lesions.json"
 FORMAT = "bagel-sr-lesions/1"
@@ -178,6 +181,7 @@ def insert_lesions(hr: np.ndarray, cfg: dict, rng: np.random.Generator, unit: st
     body_dist = ndimage.distance_transform_edt(body_mask(hr, unit, working_range))
     n = int(rng.integers(cfg["per_slice"][0], cfg["per_slice"][1] + 1))
     placed: list[dict] = []
+    smoothed: dict[float, np.ndarray] = {}
     for _ in range(n):
         for _ in range(TRIES):
             les = _draw(rng, cfg, unit)
@@ -200,7 +204,12 @@ def insert_lesions(hr: np.ndarray, cfg: dict, rng: np.random.Generator, unit: st
             if added[prof > 0].min() < lo or added[prof > 0].max() > hi:   # clipped by the 8-bit window
                 continue
             expected = amp * (prof[les_mask].mean() - prof[ring_mask].mean())
-            if abs(contrast(hr, (cy, cx), r)) > FLATNESS * abs(expected):  # textured background
+            if abs(contrast(hr, (cy, cx), r)) > FLATNESS * abs(expected):  # background not flat
+                continue
+            sigma = round(r / np.sqrt(2.0), 1)
+            if sigma not in smoothed:
+                smoothed[sigma] = ndimage.gaussian_filter(np.asarray(hr, dtype=np.float64), sigma)
+            if smoothed[sigma][ring_mask].std() > CLUTTER * abs(amp):  # anatomy at the lesion's scale
                 continue
             out = added
             placed.append({**les, "center": [cy, cx], "amplitude": float(amp),

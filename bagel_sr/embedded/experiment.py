@@ -90,7 +90,7 @@ class ExperimentArguments(TrainConfig):
     save_checkpoints: bool = field(default=True, metadata={"help": "Write model/ema safetensors per arm."})
     grid_rows: int = field(default=8, metadata={"help": "Examples in grid.png."})
     lesion_images: int = field(
-        default=24,
+        default=16,
         metadata={"help": "Held-out patches of the lesion line (synthetic lesions and lesion-free twins, restored by "
                           "both arms in the chosen mode; seed 0 only); 0: no lesion line."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})

@@ -23,7 +23,7 @@ LESIONS = {**L.DEFAULTS, "per_slice": [1, 2], "radius": [1.5, 5.0], "contrast_fr
 SEED = 31_000
 
 
-def lesion_pairs(split: str = "heldout", n_images: int = 24, seed: int = SEED
+def lesion_pairs(split: str = "heldout", n_images: int = 16, seed: int = SEED
                  ) -> tuple[LS.LesionSet, List[data.Sample], List[data.Sample]]:
     """(records, lesion samples, twin samples) of ``n_images`` fixed patches of ``split``; the i-th twin is the i-th
     lesion sample without its lesions (same scale, same noise, same instruction)."""
@@ -52,7 +52,7 @@ def _gray(x: torch.Tensor) -> np.ndarray:
     return data.to_unit_gray(x).double().numpy()
 
 
-def run(restore: Dict[str, Callable[[Sequence[data.Sample]], torch.Tensor]], n_images: int = 24, seed: int = SEED,
+def run(restore: Dict[str, Callable[[Sequence[data.Sample]], torch.Tensor]], n_images: int = 16, seed: int = SEED,
         n_boot: int = 2000, split: str = "heldout") -> Dict:
     """Measure the truth, the bicubic input and each ``restore[name](samples) -> (N, 3, H, W)`` on the lesion bench;
     returns the summary table (records) and the headline numbers per system."""
