@@ -204,3 +204,43 @@ def test_false_positive_rate_on_fresh_twins_matches_the_stated_one():
     ci = bootstrap_ci(counts, n_boot=4000, seed=0)
     assert ci.lo <= rate <= ci.hi, (ci, rate)
     assert 0.5 * rate < np.mean(counts) < 2 * rate
+
+
+FAKE_RESTORER = """
+import argparse, json, pathlib, shutil
+p = argparse.ArgumentParser()
+p.add_argument("--erase", type=float); p.add_argument("--manifest"); p.add_argument("--output_dir")
+a = p.parse_args()
+root, out = pathlib.Path(a.manifest).parent, pathlib.Path(a.output_dir)
+out.mkdir(parents=True, exist_ok=True)
+rows = {r["pair_id"]: r for r in map(json.loads, open(a.manifest).read().splitlines())}
+for pid, r in rows.items():
+    if r["split"] == "test":  # identity, or every lesion erased (the twin's truth in the lesion image's place)
+        src = rows[r["lesions"]["twin"]] if a.erase and r.get("lesions", {}).get("role") == "lesion" else r
+        shutil.copy(root / src["heldout"]["hr"], out / (pid + ".png"))
+"""
+
+
+def test_ablate_report_shows_the_lesion_columns(ct_set, tmp_path):
+    import yaml
+
+    from bagel_sr.eval import ablate
+
+    script = tmp_path / "restorer.py"
+    script.write_text(FAKE_RESTORER)
+    manifest = str(ct_set / "manifest.jsonl")
+    grid = {"name": "lesion sweep", "base_command": [__import__("sys").executable, str(script)],
+            "output_root": str(tmp_path / "runs"), "workdir": str(tmp_path),
+            "common_flags": {"manifest": manifest, "output_dir": "{run_dir}/outputs"}, "grid": {"erase": [0, 1]},
+            "eval": {"manifest": manifest, "split": "test", "lesions": str(ct_set / "lesions.json"), "n_boot": 200,
+                     "grid_images": 0}}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    assert ablate.main(["run", str(path)]) == 0
+    res = ablate.build_report(path, progress=False)
+    t = res["table"].set_index("erase")
+    assert t.loc[0, "lesion_cr"] == pytest.approx(1.0) and t.loc[0, "lesion_erased"] == 0
+    assert t.loc[1, "lesion_erased"] == 1 and abs(t.loc[1, "lesion_cr"]) < 0.3 and t.loc[1, "lesion_detected"] == 0
+    md = res["report"].read_text()
+    assert "lesion contrast recovery [95% CI]" in md and "invented lesions / image [95% CI]" in md
+    assert "lesion_cr_lo" not in md  # the interval columns are not shown as flags
