@@ -244,3 +244,12 @@ def test_ablate_report_shows_the_lesion_columns(ct_set, tmp_path):
     md = res["report"].read_text()
     assert "lesion contrast recovery [95% CI]" in md and "invented lesions / image [95% CI]" in md
     assert "lesion_cr_lo" not in md  # the interval columns are not shown as flags
+
+
+def test_lesion_study_template_validates():
+    from importlib import resources
+
+    from bagel_sr.data import load_build_config
+
+    cfg = load_build_config(str(resources.files("bagel_sr.data").joinpath("templates", "ct_lesion_study_dicom.yaml")))
+    assert cfg.data["lesions"]["contrast_hu"] == [10, 80] and cfg.data["lesions"]["splits"] == ["test"]
