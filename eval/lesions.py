@@ -331,7 +331,7 @@ def gather(lesion_set: LesionSet, runs: dict[str, dict], load: Callable[[Path], 
     from tqdm.auto import tqdm
 
     first = next(iter(runs.values()))
-    items, skipped = [], []
+    items, skipped, nonfinite = [], [], []
     for rec in tqdm(lesion_set.images, desc="lesions", disable=not progress, unit="img"):
         pid, tid = rec["pair_id"], rec["twin_id"]
         if not all(pid in r and tid in r for r in runs.values()):
@@ -344,12 +344,20 @@ def gather(lesion_set: LesionSet, runs: dict[str, dict], load: Callable[[Path], 
             twin["input"] = _resize_to(load(first[tid].degraded), lesion["truth"].shape)
         for name, r in runs.items():
             lesion[name], twin[name] = load(r[pid].output), load(r[tid].output)
+            for imgs, key in ((lesion, pid), (twin, tid)):
+                if not np.isfinite(imgs[name]).all():  # a failure is scored as a loss, never skipped
+                    nonfinite.append(f"{name}: {key}")
+                    imgs[name] = np.nan_to_num(imgs[name], nan=0.0, posinf=1.0, neginf=0.0)
             if lesion[name].shape != lesion["truth"].shape:
                 raise BadInput(f"lesion study: output {r[pid].output} has shape {lesion[name].shape}, the reference "
                                f"{lesion['truth'].shape}")
         items.append(StudyImages(rec, lesion, twin))
     notes = [f"lesion study: {len(skipped)} lesion image(s) without outputs for the image and its twin were left out"
              ] if skipped else []
+    if nonfinite:
+        notes.append(f"lesion study: {len(nonfinite)} output(s) hold NaN/Inf ({', '.join(nonfinite[:5])}"
+                     f"{' ...' if len(nonfinite) > 5 else ''}); measured with those pixels set to 0 (NaN, -inf) or 1 "
+                     "(+inf), so their lesions count as lost")
     if not items:
         raise MissingInput("lesion study: no lesion image of the --lesions file has outputs for itself and its twin "
                            "(evaluate the split that holds them, both the lesion images and their twins)")

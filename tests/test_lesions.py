@@ -253,3 +253,25 @@ def test_lesion_study_template_validates():
 
     cfg = load_build_config(str(resources.files("bagel_sr.data").joinpath("templates", "ct_lesion_study_dicom.yaml")))
     assert cfg.data["lesions"]["contrast_hu"] == [10, 80] and cfg.data["lesions"]["splits"] == ["test"]
+
+
+def test_a_nan_output_loses_its_lesions_and_is_named():
+    from pathlib import Path
+
+    from bagel_sr.eval.pairs import Pair
+
+    lesion_set, items = _study(n=6)
+    images = {}
+    for it in items:
+        images[f"ref/{it.record['pair_id']}"], images[f"ref/{it.record['twin_id']}"] = it.lesion["truth"], it.twin["truth"]
+        out = it.lesion["truth"].copy()
+        if it is items[0]:
+            out[:] = np.nan
+        images[f"out/{it.record['pair_id']}"], images[f"out/{it.record['twin_id']}"] = out, it.twin["truth"]
+    runs = {"A": {pid: Pair(pid, Path(f"out/{pid}"), Path(f"ref/{pid}")) for it in items
+                  for pid in (it.record["pair_id"], it.record["twin_id"])}}
+    got, notes = LS.gather(lesion_set, runs, lambda p: images[str(p)], progress=False)
+    assert len(got) == 6 and any("NaN/Inf" in n and items[0].record["pair_id"] in n for n in notes)
+    per_lesion, _, _ = LS.measure(got, lesion_set, ["truth", "A"])
+    lost = per_lesion[(per_lesion.system == "A") & (per_lesion.pair_id == items[0].record["pair_id"])]
+    assert len(lost) and lost["erased"].all() and not lost["detected"].any()
