@@ -431,27 +431,6 @@ def format_table(seed_result: Dict, base: Dict, pixel: PixelLossConfig, n_pairs:
     return "\n".join(lines)
 
 
-def lesion_line(args: ExperimentArguments, seed_result: Dict, models: Dict, vae, tokenizer) -> Dict:
-    """Print and return the lesion line (``lesion_bench``): the bicubic input and both arms in the chosen mode (the
-    stock sampler without modes). Torch's and numpy's global random states are restored afterwards."""
-    from . import lesion_bench
-
-    mode = {m.name: m for m in parse_modes(args.sample_modes)}.get(seed_result.get("chosen_mode"), Mode())
-    seed = seed_result["seed"]
-    restore = {arm: (lambda s, m=models[arm]: sample_modes(m, vae, s, tokenizer, [mode], args, seed)[mode.name]["pred"])
-               for arm in ("flow_only", "pixel")}
-    t0, np_state = time.time(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        result = lesion_bench.run(restore, args.lesion_images, split=args.eval_split)
-    np.random.set_state(np_state)
-    result["seconds"] = round(time.time() - t0, 1)
-    labels = {"input": "LR input (bicubic up)", "flow_only": f"flow only, {mode.name}", "pixel": f"+ pixel, {mode.name}"}
-    what = f"chosen mode {mode.name}" if "chosen_mode" in seed_result else f"stock sampler {mode.name}"
-    print(lesion_bench.format_lines(result, labels, f"seed {seed}, {what}") +
-          f"\nlesion line: {result['seconds']:.0f} s", flush=True)
-    return result
-
-
 def save_grid(path: str, pairs: List[data.Sample], preds: Dict[str, torch.Tensor], rows: int) -> None:
     import matplotlib
 
@@ -545,7 +524,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         print(tables[-1], flush=True)
         if k == 0:
             save_grid(str(ledger.record("grid.png")), pairs, preds, args.grid_rows)
-        if models:
+        if models:  # after the results, from its own generators: nothing printed above changes
+            from .lesion_bench import lesion_line
+
             lesions = lesion_line(args, seed_result, models, vae, tokenizer)
     report = dict(
         command="python train/main_sr_pixel_loss.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -10,6 +10,7 @@ Everything is drawn from its own seeded generators, after the main results, so n
 from __future__ import annotations
 
 import json
+import time
 from typing import Callable, Dict, List, Sequence
 
 import numpy as np
@@ -91,3 +92,25 @@ def format_lines(result: Dict, labels: Dict[str, str], mode: str, width: int = 3
         lines.append(f"{label:{width}}{_cell(s, system, 'detected', 'all'):>18}  {_cell(s, system, 'cr', 'all'):>18}  "
                      f"{_cell(s, system, 'erased', 'all'):>18}  {_cell(s, system, 'invented', 'per image'):>18}")
     return "\n".join(lines)
+
+
+def lesion_line(args, seed_result: Dict, models: Dict, vae, tokenizer) -> Dict:
+    """Print and return the experiment's lesion line (``args``: its ``ExperimentArguments``): the bicubic input and
+    both arms in the chosen mode (the stock sampler without modes). Torch's and numpy's global random states are
+    restored afterwards."""
+    from .experiment import Mode, parse_modes, sample_modes
+
+    mode = {m.name: m for m in parse_modes(args.sample_modes)}.get(seed_result.get("chosen_mode"), Mode())
+    seed = seed_result["seed"]
+    restore = {arm: (lambda s, m=models[arm]: sample_modes(m, vae, s, tokenizer, [mode], args, seed)[mode.name]["pred"])
+               for arm in ("flow_only", "pixel")}
+    t0, np_state = time.time(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        result = run(restore, args.lesion_images, split=args.eval_split)
+    np.random.set_state(np_state)
+    result["seconds"] = round(time.time() - t0, 1)
+    labels = {"input": "LR input (bicubic up)", "flow_only": f"flow only, {mode.name}", "pixel": f"+ pixel, {mode.name}"}
+    what = f"chosen mode {mode.name}" if "chosen_mode" in seed_result else f"stock sampler {mode.name}"
+    print(format_lines(result, labels, f"seed {seed}, {what}") +
+          f"\nlesion line: {result['seconds']:.0f} s", flush=True)
+    return result
