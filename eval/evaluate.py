@@ -398,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          not a.no_progress, allow_nonfinite=True, lesions=a.lesions,
                          lesion_fp_per_image=a.lesion_fp_per_image)
     print(_summary_view(res["summary"]).to_string(index=False))
-    print(f"report: {Path(a.out) / 'summary.md'}")
+    print(f"report: {Path(a.out) / 'summary.md'}" + (f", lesion study: {Path(a.out) / 'lesions.md'}" if a.lesions else ""))
     if not a.allow_nonfinite:
         check_finite(res, a.out)
     return 0
