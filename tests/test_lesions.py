@@ -101,6 +101,9 @@ def test_lesion_config_errors_name_the_key(tmp_path):
         build_dataset({**base, "lesions": {"radius": [0.5, 2]}}, progress=False)
     with pytest.raises(ConfigError, match="unknown config key 'lesions.size'"):
         build_dataset({**base, "lesions": {"size": 3}}, progress=False)
+    with pytest.raises(ConfigError, match="input.color: gray"):
+        build_dataset({**base, "input": {"kind": "images", "path": str(tmp_path), "color": "rgb"}, "lesions": True},
+                      progress=False)
     with pytest.raises(ConfigError, match="volumetric"):
         build_dataset({**base, "degradations": [{"name": "slice_thickness", "factor": 2},
                                                 {"name": "bicubic_downsample", "scale": 2}], "lesions": True},

@@ -281,5 +281,5 @@ def _validate(d: dict[str, Any]) -> tuple[DegradationStep, ...]:
            "bagel.num_used_data", bg["num_used_data"], "null (= number of train shards) or an integer >= 1")
     _check(_is_num(bg["weight"]) and bg["weight"] > 0, "bagel.weight", bg["weight"], "a number > 0")
     _check(isinstance(bg["is_mandatory"], bool), "bagel.is_mandatory", bg["is_mandatory"], "true or false")
-    d["lesions"] = validate_lesions(d["lesions"], [s.name for s in steps if s.spec.volumetric])
+    d["lesions"] = validate_lesions(d["lesions"], [s.name for s in steps if s.spec.volumetric], inp["color"])
     return steps

@@ -57,7 +57,7 @@ def _pair_of(v: Any, lo: float, integer: bool = False) -> bool:
     return isinstance(v, list) and len(v) == 2 and all(ok_type(x) for x in v) and lo <= v[0] <= v[1]
 
 
-def validate_config(raw: Any, volumetric_steps: Sequence[str] = ()) -> dict[str, Any] | None:
+def validate_config(raw: Any, volumetric_steps: Sequence[str] = (), color: str = "gray") -> dict[str, Any] | None:
     """The ``lesions:`` block of a build config with defaults filled in (``None``: no lesions). Raises ConfigError."""
     if raw is None or raw is False:
         return None
@@ -88,6 +88,8 @@ def validate_config(raw: Any, volumetric_steps: Sequence[str] = ()) -> dict[str,
         raise ConfigError.bad_value("lesions.shapes", d["shapes"], "a non-empty list of " + ", ".join(SHAPES))
     if d["seed"] is not None and not (isinstance(d["seed"], int) and not isinstance(d["seed"], bool)):
         raise ConfigError.bad_value("lesions.seed", d["seed"], "an integer or null (= the set's seed)")
+    if color != "gray":
+        raise ConfigError("config key 'lesions': lesions are inserted into grayscale slices; set input.color: gray")
     if volumetric_steps:
         raise ConfigError(f"config key 'lesions': lesions are inserted per slice before the 2D degradations; the "
                           f"volumetric step(s) {', '.join(volumetric_steps)} would not see them. Drop them or the "
