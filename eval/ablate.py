@@ -23,7 +23,8 @@ flags and the ``eval`` block against the data before it writes anything, so ``re
                  default ``{run_dir}/outputs``), ``references`` or ``manifest`` (+ ``split``), ``data_range``,
                  ``convention``, ``ssim_window``, ``hu_window`` ([level, width]), ``color``,
                  ``hallucination_threshold`` (default 0.1), ``baseline`` (run name, or ``RUN/VARIANT``, for paired
-                 comparisons), ``n_boot``, ``grid_images`` (pairs shown side by side, default 4).
+                 comparisons), ``n_boot``, ``grid_images`` (pairs shown side by side, default 4), ``lesions``
+                 (``lesions.json`` of a lesion set: lesion columns in the report) and ``lesion_fp_per_image``.
   sort_by        metric of the report's ordering (default ``psnr``).
   plots          flags on the x axis of metric plots (default: grid and infer_grid flags with several numeric values).
 

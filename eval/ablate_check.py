@@ -28,7 +28,7 @@ WRAPPER_MODULE = "bagel_sr.patches.launch"
 #: Keys of a grid's ``eval`` block (``ablate report`` reads these; anything else is a typo).
 EVAL_KEYS = ("infer_command", "outputs", "references", "manifest", "split", "data_range", "convention",
              "ssim_window", "hu_window", "color", "hallucination_threshold", "baseline", "n_boot", "grid_images",
-             "data_consistency", "lpips_weights", "bits_stored")
+             "data_consistency", "lpips_weights", "bits_stored", "lesions", "lesion_fp_per_image")
 #: Metrics ``sort_by`` may name (``ssim`` is the settings' SSIM window).
 SORTABLE = ("psnr", "ssim", "ssim_uniform7", "ssim_gaussian11", "nmse", "nrmse", "hfen", "lpips", "dc_psnr",
             "dc_nrmse", "dc_band_nrmse", "null_energy_fraction", "err_band_nrmse", "err_null_nrmse",
@@ -143,8 +143,12 @@ def check_eval_block(cfg: dict[str, Any], row_names: Sequence[str], run_names: S
     if hu is not None and not (isinstance(hu, (list, tuple)) and len(hu) == 2
                                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in hu)):
         raise BadInput(f"eval.hu_window {hu!r}: expected [level, width] in HU, e.g. [40, 400]")
+    if ev.get("lesions") is not None and not (workdir / str(ev["lesions"])).is_file():
+        raise BadInput(f"eval.lesions {ev['lesions']!r}: no such file (the lesions.json a build with a lesions block "
+                       "writes next to its manifest)")
     for key, kind, low in (("n_boot", int, 1), ("grid_images", int, 0), ("bits_stored", int, 1),
-                           ("hallucination_threshold", float, 0), ("data_range", float, 0)):
+                           ("hallucination_threshold", float, 0), ("data_range", float, 0),
+                           ("lesion_fp_per_image", float, 0)):
         v = ev.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v))
                               or v < low or (key == "data_range" and v == 0)):

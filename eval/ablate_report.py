@@ -38,6 +38,21 @@ def headline_metrics(settings: EvalSettings) -> list[str]:
     return ["psnr", f"ssim_{settings.window}", "halluc_share"]
 
 
+LESION_COLUMNS = {"detected": "lesions detected", "cr": "lesion contrast recovery", "erased": "lesions erased",
+                  "invented": "invented lesions / image"}
+
+
+def lesion_columns(summary: pd.DataFrame) -> dict[str, float]:
+    """``lesion_<metric>`` (+ ``_lo``/``_hi``) of run A over all lesions, from the lesion study's summary."""
+    out = {}
+    for metric in LESION_COLUMNS:
+        hit = summary[(summary["system"] == "A") & (summary["metric"] == metric) & summary["group"].isin(["all", "per image"])]
+        if len(hit):
+            r = hit.iloc[0]
+            out.update({f"lesion_{metric}": r["mean"], f"lesion_{metric}_lo": r["ci_lo"], f"lesion_{metric}_hi": r["ci_hi"]})
+    return out
+
+
 def eval_settings(ev: dict[str, Any]) -> EvalSettings:
     """EvalSettings from the grid's ``eval`` section."""
     hu = ev.get("hu_window")
@@ -125,7 +140,8 @@ def build_report(grid_path: str | Path, out: str | Path | None = None, n_boot: i
     for r in finished:
         res = run_evaluation(r.outputs, r.eval_dir, settings, ev.get("references"),
                              ev.get("manifest"), split=ev.get("split"), n_boot=n_boot, worst=0, progress=progress,
-                             title=f"Evaluation of run {r.name}", label=r.name)
+                             title=f"Evaluation of run {r.name}", label=r.name, lesions=ev.get("lesions"),
+                             lesion_fp_per_image=float(ev.get("lesion_fp_per_image", 0.25)))
         small = small or next((n for n in res["notes"] if n.startswith("small sample")), None)
         per_image[r.name] = res["per_image"]
         unit_tables[r.name] = unit_table(res["per_image"], res["per_volume"])
@@ -133,6 +149,8 @@ def build_report(grid_path: str | Path, out: str | Path | None = None, n_boot: i
         for s in res["summary"].itertuples():
             row.update({s.metric: s.mean, f"{s.metric}_lo": s.ci_lo, f"{s.metric}_hi": s.ci_hi, "n": s.n,
                         "unit": s.unit})
+        if res.get("lesions"):
+            row.update(lesion_columns(res["lesions"]["summary"]))
         rows.append(row)
     table = pd.DataFrame(rows)
     sort_by = cfg.get("sort_by", "psnr")
@@ -237,7 +255,7 @@ def _report_markdown(cfg: dict[str, Any], table: pd.DataFrame, sort_by: str, set
                      flags: list[str] | None = None) -> str:
     metrics = metric_columns(table)
     if flags is None:
-        flags = [c for c in table.columns if c not in ("run", "n", "unit") and not any(
+        flags = [c for c in table.columns if c not in ("run", "n", "unit") and not c.startswith("lesion_") and not any(
             c == m or c.startswith(f"{m}_") for m in metrics)]
     view = table[["run"] + flags].copy()
     headline = headline_metrics(settings)
@@ -248,6 +266,9 @@ def _report_markdown(cfg: dict[str, Any], table: pd.DataFrame, sort_by: str, set
         view[f"{c} [95% CI], Wilcoxon p"] = [
             f"{report.fmt_ci(r[c], r[f'{c}_lo'], r[f'{c}_hi'])}, p={report.fmt(r[f'{c}_p'], 3)}"
             for _, r in table.iterrows()]
+    for m, label in LESION_COLUMNS.items():  # with eval.lesions: the lesion study's columns (run A, all lesions)
+        if f"lesion_{m}" in table.columns:
+            view[f"{label} [95% CI]"] = _ci_cells(table, f"lesion_{m}")
     view["n"] = [f"{n} {u}s" for n, u in zip(table["n"], table["unit"])]
     title = cfg.get("name", "Ablation")
     lines = [f"# {title}", "", f"Sorted by {sort_by} ({'higher' if report.higher_is_better(sort_by) else 'lower'} "

@@ -222,7 +222,8 @@ def run_evaluation(outputs: str | Path, out_dir: str | Path, settings: EvalSetti
                    degradations: list | None = None, volume_pattern: str | None = None,
                    allow_missing: bool = False, n_boot: int = 10000, seed: int = 0, worst: int = 6,
                    progress: bool = True, title: str = "Evaluation", allow_nonfinite: bool = False,
-                   label: str | None = None, compare_label: str | None = None) -> dict[str, Any]:
+                   label: str | None = None, compare_label: str | None = None,
+                   lesions: str | Path | None = None, lesion_fp_per_image: float = 0.25) -> dict[str, Any]:
     """Evaluate ``outputs`` (and ``compare``), write CSVs, ``summary.md``, ``summary.json`` and figures to ``out_dir``.
 
     ``label``/``compare_label`` name the runs in the report (default: their outputs paths without generic folder
@@ -276,6 +277,14 @@ def run_evaluation(outputs: str | Path, out_dir: str | Path, settings: EvalSetti
     fig = worst_cases_figure(per_image, pairs, settings, out_dir / "worst_cases.png", worst,
                              {p.pair_id: p for p in other_pairs} if other_pairs else None, labels=labels)
     result["nonfinite"] = bad
+    if lesions:  # the lesion study (eval/lesion_report.py): its own tables, lesions.md and crops
+        from .lesion_report import run_lesion_study
+
+        runs = {"A": {p.pair_id: p for p in pairs}, **({"B": {p.pair_id: p for p in other_pairs}} if other_pairs else {})}
+        result["lesions"] = run_lesion_study(
+            lesions, runs, out_dir, lambda f: load_image(f, settings.color, settings.bits_stored).array,
+            lesion_fp_per_image, n_boot, seed, worst, progress)
+        notes += result["lesions"]["notes"] + ["lesion study (kept, erased, invented lesions): lesions.md"]
     failed_note = {"failed outputs (NaN/Inf)": "; ".join(
         f"{run}: {len(files)}" + (f" ({', '.join(Path(f).name for f in files[:5])})" if files else "")
         for run, files in bad.items())}
@@ -342,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow_missing", action="store_true", help="evaluate the pairs that exist")
     p.add_argument("--allow_nonfinite", action="store_true",
                    help="exit 0 even when outputs hold NaN/Inf (they are still counted and scored as failures)")
+    p.add_argument("--lesions", help="lesions.json of a lesion set: also measure kept, erased and invented lesions")
+    p.add_argument("--lesion_fp_per_image", type=float, default=0.25,
+                   help="detector threshold: false detections per lesion-free image (default 0.25)")
     p.add_argument("--n_boot", type=int, default=10000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worst", type=int, default=6, help="rows in worst_cases.png (0: none)")
@@ -355,6 +367,8 @@ def _check_args(a: argparse.Namespace) -> list | None:
         raise BadInput(f"--n_boot {a.n_boot}: expected an integer >= 1")
     if a.worst < 0:
         raise BadInput(f"--worst {a.worst}: expected an integer >= 0")
+    if not (np.isfinite(a.lesion_fp_per_image) and a.lesion_fp_per_image > 0):
+        raise BadInput(f"--lesion_fp_per_image {a.lesion_fp_per_image}: expected a number > 0")
     if a.data_range is not None and not (np.isfinite(a.data_range) and a.data_range > 0):
         raise BadInput(f"--data_range {a.data_range}: expected a finite number > 0")
     if not a.degradations:
@@ -376,12 +390,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                             hallucination_threshold=a.hallucination_threshold)
     res = run_evaluation(a.outputs, a.out, settings, a.references, a.manifest, a.compare, a.split, a.inputs,
                          degradations, a.volume_pattern, a.allow_missing, a.n_boot, a.seed, a.worst,
-                         not a.no_progress, allow_nonfinite=True, label=a.label, compare_label=a.compare_label)
+                         not a.no_progress, allow_nonfinite=True, label=a.label, compare_label=a.compare_label,
+                         lesions=a.lesions, lesion_fp_per_image=a.lesion_fp_per_image)
     print(readable.fit_console(_summary_view(res["summary"]), str(Path(a.out) / "summary.md")))
     for note in res["notes"]:
         if note.startswith("small sample"):
             print(textwrap.fill("note: " + note, readable.CONSOLE_WIDTH))
-    print(f"report: {Path(a.out) / 'summary.md'}")
+    print(f"report: {Path(a.out) / 'summary.md'}" + (f", lesion study: {Path(a.out) / 'lesions.md'}" if a.lesions else ""))
     if not a.allow_nonfinite:
         check_finite(res, a.out)
     return 0

@@ -68,6 +68,7 @@ def grid(tmp, **overrides):
     ("HU", {"eval__n_boot": 0}, r"eval.n_boot 0: expected an integer >= 1"),
     ("HU", {"eval__convention": "fastmri"}, "fastMRI convention .* drop --data_range and --hu_window"),
     ("HU", {"eval__hu_window": [40]}, r"eval.hu_window \[40\]: expected \[level, width\]"),
+    ("HU", {"eval__lesions": "ct/lesions.json"}, r"eval.lesions 'ct/lesions.json': no such file"),
 ])
 def test_plan_refuses_what_report_would_refuse_before_writing(tmp_path, capsys, unit, overrides, message):
     import re

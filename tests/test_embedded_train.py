@@ -56,7 +56,8 @@ def test_experiment_end_to_end(tmp_path):
             str(tmp_path), "--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_heads", "2",
             "--num_key_value_heads", "1", "--intermediate_size", "64", "--progress", "False", "--num_threads", "1",
             "--save_checkpoints", "False", "--pool_size", "16", "--pixel_loss_weight", "0.05",
-            "--sample_modes", "1:1:0,0.3:2:0,0.3:2:1,0.3:2:0:1", "--term_arms", "ssim:1", "--aligned_condition", "True"]
+            "--sample_modes", "1:1:0,0.3:2:0,0.3:2:1,0.3:2:0:1", "--term_arms", "ssim:1", "--aligned_condition", "True",
+            "--lesion_images", "0"]  # the lesion line has its own test
     report = experiment.main(argv)
     assert (tmp_path / "metrics.json").exists() and (tmp_path / "grid.png").exists()
     saved = json.loads((tmp_path / "metrics.json").read_text())
@@ -181,3 +182,37 @@ def test_main_job_help_without_a_checkout_is_help_only_and_names_the_demo_defaul
     for name, value in (("max_images", 1), ("crop", 4), ("crop_margin", 0), ("checkpointing", False)):
         assert f"--pixel_loss_{name} {value} (wrapper: {getattr(PixelLossConfig(), name)})" in out
     assert "--pixel_loss_weight 0.05 (wrapper" not in out  # equal defaults are not listed
+
+
+def test_lesion_line_prints_both_arms_and_the_input_and_changes_no_other_number(tmp_path, capsys):
+    """The lesion line runs after the results with its own generators: every number of both seeds is the same with
+    and without it."""
+    argv = ["--steps", "2", "--batch_size", "4", "--sample_steps", "2", "--eval_split", "val", "--hidden_size", "32",
+            "--num_hidden_layers", "1", "--num_attention_heads", "2", "--num_key_value_heads", "1",
+            "--intermediate_size", "64", "--progress", "False", "--num_threads", "1", "--save_checkpoints", "False",
+            "--pool_size", "8", "--sample_modes", "", "--seeds", "2"]
+    plain = experiment.main(argv + ["--output_dir", str(tmp_path / "a"), "--lesion_images", "0"])
+    out_plain = capsys.readouterr().out
+    with_lesions = experiment.main(argv + ["--output_dir", str(tmp_path / "b"), "--lesion_images", "6"])
+    out = capsys.readouterr().out
+
+    def numbers(report):
+        keep = ("per_image", "modes_val_per_image_psnr", "unpaired_flow_loss", "paired_flow_loss", "final_log")
+        return [(r["seed"], r.get("chosen_mode"), arm, {k: a[k] for k in keep if k in a},
+                 {m: v["per_image"] for m, v in a.get("modes", {}).items()}) for r in report["seeds"]
+                for arm, a in r["arms"].items()]
+
+    def strip_times(final):
+        return {k: v for k, v in final.items() if "second" not in k and k != "time"}
+
+    a, b = numbers(plain), numbers(with_lesions)
+    for x, y in zip(a, b):
+        x[3]["final_log"], y[3]["final_log"] = strip_times(x[3]["final_log"]), strip_times(y[3]["final_log"])
+    assert a == b and len(a) == 4
+    assert "lesions (" not in out_plain and "lesions" not in plain
+    block = out[out.index("lesions ("):].splitlines()
+    assert [line.split(",")[0].split(" (")[0].strip() for line in block[2:5]] == ["LR input", "flow only", "+ pixel"]
+    assert "stock sampler T0=1 K=1" in block[0] and "+ pixel, T0=1 K=1" in block[4]  # no modes: the stock sampler
+    head = with_lesions["lesions"]["headline"]
+    assert set(head) == {"truth", "input", "flow_only", "pixel"} and with_lesions["lesions"]["n_images"] == 6
+    assert head["truth"]["cr"] == pytest.approx(1.0) and all(np.isfinite(v["cr"]) for v in head.values())

@@ -23,7 +23,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from . import feeding, layout
+from . import feeding, layout, lesions
 from .config import BuildConfig, load_build_config
 from .degradations import apply_chain
 from .errors import BuildError, ConfigError, OutputExistsError, SourceError
@@ -116,29 +116,41 @@ def make_pairs(ref: SourceRef, cfg: BuildConfig, split: str, group: tuple[str, s
             blank += 1
             continue
         seed = pair_seed(cfg.seed, ref.source_id, k)
-        try:
-            lr, records = apply_chain(list(cfg.slice_steps), lr, np.random.default_rng(seed), context)
-        except ValueError as e:
-            raise SourceError(f"{ref.label} slice {k}: {e}") from e
-        records = vol_records + records
-        task, variants = instructions_for(records, templates, src.modality, noun, cfg.data["instructions"]["task"])
-        pid = pair_id_for(ref, k)
-        source_info = {
-            "id": ref.source_id, "kind": ref.kind, "path": ref.rel_path, "modality": src.modality,
-            "slice_axis": axis, "slice_index": k, "num_slices": n, "pixel_size_mm": src.pixel_size_mm,
-            **{key: v for key, v in ref.meta.items() if key != "modality"},
-            **{key: v for key, v in src.info.items() if key not in ("bits_source", "note")},
-        }
-        if src.slice_files is not None and axis == 2:
-            source_info["file"] = src.slice_files[k]
-        manifest = {
-            "pair_id": pid, "split": split, "group": group[0], "group_by": group[1], "source": source_info,
-            "crop": {"top": top, "left": left, "height": ch, "width": cw, "original_size": list(full_hw)},
-            "intensity": intensity, "degradations": records,
-            "seed": {"base": cfg.seed, "pair": seed, "volume": vol_seed},
-            "task": task, "instructions": variants, "size": [ch, cw],
-        }
-        pairs.append(Pair(pid, split, encode_png(mapping.to_uint8(lr)), encode_png(hr_u8), variants, manifest))
+        versions = [(pair_id_for(ref, k), hr_u8, lr, None)]
+        les_cfg = cfg.data["lesions"]
+        if les_cfg and split in les_cfg["splits"]:  # lesions need no volumetric step (config): lr is the clean slice
+            les_seed = pair_seed(cfg.seed if les_cfg["seed"] is None else les_cfg["seed"], ref.source_id, k)
+            try:
+                made = lesions.variants(versions[0][0], hr, les_cfg, np.random.default_rng(les_seed), mapping.unit,
+                                        mapping.working_range())
+            except ValueError as e:
+                raise SourceError(f"{ref.label} slice {k}: {e}") from e
+            versions = [(v_id, mapping.to_uint8(v_hr), v_hr, block) for v_id, v_hr, block in made]
+        for pid, hr_u8, lr, les_block in versions:  # a lesion version and its twin share the degradation seed
+            try:
+                lr, records = apply_chain(list(cfg.slice_steps), lr, np.random.default_rng(seed), context)
+            except ValueError as e:
+                raise SourceError(f"{ref.label} slice {k}: {e}") from e
+            records = vol_records + records
+            task, variants = instructions_for(records, templates, src.modality, noun, cfg.data["instructions"]["task"])
+            source_info = {
+                "id": ref.source_id, "kind": ref.kind, "path": ref.rel_path, "modality": src.modality,
+                "slice_axis": axis, "slice_index": k, "num_slices": n, "pixel_size_mm": src.pixel_size_mm,
+                **{key: v for key, v in ref.meta.items() if key != "modality"},
+                **{key: v for key, v in src.info.items() if key not in ("bits_source", "note")},
+            }
+            if src.slice_files is not None and axis == 2:
+                source_info["file"] = src.slice_files[k]
+            manifest = {
+                "pair_id": pid, "split": split, "group": group[0], "group_by": group[1], "source": source_info,
+                "crop": {"top": top, "left": left, "height": ch, "width": cw, "original_size": list(full_hw)},
+                "intensity": intensity, "degradations": records,
+                "seed": {"base": cfg.seed, "pair": seed, "volume": vol_seed},
+                "task": task, "instructions": variants, "size": [ch, cw],
+            }
+            if les_block is not None:
+                manifest["lesions"] = les_block
+            pairs.append(Pair(pid, split, encode_png(mapping.to_uint8(lr)), encode_png(hr_u8), variants, manifest))
     return pairs, blank
 
 
@@ -376,6 +388,10 @@ def build_dataset(
         bar.close()
 
     n_manifest = writer.write_manifest()
+    if cfg.data["lesions"] and n_manifest:
+        lesions.write_lesion_file(cfg.output_dir, [json.loads(line) for line in
+                                                   (cfg.output_dir / layout.MANIFEST_FILE).read_text().splitlines()
+                                                   if line.strip()], cfg.data["lesions"])
     info_paths = writer.write_parquet_info()
     if task_seen is None and n_manifest:
         task_seen = json.loads((cfg.output_dir / layout.MANIFEST_FILE).read_text().splitlines()[0])["task"]

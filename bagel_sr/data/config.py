@@ -20,6 +20,7 @@ import yaml
 from .degradations import DegradationStep, validate_step
 from .errors import ConfigError
 from .intensity import CT_WINDOWS, INTENSITY_MODES
+from .lesions import validate_config as validate_lesions
 from .instructions import TASKS
 
 INPUT_KINDS = ("images", "dicom", "nifti")
@@ -59,6 +60,7 @@ DEFAULTS: dict[str, Any] = {
         "world_size": 2,
         "num_workers": 1,
     },
+    "lesions": None,  # synthetic lesions (bagel_sr/data/lesions.py); validated there
 }
 
 
@@ -286,4 +288,5 @@ def _validate(d: dict[str, Any]) -> tuple[DegradationStep, ...]:
     _check(isinstance(bg["is_mandatory"], bool), "bagel.is_mandatory", bg["is_mandatory"], "true or false")
     for k in ("world_size", "num_workers"):  # the ranks x loader workers the train row groups must feed
         _check(_is_int(bg[k]) and bg[k] >= 1, f"bagel.{k}", bg[k], "an integer >= 1")
+    d["lesions"] = validate_lesions(d["lesions"], [s.name for s in steps if s.spec.volumetric], inp["color"])
     return steps

@@ -89,6 +89,10 @@ class ExperimentArguments(TrainConfig):
     vae_dir: Optional[str] = field(default=None, metadata={"help": "VAE directory (default: the shipped one)."})
     save_checkpoints: bool = field(default=True, metadata={"help": "Write model/ema safetensors per arm."})
     grid_rows: int = field(default=8, metadata={"help": "Examples in grid.png."})
+    lesion_images: int = field(
+        default=16,
+        metadata={"help": "Held-out patches of the lesion line (synthetic lesions and lesion-free twins, restored by "
+                          "both arms in the chosen mode; seed 0 only); 0: no lesion line."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
     overwrite: bool = field(
         default=False,
@@ -225,7 +229,7 @@ def parse(argv: Optional[Sequence[str]] = None):
     args, pixel_args = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
     if args.eval_split not in ("heldout", "val"):
         raise BadInput(f"--eval_split: got {args.eval_split!r}; allowed: 'heldout', 'val'")
-    for name, low in (("seeds", 1), ("sample_steps", 1), ("grid_rows", 0), ("hidden_size", 1),
+    for name, low in (("seeds", 1), ("sample_steps", 1), ("grid_rows", 0), ("lesion_images", 0), ("hidden_size", 1),
                       ("num_hidden_layers", 1), ("num_attention_heads", 1), ("num_key_value_heads", 1),
                       ("intermediate_size", 1)):
         if getattr(args, name) < low:
@@ -293,7 +297,8 @@ def train_config_for(args: ExperimentArguments) -> TrainConfig:
 
 
 def run_seed(args: ExperimentArguments, pixel: PixelLossConfig, seed: int, vae, pairs, unpaired, tokenizer,
-             ledger: Optional[Ledger] = None, val_pairs: Optional[List[data.Sample]] = None) -> Dict:
+             ledger: Optional[Ledger] = None, val_pairs: Optional[List[data.Sample]] = None,
+             models: Optional[Dict] = None) -> Dict:
     model_config = model_config_for(args, tokenizer)
     train_cfg = train_config_for(args)
     modes = parse_modes(args.sample_modes)
@@ -309,6 +314,8 @@ def run_seed(args: ExperimentArguments, pixel: PixelLossConfig, seed: int, vae, 
         run = train(dataclasses.replace(model_config), train_cfg, arm_pixel, vae, seed=seed, output_dir=out_dir,
                     progress=args.progress, desc=f"seed {seed} {arm}", tokenizer=tokenizer, pool=pool)
         model = run.ema_model if args.eval_ema else run.model
+        if models is not None:  # kept for the lesion line
+            models[arm] = model
         t0 = time.time()
         pred = sampling.euler_sample(model, vae, pairs, tokenizer, steps=args.sample_steps,
                                      timestep_shift=args.sample_timestep_shift, seed=seed)
@@ -507,15 +514,20 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     print("pixel loss:", ", ".join(f"{k}={v}" for k, v in pixel.to_flags().items()
                                    if k in ("pixel_loss_weight", "pixel_loss_type", "pixel_loss_terms", "pixel_loss_max_t",
                                             "pixel_loss_schedule", "pixel_loss_paired_only", "pixel_loss_max_images")))
-    results, tables = [], []
+    results, tables, lesions = [], [], None
     for k in range(args.seeds):
         seed = args.seed + k
-        seed_result, preds = run_seed(args, pixel, seed, vae, pairs, unpaired, tokenizer, ledger, val_pairs)
+        models = {} if k == 0 and args.lesion_images else None
+        seed_result, preds = run_seed(args, pixel, seed, vae, pairs, unpaired, tokenizer, ledger, val_pairs, models)
         results.append(seed_result)
         tables.append(format_table(seed_result, base, pixel, len(pairs), args.eval_split))
         print(tables[-1], flush=True)
         if k == 0:
             save_grid(str(ledger.record("grid.png")), pairs, preds, args.grid_rows)
+        if models:  # after the results, from its own generators: nothing printed above changes
+            from .lesion_bench import lesion_line
+
+            lesions = lesion_line(args, seed_result, models, vae, tokenizer)
     report = dict(
         command="python train/main_sr_pixel_loss.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         arguments=dataclasses.asdict(args),
@@ -532,6 +544,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         platform=platform.platform(),
         seconds=round(time.time() - start, 1),
     )
+    if lesions is not None:
+        report["lesions"] = lesions
     if args.seeds > 1:
         report["across_seeds"] = _across_seeds(results)
         print(format_across_seeds(report["across_seeds"], base, results))
