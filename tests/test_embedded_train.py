@@ -103,7 +103,7 @@ def test_help_of_the_main_job_prints_the_flags_and_exits_0(capsys):
         experiment.parse(["--help"])
     assert exit_.value.code == 0
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
-    assert "--pixel_loss_weight" in out and "--sample_modes" in out and "about 53% of the training targets" in out
+    assert "--pixel_loss_weight" in out and "--sample_modes" in out and "where the inference modes start" in out
 
 
 def test_argparse_literal_doubles_only_bare_percent_signs_and_is_idempotent():

@@ -39,24 +39,19 @@ from .vae import load_meta, load_vae
 class ExperimentArguments(TrainConfig):
     steps: int = field(
         default=2800,
-        metadata={"help": "Optimizer steps per arm. 2800 (the restorer's default since issue 17; the loop's is 2000): "
-                          "val, seed 0, + pixel, T0=0.3 K=8: 27.04 dB at 2000 steps, 27.11 at 2400, 27.19 at 2800; "
-                          "affordable since the samples attend per sample (1.5x faster per step)."})
+        metadata={"help": "Optimizer steps per arm (the demo's own default; the embedded loop's is 2000)."})
     timestep_shift: float = field(
         default=0.4,
-        metadata={"help": "Training timestep shift s: t = s*t/(1+(s-1)*t). 0.4 (the restorer's default since issue 17) "
-                          "puts about 53% of the training targets at t <= 0.3, where the inference modes start; 1 is "
-                          "BAGEL's logit-normal (about 20%)."})
+        metadata={"help": "Training timestep shift s: t = s*t/(1+(s-1)*t); below 1 puts more training targets at "
+                          "low t, where the inference modes start (1 = BAGEL's logit-normal)."})
     t2i_ratio: float = field(
         default=0.1,
-        metadata={"help": "Share of unpaired text-to-image samples in a batch. 0.1 (the restorer's default since issue "
-                          "17; the loop's is 0.25): more restoration pairs per step, and still unpaired targets for "
-                          "--pixel_loss_paired_only to exclude."})
+        metadata={"help": "Share of unpaired text-to-image samples in a batch (the loop's default is 0.25); "
+                          "--pixel_loss_paired_only excludes their targets."})
     vae_cond_dropout_prob: float = field(
         default=0.0,
-        metadata={"help": "Drop the condition image. 0 here (BAGEL's 0.1 trains the unconditional branch for CFG, "
-                          "which the restorer's samplers do not use). Val, seed 0, + pixel, with t2i_ratio 0.1: "
-                          "+0.10 dB / +0.004 SSIM in the chosen mode."})
+        metadata={"help": "Probability of dropping the condition image (BAGEL's 0.1 trains the unconditional branch "
+                          "for CFG, which the demo's samplers do not use)."})
     output_dir: str = field(default="outputs/embedded", metadata={"help": "Where metrics.json, grid.png, checkpoints go."})
     seeds: int = field(default=1, metadata={"help": "Repeat the experiment over this many seeds (seed, seed+1, ...)."})
     seed: int = field(default=0, metadata={"help": "First seed (model init, data order, noise)."})
@@ -100,7 +95,7 @@ class ExperimentArguments(TrainConfig):
 
 
 #: The conservative defaults with the cost controls this bench needs for the pixel arm to train in little more than
-#: the flow arm's time (issue 17: on this tiny backbone one decoder forward + backward costs about as much as the
+#: the flow arm's time (on this tiny backbone one decoder forward + backward costs about as much as the
 #: model's step): one decoded image per micro-batch, a 4x4-latent (32 px) crop decoded without a margin (a
 #: 1-latent-pixel margin decodes 2.25x the pixels; side by side, benchmarks/embedded_pixel_cost.py: 1.09-1.25x the
 #: flow arm's step without it, 1.23-1.28x with it; val, seed 0, T0=0.3 K=8: 27.21 dB without, 27.19 with), and no
@@ -238,7 +233,7 @@ def parse(argv: Optional[Sequence[str]] = None):
     parse_modes(args.sample_modes)
     pixel = PixelLossConfig.from_namespace(pixel_args)
     arm_configs(pixel, args.term_arms)
-    check_names("--pixel_loss_datasets", pixel.dataset_names, data.DATASET_NAMES)  # issue 15
+    check_names("--pixel_loss_datasets", pixel.dataset_names, data.DATASET_NAMES)
     return args, pixel
 
 
