@@ -351,17 +351,7 @@ def worker(argv: Sequence[str]) -> None:
         ["--bagel_train_script", args.bagel_train_script] if args.bagel_train_script else []) + list(rest)
     launch.main(wrapper_argv, before_main=before_main, pixel_loss=not args.stock, dry_run=True)
     if args.load_check and int(os.environ.get("RANK", "0")) == 0:
-        _write_load_check(pathlib.Path(args.load_check), recorded, _flag_value(rest, "checkpoint_dir"))
-
-
-def _flag_value(argv: Sequence[str], name: str) -> Optional[str]:
-    value = None
-    for i, a in enumerate(argv):
-        if a == f"--{name}" and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif a.startswith(f"--{name}="):
-            value = a.split("=", 1)[1]
-    return value
+        _write_load_check(pathlib.Path(args.load_check), recorded, smoke_preflight.flag_value(rest, "checkpoint_dir"))
 
 
 def _record_model_config(module, recorded: dict) -> None:
