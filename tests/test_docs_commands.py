@@ -80,7 +80,9 @@ def test_commands_that_are_not_run_use_flags_their_tool_accepts(block, command, 
     known = help_flags(tuple(prefix), with_checkout)
     prefixes = [k for k in known if k.endswith("_")]  # "--pixel_loss_*" in a help text
     unknown = [f for f in flags if f not in known and not any(f.startswith(p) for p in prefixes)]
-    if unknown and prefix[-1] == "bagel_sr.smoke" and upstream_root() is not None:  # passed on to the checkout
+    if unknown and prefix[-1] == "bagel_sr.smoke":  # passed on to the checkout: its flags
+        if upstream_root() is None:
+            pytest.skip(f"{unknown} pass on to the checkout, whose flags need BAGEL_ROOT")
         script = str(docs_blocks.REPO / "train" / "main_sr_pixel_loss.py")
         unknown = [f for f in unknown if f not in help_flags((script,), True)]
     assert not unknown, f"{block.where}: {command!r} uses flags its --help does not list: {unknown}"
