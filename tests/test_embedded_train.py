@@ -185,12 +185,12 @@ def test_main_job_help_without_a_checkout_is_help_only_and_names_the_demo_defaul
 
 
 def test_lesion_line_prints_both_arms_and_the_input_and_changes_no_other_number(tmp_path, capsys):
-    """The lesion line runs after the results with its own generators: every number of both seeds is the same with
-    and without it."""
+    """The lesion line runs after the results with its own generators: every number is the same with and without
+    it (each seed's training reseeds itself, so one seed shows it)."""
     argv = ["--steps", "2", "--batch_size", "4", "--sample_steps", "2", "--eval_split", "val", "--hidden_size", "32",
             "--num_hidden_layers", "1", "--num_attention_heads", "2", "--num_key_value_heads", "1",
             "--intermediate_size", "64", "--progress", "False", "--num_threads", "1", "--save_checkpoints", "False",
-            "--pool_size", "8", "--sample_modes", "", "--seeds", "2"]
+            "--pool_size", "8", "--sample_modes", "", "--seeds", "1"]
     plain = experiment.main(argv + ["--output_dir", str(tmp_path / "a"), "--lesion_images", "0"])
     out_plain = capsys.readouterr().out
     with_lesions = experiment.main(argv + ["--output_dir", str(tmp_path / "b"), "--lesion_images", "6"])
@@ -208,7 +208,7 @@ def test_lesion_line_prints_both_arms_and_the_input_and_changes_no_other_number(
     a, b = numbers(plain), numbers(with_lesions)
     for x, y in zip(a, b):
         x[3]["final_log"], y[3]["final_log"] = strip_times(x[3]["final_log"]), strip_times(y[3]["final_log"])
-    assert a == b and len(a) == 4
+    assert a == b and len(a) == 2
     assert "lesions (" not in out_plain and "lesions" not in plain
     block = out[out.index("lesions ("):].splitlines()
     assert [line.split(",")[0].split(" (")[0].strip() for line in block[2:5]] == ["LR input", "flow only", "+ pixel"]
