@@ -239,18 +239,16 @@ def fsdp_wrapper_with_ddp(original_model, fsdp_config, vae_model=None, ignored_m
         return fsdp_wrapper(original_model, fsdp_config, ignored_modules), vae_model
     layers = {Qwen2DecoderLayer, Qwen2MoEDecoderLayer, Qwen2MoTDecoderLayer, SiglipEncoderLayer,
               SiglipVisionTransformer, MLPconnector, TimestepEmbedder, PositionEmbedding}
-    fsdp_model = FSDP(
-        original_model,
+    bf16 = torch.bfloat16
+    options = dict(
         auto_wrap_policy=functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=layers),
-        ignored_modules=ignored_modules,
-        mixed_precision=MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16,
-                                       buffer_dtype=torch.bfloat16),
-        device_id=torch.device("cuda", local_rank),
-        sharding_strategy=ShardingStrategy[fsdp_config.sharding_strategy],
-        backward_prefetch=BackwardPrefetch[fsdp_config.backward_prefetch],
-        cpu_offload=CPUOffload(offload_params=fsdp_config.cpu_offload),
-    )
-    return fsdp_model, vae_model
+        mixed_precision=MixedPrecision(param_dtype=bf16, reduce_dtype=bf16, buffer_dtype=bf16),
+        sharding_strategy=getattr(ShardingStrategy, fsdp_config.sharding_strategy),
+        backward_prefetch=getattr(BackwardPrefetch, fsdp_config.backward_prefetch),
+        cpu_offload=CPUOffload(fsdp_config.cpu_offload))
+    wrapped = FSDP(original_model, ignored_modules=ignored_modules, device_id=torch.device("cuda", local_rank),
+                   **options)
+    return wrapped, vae_model
 '''
 
 
