@@ -56,3 +56,8 @@ def aggregate(samples: torch.Tensor, how: str = "mean") -> Tuple[torch.Tensor, t
     center = samples.mean(0) if how == "mean" else samples.median(0).values
     std = samples.std(0, unbiased=False) if samples.shape[0] > 1 else torch.zeros_like(samples[0])
     return center, std
+
+
+#: The one-step mode's start ``T0`` (the embedded demo's one-step sample mode, the pixel term's default ``max_t``):
+#: close enough to the input that one Euler step is the model's clean estimate of it.
+ONE_STEP_START_T = 0.3

@@ -12,6 +12,8 @@ Conventions, never guessed:
   ``(win - 1) // 2`` pixels at each border. No automatic down-sampling (Wang's MATLAB code has one).
   Results name the window: ``ssim_uniform7`` / ``ssim_gaussian11``.
 - fastMRI: ``data_range = gt.max()`` per volume; volume PSNR and NMSE; SSIM (uniform7) per slice, averaged.
+- PSNR, SSIM, the hallucination share and the HU window live in :mod:`bagel_sr.image_metrics` (validation during
+  training uses the same ones) and are re-exported here.
 - CT: compare in a stated HU window (``hu_window``) that maps ``[level - width/2, level + width/2]`` to [0, 1].
 """
 from __future__ import annotations
@@ -21,52 +23,11 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import ndimage
 
+from bagel_sr.image_metrics import (SSIM_WINDOWS, hallucination_share, hu_window, mse,  # noqa: F401
+                                     psnr, resolve_data_range, ssim, ssim_key)
+from bagel_sr.image_metrics import pair as _pair
+
 from . import operators
-
-SSIM_WINDOWS = ("uniform7", "gaussian11")
-_K1, _K2 = 0.01, 0.03
-
-
-def ssim_key(window: str) -> str:
-    """Column name of SSIM computed with ``window``: ``ssim_uniform7`` or ``ssim_gaussian11``."""
-    if window not in SSIM_WINDOWS:
-        raise ValueError(f"SSIM window must be one of {SSIM_WINDOWS}, got {window!r}")
-    return f"ssim_{window}"
-
-
-def _pair(ref: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    ref, pred = np.asarray(ref), np.asarray(pred)
-    if ref.shape != pred.shape:
-        raise ValueError(f"shape mismatch: reference {ref.shape} vs prediction {pred.shape}")
-    return ref, pred
-
-
-def resolve_data_range(ref: np.ndarray, data_range: float | None) -> float:
-    """``data_range`` if given; the dtype range for integer ``ref``; otherwise a ValueError saying what to pass."""
-    if data_range is not None:
-        if not data_range > 0:
-            raise ValueError(f"data_range must be > 0, got {data_range}")
-        return float(data_range)
-    ref = np.asarray(ref)
-    if np.issubdtype(ref.dtype, np.integer):
-        info = np.iinfo(ref.dtype)
-        return float(info.max - info.min) if info.min < 0 else float(info.max)
-    raise ValueError("data_range is required for float data: pass data_range=1.0 for images in [0, 1], "
-                     "the HU window width for CT (or use hu_window), or use fastmri_volume_metrics for "
-                     "fastMRI's per-volume gt.max() convention.")
-
-
-def mse(ref: np.ndarray, pred: np.ndarray) -> float:
-    """Mean squared error."""
-    ref, pred = _pair(ref, pred)
-    return float(np.mean((ref.astype(np.float64) - pred.astype(np.float64)) ** 2))
-
-
-def psnr(ref: np.ndarray, pred: np.ndarray, data_range: float | None = None) -> float:
-    """Peak signal-to-noise ratio ``10 log10(data_range^2 / MSE)`` in dB; ``inf`` for identical inputs."""
-    dr = resolve_data_range(ref, data_range)
-    err = mse(ref, pred)
-    return float("inf") if err == 0 else float(10.0 * np.log10(dr * dr / err))
 
 
 def nmse(ref: np.ndarray, pred: np.ndarray) -> float:
@@ -88,44 +49,6 @@ def nrmse(ref: np.ndarray, pred: np.ndarray, normalization: str = "euclidean") -
     if normalization not in denom:
         raise ValueError(f"normalization must be one of {sorted(denom)}, got {normalization!r}")
     return float(np.sqrt(mse(ref, pred)) / denom[normalization]())
-
-
-def _ssim_map_2d(x: np.ndarray, y: np.ndarray, data_range: float, window: str) -> tuple[np.ndarray, int]:
-    if window == "uniform7":
-        win, cov_norm = 7, 49.0 / 48.0
-
-        def filt(a):
-            return ndimage.uniform_filter(a, size=win, mode="reflect")
-    else:
-        win, cov_norm = 11, 1.0
-
-        def filt(a):
-            return ndimage.gaussian_filter(a, sigma=1.5, truncate=3.5, mode="reflect")
-    if min(x.shape) < win:
-        raise ValueError(f"SSIM window {window} needs images of at least {win}x{win}, got {x.shape}")
-    mx, my = filt(x), filt(y)
-    vx = cov_norm * (filt(x * x) - mx * mx)
-    vy = cov_norm * (filt(y * y) - my * my)
-    vxy = cov_norm * (filt(x * y) - mx * my)
-    c1, c2 = (_K1 * data_range) ** 2, (_K2 * data_range) ** 2
-    smap = ((2 * mx * my + c1) * (2 * vxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-    return smap, (win - 1) // 2
-
-
-def ssim(ref: np.ndarray, pred: np.ndarray, data_range: float | None = None, window: str = "uniform7",
-         channel_axis: int | None = None) -> float:
-    """Mean SSIM of (H, W) images, or of (H, W, C) with ``channel_axis=-1`` (mean over channels)."""
-    ssim_key(window)
-    ref, pred = _pair(ref, pred)
-    dr = resolve_data_range(ref, data_range)
-    ref, pred = ref.astype(np.float64), pred.astype(np.float64)
-    if channel_axis is not None:
-        ref, pred = np.moveaxis(ref, channel_axis, -1), np.moveaxis(pred, channel_axis, -1)
-        return float(np.mean([ssim(ref[..., c], pred[..., c], dr, window) for c in range(ref.shape[-1])]))
-    if ref.ndim != 2:
-        raise ValueError(f"ssim expects (H, W) images (or channel_axis for (H, W, C)); got shape {ref.shape}")
-    smap, pad = _ssim_map_2d(ref, pred, dr, window)
-    return float(smap[pad:smap.shape[0] - pad, pad:smap.shape[1] - pad].mean())
 
 
 def log_kernel(sigma: float = 1.5, size: int = 15) -> np.ndarray:
@@ -161,14 +84,6 @@ def hfen(ref: np.ndarray, pred: np.ndarray, sigma: float = 1.5, size: int = 15) 
     return float(np.linalg.norm(lp - lr) / np.linalg.norm(lr))
 
 
-def hu_window(x_hu: np.ndarray, level: float, width: float) -> np.ndarray:
-    """Clip a CT image in HU to ``[level - width/2, level + width/2]`` and map it to [0, 1] (data_range 1)."""
-    if not width > 0:
-        raise ValueError(f"HU window width must be > 0, got {width}")
-    lo = level - width / 2.0
-    return np.clip((np.asarray(x_hu, dtype=np.float64) - lo) / width, 0.0, 1.0)
-
-
 def image_metrics(ref: np.ndarray, pred: np.ndarray, data_range: float, window: str = "uniform7") -> dict[str, float]:
     """PSNR, SSIM (named by window), NMSE, NRMSE, HFEN of one (H, W) or (H, W, C) pair."""
     ref, pred = _pair(ref, pred)
@@ -193,12 +108,6 @@ def fastmri_volume_metrics(gt: np.ndarray, pred: np.ndarray) -> dict[str, float]
 
 
 # ---------------------------------------------------------------- hallucination and calibration
-
-
-def hallucination_share(ref: np.ndarray, pred: np.ndarray, data_range: float, threshold: float = 0.1) -> float:
-    """Share of pixels whose ``|pred - ref|`` exceeds ``threshold * data_range`` (invented or lost structure)."""
-    ref, pred = _pair(ref, pred)
-    return float(np.mean(np.abs(pred.astype(np.float64) - ref) > threshold * data_range))
 
 
 def background_mean(ref: np.ndarray, pred: np.ndarray, data_range: float) -> float:
