@@ -31,6 +31,7 @@ class RunState:
     banner: str = ""
     host: Any = None  # bagel_sr.patches.host.HostPixelLoss: the checkout's own pixel term, if any
     host_mode: str = "none"  # what was decided for it: "none" (no host term), "off" or "keep"
+    parsed: tuple = ()  # every dataclass the script's parser returned (ModelArguments, DataArguments, ...)
 
     @property
     def gradient_accumulation_steps(self) -> int:
@@ -46,7 +47,8 @@ class PatchContext:
     register; ``fsdp_module``: ``train.fsdp_utils``; ``dry_run``: apply the ``dryrun`` rows; ``host_mode``: ``--bagel_sr_host_pixel_loss`` (off, keep, refuse: what
     to do with a checkout's own pixel term, :mod:`bagel_sr.patches.host`); ``defaults``: the ``--pixel_loss_*`` defaults of the patched TrainingArguments (field name -> value).
     ``inferencer``: a checkout's ``InterleaveInferencer``, ``start_t``: its sampling start and ``one_step``: one Euler
-    step from there to 0 (the ``inference`` rows).
+    step from there to 0 (the ``inference`` rows).  ``validation``: the ``--bagel_sr_val_*`` settings and
+    ``validator``: the :class:`bagel_sr.patches.validation.Validator` its rows feed (validation during training).
     """
 
     train_module: Optional[ModuleType] = None
@@ -61,6 +63,8 @@ class PatchContext:
     inferencer: Any = None
     start_t: float = 1.0
     one_step: bool = False
+    validation: Any = None
+    validator: Any = None
     run: RunState = field(default_factory=RunState)
 
     def module(self, attr: str, name: str) -> ModuleType:

@@ -11,6 +11,8 @@ from types import ModuleType
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from bagel_sr.config import CONSERVATIVE_DEFAULTS, FLAG_PREFIX, PixelLossConfig, flag_name, pixel_loss_arguments_class
+from bagel_sr.errors import UserError
+from bagel_sr.validation_config import ValidationConfig, val_flag, val_flag_help
 
 from . import checkout, host, registry
 from .checkout import CheckoutError
@@ -18,6 +20,8 @@ from .context import PatchContext
 from .datasets import DatasetRegistrationError
 from .host import HostPixelLossError
 from .training import IncompatibleCheckoutError
+from .validation import Validator
+from .validation_set import check_val_sets, load_val_set
 
 WRAPPER_FLAGS = {
     "bagel_root": "Path of the BAGEL checkout (or set BAGEL_ROOT). Without one, the embedded default runs.",
@@ -26,7 +30,10 @@ WRAPPER_FLAGS = {
     "the checkout's DATASET_INFO at run time.",
     "bagel_sr_host_pixel_loss": "What to do when the checkout carries its own pixel loss: "
     + "; ".join(f"{k}: {v}" for k, v in host.HOST_MODES.items()) + f" (default {host.DEFAULT_HOST_MODE}).",
+    **val_flag_help(),
 }
+#: Wrapper flags that may stand alone (``--bagel_sr_val_ema`` means ``--bagel_sr_val_ema True``).
+SWITCH_FLAGS = (val_flag("ema"),)
 
 HOW_TO_POINT = (
     "To train a real BAGEL, point at your checkout: --bagel_root PATH (or BAGEL_ROOT=PATH) followed by the "
@@ -42,6 +49,12 @@ class WrapperArgs:
     bagel_train_script: Optional[str] = None
     bagel_sr_datasets: Optional[str] = None
     bagel_sr_host_pixel_loss: str = host.DEFAULT_HOST_MODE
+    bagel_sr_val_datasets: Optional[str] = None
+    bagel_sr_val_every: Optional[str] = None
+    bagel_sr_val_images: Optional[str] = None
+    bagel_sr_val_start_t: Optional[str] = None
+    bagel_sr_val_ema: Optional[str] = None
+    bagel_sr_val_seed: Optional[str] = None
     help: bool = False
 
 
@@ -55,6 +68,8 @@ def split_wrapper_args(argv: Sequence[str]) -> Tuple[WrapperArgs, List[str]]:
         if name in WRAPPER_FLAGS:
             if inline:
                 value = inline
+            elif name in SWITCH_FLAGS and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+                value = "True"
             elif i + 1 < len(argv):
                 value, i = argv[i + 1], i + 1
             else:
@@ -91,20 +106,24 @@ def embedded_help_preamble(embedded_defaults: dict) -> str:
 
 
 def prepare_checkout(root: str, script: Optional[str] = None, dataset_yamls: Optional[str] = None, *,
-                     pixel_loss: bool = True, dry_run: bool = False, host_mode: str = host.DEFAULT_HOST_MODE
-                     ) -> Tuple[ModuleType, registry.Handle]:
+                     pixel_loss: bool = True, dry_run: bool = False, host_mode: str = host.DEFAULT_HOST_MODE,
+                     validation: Optional[Tuple[ValidationConfig, list]] = None) -> Tuple[ModuleType, registry.Handle]:
     """Import the checkout's training script and apply every row of :data:`registry.PATCHES` that holds here.
 
     The ``checkout`` stage (CPU compatibility) goes first, since importing the script imports BAGEL's modelling
     code.  Returns ``(train_module, handle)``; ``handle.undo()`` undoes every patch, ``handle.run`` holds what they
     learn while ``main()`` runs.  ``pixel_loss=False`` leaves the ``training`` rows out (the stock script, for
     comparisons); ``dry_run=True`` adds the ``dryrun`` rows (``main()`` on CPU under gloo, ``bagel_sr.smoke``);
-    ``host_mode``: ``--bagel_sr_host_pixel_loss`` (:mod:`.host`).
+    ``host_mode``: ``--bagel_sr_host_pixel_loss`` (:mod:`.host`); ``validation``: ``(settings, val sets)`` of
+    validation during training (:func:`validation_settings`; None: off).
     """
     root_path = checkout.find_checkout(root)
     checkout.add_to_sys_path(root_path)
     ctx = PatchContext(dataset_yamls=[p for p in (dataset_yamls or "").split(",") if p.strip()],
                        defaults=dict(CONSERVATIVE_DEFAULTS), dry_run=dry_run, host_mode=host.check_mode(host_mode))
+    if validation is not None:
+        ctx.validation = validation[0]
+        ctx.validator = Validator(validation[0], validation[1], ctx.run)
     groups = [g for g in registry.GROUPS if pixel_loss or g != "training"]
     handle = registry.apply(ctx, stage="checkout", groups=groups)
     try:
@@ -147,6 +166,29 @@ def validate_pixel_loss_flags(argv: Sequence[str]) -> PixelLossConfig:
     return PixelLossConfig.from_namespace(parsed)
 
 
+def validation_settings(wargs: WrapperArgs, rest: Sequence[str]) -> Optional[Tuple[ValidationConfig, list]]:
+    """The ``--bagel_sr_val_*`` settings and their val sets, checked (one line each) before training; None: off."""
+    try:
+        config = ValidationConfig.from_flags(vars(wargs))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if not config.enabled:
+        return None
+    sets = [load_val_set(path) for path in config.yamls]
+    train_yamls = [p.strip() for p in (wargs.bagel_sr_datasets or "").split(",") if p.strip()]
+    check_val_sets(sets, config.images, train_yamls, _flag_value(rest, "dataset_config_file"))
+    return config, sets
+
+
+def _flag_value(argv: Sequence[str], name: str) -> Optional[str]:
+    for i, arg in enumerate(argv):
+        if arg == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+    return None
+
+
 class UsageError(ValueError):
     """A flag the user gave is wrong; printed as one line, no traceback."""
 
@@ -168,7 +210,10 @@ def main(argv: Optional[Sequence[str]] = None, *, before_main: Optional[Callable
         host.check_mode(wargs.bagel_sr_host_pixel_loss)
         if not wargs.help and wargs.bagel_sr_host_pixel_loss != "keep":  # under keep the flags are the host's
             validate_pixel_loss_flags(rest)
-    except (UsageError, HostPixelLossError) as err:
+        if not root and wargs.bagel_sr_val_datasets:
+            raise UsageError("--bagel_sr_val_datasets validates inside a BAGEL checkout's loop: give --bagel_root PATH")
+        validation = None if wargs.help or not root else validation_settings(wargs, rest)
+    except (UsageError, HostPixelLossError, UserError, DatasetRegistrationError) as err:
         raise SystemExit(f"bagel-sr: {err}") from None
     if not root:
         from bagel_sr.embedded import experiment
@@ -182,7 +227,7 @@ def main(argv: Optional[Sequence[str]] = None, *, before_main: Optional[Callable
     try:
         module, _handle = prepare_checkout(root, wargs.bagel_train_script, wargs.bagel_sr_datasets,
                                            pixel_loss=pixel_loss, dry_run=dry_run,
-                                           host_mode=wargs.bagel_sr_host_pixel_loss)
+                                           host_mode=wargs.bagel_sr_host_pixel_loss, validation=validation)
     except (CheckoutError, IncompatibleCheckoutError, DatasetRegistrationError, HostPixelLossError) as err:
         raise SystemExit(f"bagel-sr: {err}") from None
     if wargs.help:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Collection, List, Optional, Tuple
 
 import torch
 
-from . import cpu, cpu_cuda, cpu_main, datasets, inference, training
+from . import cpu, cpu_cuda, cpu_main, datasets, inference, training, validation
 from .context import PatchContext, RunState, Undo, noop
 
 STAGES = ("checkout", "script")
@@ -55,6 +55,10 @@ def _dry_run(ctx: PatchContext) -> bool:
     return ctx.dry_run
 
 
+def _validating(ctx: PatchContext) -> bool:
+    return ctx.validator is not None
+
+
 PATCHES: Tuple[Patch, ...] = (
     Patch("patch_torchvision_ops", "torch.ops.torchvision (nms, qnms schemas)", "cpu", "checkout",
           "declares the two operators a CUDA-built torchvision registers against, next to a CPU-only torch",
@@ -84,6 +88,25 @@ PATCHES: Tuple[Patch, ...] = (
           "also returns pixel_loss_inputs (ground truth past the loop's pop of padded_images)",
           training.patch_batch,
           lambda ctx: vars(ctx.module("batch_module", "data.dataset_base").SimpleCustomBatch).get("to_dict")),
+    Patch("patch_val_tokenizer", "<script>.add_special_tokens", "training", "script",
+          "also hands the tokenizer and its new token ids to validation during training",
+          validation.patch_val_tokenizer, _script_name("add_special_tokens"),
+          when=_validating, condition="--bagel_sr_val_datasets given"),
+    Patch("patch_val_ema", "<script>.fsdp_ema_setup", "training", "script",
+          "also hands the EMA model it returns to validation during training",
+          validation.patch_val_ema, _script_name("fsdp_ema_setup"),
+          when=lambda ctx: _validating(ctx) and bool(ctx.validation.ema), condition="--bagel_sr_val_ema True"),
+    Patch("patch_val_start_step", "<script>.FSDPCheckpoint.try_load_train_state", "training", "script",
+          "also hands the step the loop resumes at to validation during training",
+          validation.patch_val_start_step,
+          lambda ctx: vars(ctx.train_module.FSDPCheckpoint).get("try_load_train_state"),
+          when=lambda ctx: _validating(ctx) and callable(getattr(getattr(ctx.train_module, "FSDPCheckpoint", None),
+                                                                 "try_load_train_state", None)),
+          condition="--bagel_sr_val_datasets given, the script resumes through FSDPCheckpoint"),
+    Patch("patch_val_model", "<script>.Bagel", "training", "script",
+          "validates every --bagel_sr_val_every steps before the forward, returns the latest val_* keys",
+          validation.patch_val_model, _script_name("Bagel"),
+          when=_validating, condition="--bagel_sr_val_datasets given"),
     Patch("register_datasets", "data.dataset_info.DATASET_INFO['unified_edit']", "datasets", "script",
           "adds the sets of --bagel_sr_datasets",
           datasets.register_datasets,

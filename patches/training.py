@@ -170,6 +170,7 @@ def patch_parser(ctx: PatchContext) -> Undo:
     class PixelLossArgumentParser(ctx.train_module.HfArgumentParser):
         def parse_args_into_dataclasses(self, *args, **kwargs):
             parsed = super().parse_args_into_dataclasses(*args, **kwargs)
+            run.parsed = tuple(parsed)
             for item in parsed:
                 if hasattr(item, "pixel_loss_weight") and hasattr(item, "mse_weight"):
                     run.training_args = item
