@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 from bagel_sr.patches import smoke_preflight
+from bagel_sr.patches.smoke_validation import check_validation
 from bagel_sr.patches.smoke_watch import SmokeStop, watch
 from bagel_sr.state import KEY_PREFIX  # our log keys' prefix when a checkout returns the same keys
 
@@ -299,6 +300,9 @@ def run(argv: Sequence[str]) -> int:
         check_finite(logs)
         if not args.stock and not _pixel_off(flags):
             notes.insert(0, check_pixel_term(logs))
+        if not args.stock and _flag_given(rest, "bagel_sr_val_datasets"):
+            texts = [(workdir / f"launch{i + 1}.log").read_text() for i in range(len(logs))]
+            notes.append(check_validation(logs, texts, pathlib.Path(smoke_preflight.flag_value(flags, "results_dir")), rest))
         result = json.loads(load_check.read_text()) if load_check.is_file() else {"error": "no result written"}
         if result.get("error"):
             raise SmokeFailure(f"loading the checkpoint into stock Bagel: {result['error']}")
