@@ -21,7 +21,8 @@ class ValidationConfig:
         "help": "Comma-separated dataset YAMLs built by `python -m bagel_sr.data build` whose val split is measured "
                 "during training (unset: no validation)."})
     every: int = field(default=500, metadata={"help": "Validate every this many optimizer steps (and at the first step)."})
-    images: int = field(default=32, metadata={"help": "Val images measured each time: a fixed, seeded subset of the val split."})
+    images: int = field(default=32, metadata={
+        "help": "Val images measured each time: a fixed, seeded subset of the val split (unset: at most the split's size)."})
     start_t: float = field(default=ONE_STEP_START_T, metadata={
         "help": "Flow time the one-step restoration starts from (the input noised to it, one Euler step to 0)."})
     ema: bool = field(default=False, metadata={"help": "Validate the EMA weights instead of the live ones."})

@@ -2,9 +2,9 @@
 is scored (:mod:`bagel_sr.image_metrics`, the evaluation's functions and conventions), how the ranks' scores are
 summed, the picture of a validation and its CSV line.
 
-Conventions (as ``bagel_sr.eval.evaluate`` with ``--color luma``): integer images are divided by their dtype's
-maximum, so they are in [0, 1] with ``data_range`` 1; a single-channel truth is compared with the BT.601 luma of the
-(RGB) restoration; a CT set (manifest ``intensity.unit == "HU"``) is compared in the HU window :data:`CT_WINDOW`.
+Conventions (as ``bagel_sr.eval.evaluate``): integer images are divided by their dtype's maximum, so they are in
+[0, 1] with ``data_range`` 1; a single-channel truth is compared with the restoration's one channel when its RGB
+channels agree (``--color gray``), else with its BT.601 luma (``--color luma``); a CT set (manifest ``intensity.unit == "HU"``) is compared in the HU window :data:`CT_WINDOW`.
 """
 from __future__ import annotations
 
@@ -58,8 +58,8 @@ def comparable(truth: np.ndarray, restored: np.ndarray, intensity: Optional[dict
         ref = ref[..., :3] if ref.shape[-1] >= 3 else ref[..., 0]
     if pred.ndim == 3:
         pred = pred[..., :3]
-    if ref.ndim == 2 and pred.ndim == 3:
-        pred = pred @ _LUMA
+    if ref.ndim == 2 and pred.ndim == 3:  # evaluate's "gray" when the channels agree, else its "luma"
+        pred = pred[..., 0] if (pred == pred[..., :1]).all() else pred @ _LUMA
     if ref.ndim == 3 and pred.ndim == 2:
         pred = np.repeat(pred[..., None], 3, axis=-1)
     if intensity and intensity.get("unit") == "HU" and "low" in intensity and "high" in intensity:

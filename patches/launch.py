@@ -175,6 +175,8 @@ def validation_settings(wargs: WrapperArgs, rest: Sequence[str]) -> Optional[Tup
     if not config.enabled:
         return None
     sets = [load_val_set(path) for path in config.yamls]
+    if wargs.bagel_sr_val_images is None:  # the default asks for at most what the splits hold
+        config.images = min(config.images, sum(len(s.images) for s in sets))
     train_yamls = [p.strip() for p in (wargs.bagel_sr_datasets or "").split(",") if p.strip()]
     check_val_sets(sets, config.images, train_yamls, _flag_value(rest, "dataset_config_file"))
     return config, sets

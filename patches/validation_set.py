@@ -46,7 +46,7 @@ class ValSet:
 
 
 def _manifest_rows(reg: Path, meta: dict) -> Iterable[dict]:
-    path = reg.parent / meta.get("manifest", layout.MANIFEST_FILE)
+    path = reg.parent / (meta.get("manifest") or layout.MANIFEST_FILE)
     if not path.is_file():
         raise MissingInput(f"{reg}: its manifest {path.name} is missing; rebuild the set with python -m bagel_sr.data build")
     with open(path, encoding="utf-8") as f:
@@ -80,7 +80,7 @@ def load_val_set(path: str | Path) -> ValSet:
     if not rows:
         raise BadInput(f"--bagel_sr_val_datasets {path}: the set '{name}' has no val split; rebuild it with "
                        "splits.fractions.val > 0 (python -m bagel_sr.data build)")
-    heldout = reg.parent / meta.get("heldout_dir", layout.HELDOUT_DIR) / "val"
+    heldout = reg.parent / (meta.get("heldout_dir") or layout.HELDOUT_DIR) / "val"
     images = [ValImage(str(r["pair_id"]), heldout / "lr" / f"{r['pair_id']}.png", heldout / "hr" / f"{r['pair_id']}.png",
                        str((r.get("instructions") or [""])[0]), r.get("intensity")) for r in rows]
     missing = [im for im in images if not (im.lr.is_file() and im.hr.is_file())]
