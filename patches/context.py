@@ -47,8 +47,8 @@ class PatchContext:
     register; ``fsdp_module``: ``train.fsdp_utils``; ``dry_run``: apply the ``dryrun`` rows; ``host_mode``: ``--bagel_sr_host_pixel_loss`` (off, keep, refuse: what
     to do with a checkout's own pixel term, :mod:`bagel_sr.patches.host`); ``defaults``: the ``--pixel_loss_*`` defaults of the patched TrainingArguments (field name -> value).
     ``inferencer``: a checkout's ``InterleaveInferencer``, ``start_t``: its sampling start and ``one_step``: one Euler
-    step from there to 0 (the ``inference`` rows).  ``validation``: the ``--bagel_sr_val_*`` settings and
-    ``validator``: the :class:`bagel_sr.patches.validation.Validator` its rows feed (validation during training).
+    step from there to 0 (the ``inference`` rows).  ``validation``: the ``--bagel_sr_val_*`` settings, ``val_sets``:
+    their val splits and ``validator``: what the validation rows (``bagel_sr.validation``) build and feed.
     """
 
     train_module: Optional[ModuleType] = None
@@ -64,6 +64,7 @@ class PatchContext:
     start_t: float = 1.0
     one_step: bool = False
     validation: Any = None
+    val_sets: Sequence[Any] = ()
     validator: Any = None
     run: RunState = field(default_factory=RunState)
 

@@ -1,8 +1,8 @@
 """The wrapper's logic: find the checkout, patch its training script, run its own ``main()``.
 
-``python train/main_sr_pixel_loss.py [--bagel_root PATH] [--bagel_train_script PATH] [--bagel_sr_datasets YAML[,YAML]]
-[--bagel_sr_host_pixel_loss off|keep|refuse] <the checkout's own flags> [--pixel_loss_* ...]``.  Without a checkout (no flag, no ``BAGEL_ROOT``) it runs the
-embedded default experiment (``bagel_sr.embedded``) with the same ``--pixel_loss_*`` flags.
+Its flags (``--bagel_root``, ``--bagel_train_script``, ``--bagel_sr_datasets``, ``--bagel_sr_host_pixel_loss``) are
+taken out of the command line before the checkout's parser sees the rest; ``bagel_sr.train.main_sr_pixel_loss`` is
+the command that runs it (or the embedded demo without a checkout).
 """
 import os
 import sys
@@ -20,7 +20,6 @@ from .context import PatchContext
 from .datasets import DatasetRegistrationError
 from .host import HostPixelLossError
 from .training import IncompatibleCheckoutError
-from .validation import Validator
 from .validation_set import check_val_sets, load_val_set
 
 WRAPPER_FLAGS = {
@@ -32,6 +31,8 @@ WRAPPER_FLAGS = {
     + "; ".join(f"{k}: {v}" for k, v in host.HOST_MODES.items()) + f" (default {host.DEFAULT_HOST_MODE}).",
     **val_flag_help(),
 }
+#: The registry row of validation during training (registered by ``bagel_sr.validation`` on import).
+VALIDATION_ROW = "patch_val_model"
 #: Wrapper flags that may stand alone (``--bagel_sr_val_ema`` means ``--bagel_sr_val_ema True``).
 SWITCH_FLAGS = (val_flag("ema"),)
 
@@ -91,20 +92,6 @@ def wrapper_help() -> str:
     return "\n".join(lines)
 
 
-def embedded_help_preamble(embedded_defaults: dict) -> str:
-    """What ``--help`` says without a checkout: the wrapper's flags, then where the demo's defaults differ and why."""
-    stock = PixelLossConfig(**CONSERVATIVE_DEFAULTS)
-    differ = {k: v for k, v in embedded_defaults.items() if getattr(stock, k) != v}
-    lines = ["Without a checkout this command runs the embedded demo (a small BAGEL-shaped model on CPU, built-in data);",
-             "with --bagel_root PATH (or BAGEL_ROOT) it runs your checkout's training script and --help lists its flags.",
-             "", wrapper_help(), ""]
-    if differ:
-        lines.append("The demo's pixel-loss defaults differ from the wrapper's in the cost controls, because on its tiny "
-                     "model one decoder pass costs about as much as a training step:")
-        lines += [f"  --{flag_name(k)} {v} (wrapper: {getattr(stock, k)})" for k, v in differ.items()]
-    return "\n".join(lines)
-
-
 def prepare_checkout(root: str, script: Optional[str] = None, dataset_yamls: Optional[str] = None, *,
                      pixel_loss: bool = True, dry_run: bool = False, host_mode: str = host.DEFAULT_HOST_MODE,
                      validation: Optional[Tuple[ValidationConfig, list]] = None) -> Tuple[ModuleType, registry.Handle]:
@@ -122,8 +109,10 @@ def prepare_checkout(root: str, script: Optional[str] = None, dataset_yamls: Opt
     ctx = PatchContext(dataset_yamls=[p for p in (dataset_yamls or "").split(",") if p.strip()],
                        defaults=dict(CONSERVATIVE_DEFAULTS), dry_run=dry_run, host_mode=host.check_mode(host_mode))
     if validation is not None:
-        ctx.validation = validation[0]
-        ctx.validator = Validator(validation[0], validation[1], ctx.run)
+        if not any(p.name == VALIDATION_ROW for p in registry.PATCHES):
+            raise UsageError("--bagel_sr_val_datasets: validation's rows are not registered in this process; start "
+                             "training with train/main_sr_pixel_loss.py (or import bagel_sr.validation first)")
+        ctx.validation, ctx.val_sets = validation
     groups = [g for g in registry.GROUPS if pixel_loss or g != "training"]
     handle = registry.apply(ctx, stage="checkout", groups=groups)
     try:
@@ -202,46 +191,51 @@ def print_checkout_help(module) -> None:
     parser.print_help()
 
 
-def main(argv: Optional[Sequence[str]] = None, *, before_main: Optional[Callable[[Any], Any]] = None,
-         pixel_loss: bool = True, dry_run: bool = False):
-    """The wrapper. ``pixel_loss=False`` runs the stock script (data-set registration only); ``dry_run=True``
-    adds the ``dryrun`` patches (``bagel_sr.smoke``); ``before_main(train_module)`` runs last before ``main()``."""
-    wargs, rest = split_wrapper_args(sys.argv[1:] if argv is None else argv)
-    root = wargs.bagel_root or os.environ.get("BAGEL_ROOT")
+def check_wrapper_flags(wargs: WrapperArgs, rest: Sequence[str]) -> Optional[Tuple[ValidationConfig, list]]:
+    """The host mode, the ``--pixel_loss_*`` and ``--bagel_sr_val_*`` flags, checked before anything is imported or
+    launched (raises ``SystemExit`` with one line); returns the validation settings and sets (None: off)."""
     try:
         host.check_mode(wargs.bagel_sr_host_pixel_loss)
         if not wargs.help and wargs.bagel_sr_host_pixel_loss != "keep":  # under keep the flags are the host's
             validate_pixel_loss_flags(rest)
-        if not root and wargs.bagel_sr_val_datasets:
+        if not checkout_root(wargs) and wargs.bagel_sr_val_datasets:
             raise UsageError("--bagel_sr_val_datasets validates inside a BAGEL checkout's loop: give --bagel_root PATH")
-        validation = None if wargs.help or not root else validation_settings(wargs, rest)
+        return None if wargs.help else validation_settings(wargs, rest)
     except (UsageError, HostPixelLossError, UserError, DatasetRegistrationError) as err:
         raise SystemExit(f"bagel-sr: {err}") from None
-    if not root:
-        from bagel_sr.embedded import experiment
 
-        if wargs.help:
-            print(embedded_help_preamble(experiment.EMBEDDED_DEFAULTS) + "\n", flush=True)
-        else:
-            print("bagel-sr: no BAGEL checkout given; running the embedded default (a small BAGEL-shaped model on CPU).\n"
-                  + HOW_TO_POINT, flush=True)
-        return experiment.main(rest)
+
+def checkout_root(wargs: WrapperArgs) -> Optional[str]:
+    """The checkout to run: ``--bagel_root``, else ``BAGEL_ROOT``, else None."""
+    return wargs.bagel_root or os.environ.get("BAGEL_ROOT") or None
+
+
+def run(wargs: WrapperArgs, rest: List[str], *, before_main: Optional[Callable[[Any], Any]] = None,
+        pixel_loss: bool = True, dry_run: bool = False):
+    """The wrapper on already split flags: patch the checkout's script and run its ``main()`` with ``rest``.
+    ``pixel_loss=False`` runs the stock script (data-set registration only); ``dry_run=True`` adds the ``dryrun``
+    rows (``bagel_sr.smoke``); ``before_main(train_module)`` runs last before ``main()``."""
+    root = checkout_root(wargs)
+    validation = check_wrapper_flags(wargs, rest)
+    if not root:
+        raise SystemExit("bagel-sr: no BAGEL checkout: pass --bagel_root PATH or set BAGEL_ROOT "
+                         "(python train/main_sr_pixel_loss.py runs the embedded demo without one)")
     try:
         module, _handle = prepare_checkout(root, wargs.bagel_train_script, wargs.bagel_sr_datasets,
                                            pixel_loss=pixel_loss, dry_run=dry_run,
                                            host_mode=wargs.bagel_sr_host_pixel_loss, validation=validation)
-    except (CheckoutError, IncompatibleCheckoutError, DatasetRegistrationError, HostPixelLossError) as err:
+    except (CheckoutError, IncompatibleCheckoutError, DatasetRegistrationError, HostPixelLossError, UsageError) as err:
         raise SystemExit(f"bagel-sr: {err}") from None
     if wargs.help:
         print_checkout_help(module)
         return None
-    sys.argv = [str(module.__file__)] + rest
+    sys.argv = [str(module.__file__)] + list(rest)
     if before_main is not None:
         before_main(module)
     return module.main()
 
 
-if __name__ == "__main__":  # python -m bagel_sr.patches.launch: the wrapper from any folder (ablate's default)
-    from bagel_sr.errors import cli_main
-
-    sys.exit(cli_main(main))
+def main(argv: Optional[Sequence[str]] = None, **options: Any):
+    """The wrapper on a command line (``sys.argv[1:]`` when None); ``options`` as for :func:`run`."""
+    wargs, rest = split_wrapper_args(sys.argv[1:] if argv is None else argv)
+    return run(wargs, rest, **options)

@@ -1,6 +1,7 @@
 """The val split of built bagel-sr sets, as validation during training reads it, and the one-line refusals that
-stop a run before training: no val split, fewer val images than asked, a val set the training also reads, val
-images the model's position tables or the token limits cannot hold.
+stop a run before training: no val split, no held-out PNGs, fewer val images than asked, a val set the training
+also reads (the limits the model's tables and token budget put on val images are checked when the model is built,
+:mod:`bagel_sr.validation.fits`).
 
 A built set (``python -m bagel_sr.data build``) lists its pairs in ``manifest.jsonl`` (``split``, ``pair_id``,
 ``instructions``, ``intensity``, ``source``) and keeps the held-out ones as ``heldout/val/{lr,hr}/<pair_id>.png``;
@@ -11,11 +12,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import yaml
 
-from bagel_sr.data import layout
+from bagel_sr import dataset_layout as layout
 from bagel_sr.errors import BadInput, MissingInput
 
 from .datasets import _registration_file
@@ -130,36 +131,3 @@ def check_val_sets(sets: Sequence[ValSet], images: int, train_yamls: Sequence[st
             raise BadInput(f"--bagel_sr_val_datasets: the val split of '{s.name}' shares {len(shared)} source file(s) "
                            f"with the training set '{sources[shared[0]]}' (e.g. {shared[0].split('::')[-1]}); "
                            "validate on files training does not see")
-
-
-def check_fits(sets: Sequence[ValSet], transform_cls: Any, max_latent_size: int, latent_downsample: int,
-               vit_max_patches: Optional[int] = None, max_tokens_per_sample: Optional[int] = None) -> None:
-    """Refuse (one line) a val image whose latent or ViT grid exceeds the model's position tables, or whose edit
-    sample (condition VAE + ViT tokens, target VAE tokens, about 64 text tokens) exceeds the token limit."""
-    from PIL import Image
-
-    for s in sets:
-        vae = transform_cls(s.vae_args.get("max_image_size", 1024), s.vae_args.get("min_image_size", 512),
-                            s.vae_args.get("image_stride", 16))
-        vit = transform_cls(s.vit_args.get("max_image_size", 980), s.vit_args.get("min_image_size", 224),
-                            s.vit_args.get("image_stride", 14))
-        for im in s.images:
-            with Image.open(im.lr) as pil:
-                pil = pil.convert("RGB")
-                w, h = vae.resize_transform(pil).size
-                vw, vh = vit.resize_transform(pil).size
-            side = max(h, w) // latent_downsample
-            if side > max_latent_size:
-                raise BadInput(f"--bagel_sr_val_datasets: val image {im.lr} is {w}x{h} after the set's transform, "
-                               f"{side} latent tokens a side, more than --max_latent_size {max_latent_size}; raise "
-                               "--max_latent_size or validate on smaller images")
-            stride = int(s.vit_args.get("image_stride", 14))
-            vit_side = max(vh, vw) // stride
-            if vit_max_patches and vit_side > vit_max_patches:
-                raise BadInput(f"--bagel_sr_val_datasets: val image {im.lr} needs {vit_side} ViT patches a side, "
-                               f"more than the model's {vit_max_patches}; lower the set's vit max_image_size")
-            tokens = 2 * (h // latent_downsample) * (w // latent_downsample) + (vh // stride) * (vw // stride) + 64
-            if max_tokens_per_sample and tokens > max_tokens_per_sample:
-                raise BadInput(f"--bagel_sr_val_datasets: val image {im.lr} makes a sample of about {tokens} tokens, "
-                               f"more than --max_num_tokens_per_sample {max_tokens_per_sample}; raise it or "
-                               "validate on smaller images")

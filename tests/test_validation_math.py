@@ -91,6 +91,6 @@ def test_validation_samples_as_infer_does_by_default():
     from dataclasses import asdict
 
     from bagel_sr.eval.infer import SamplingArgs
-    from bagel_sr.patches.validation import SAMPLING
+    from bagel_sr.validation.loop import SAMPLING
 
     assert SAMPLING == asdict(SamplingArgs())

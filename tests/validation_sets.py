@@ -4,7 +4,7 @@ from __future__ import annotations
 import pathlib
 
 from bagel_sr.data import build_dataset
-from bagel_sr.patches.smoke_data import IMAGE_TRANSFORM_ARGS, VIT_TRANSFORM_ARGS, write_source_tiles
+from bagel_sr.smoke.data import IMAGE_TRANSFORM_ARGS, VIT_TRANSFORM_ARGS, write_source_tiles
 
 
 def build_val_set(folder: pathlib.Path, name: str = "valset", fractions: dict | None = None, seed: int = 1,

@@ -1,4 +1,4 @@
-"""Validation inside BAGEL's own training loop (``--bagel_sr_val_*``, :class:`bagel_sr.validation_config.ValidationConfig`).
+"""What one validation does inside BAGEL's own training loop (``--bagel_sr_val_*``), and when.
 
 The loop is not changed: the model class the script builds (``<script>.Bagel``, already the pixel-loss fold) gains
 a ``forward`` that, on the first micro-step of every ``every``-th optimizer step counted from the launch's first
@@ -37,18 +37,28 @@ import torch
 import torch.distributed as dist
 
 from bagel_sr import validation_math as V
+from bagel_sr.errors import UserError
 from bagel_sr.validation_config import ValidationConfig
 
-from .context import PatchContext, RunState, Undo, replace_attribute
-from .inference import patch_start_t
-from .training import require
-from .validation_set import ValSet, check_fits
+from bagel_sr.patches.context import PatchContext, RunState
+from bagel_sr.patches.inference import patch_start_t
+from bagel_sr.patches.training import require
+from bagel_sr.patches.validation_set import ValSet
 
 #: The checkout inferencer's settings of a validation: ``bagel_sr.eval.infer``'s defaults (a test keeps them equal).
 SAMPLING = {"num_timesteps": 50, "timestep_shift": 3.0, "cfg_text_scale": 4.0, "cfg_img_scale": 2.0,
             "cfg_interval": 0.0, "cfg_renorm_min": 0.0, "cfg_renorm_type": "text_channel"}
 CSV_FILE = "validation.csv"
 GRID_DIR = "validation"
+
+
+def pil_image() -> Any:
+    """``PIL.Image`` (the ``data`` extra: ``pip install bagel-sr[data]``), or a one-line error naming it."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise UserError("validation during training reads and writes PNGs with Pillow: pip install 'bagel-sr[data]'") from None
+    return Image
 
 
 def _rank_world() -> tuple[int, int]:
@@ -152,8 +162,7 @@ class Validator:
                                                    new_token_ids=self.new_token_ids)
 
     def _restore_all(self, model: torch.nn.Module) -> tuple[list, dict]:
-        from PIL import Image
-
+        Image = pil_image()
         rank, world = _rank_world()
         slots = V.shard(self.subset, rank, world)
         rows, panels = [], {}
@@ -216,8 +225,7 @@ class Validator:
 
     def _write(self, step: int, scores: Dict[str, float], images: int, seconds: float, train: Optional[float],
                panels: dict) -> None:
-        from PIL import Image
-
+        Image = pil_image()
         share = "" if not train else round(seconds / (seconds + train), 4)
         row = {"step": step, **{k: round(v, 6) for k, v in scores.items()}, "images": images,
                "model_forwards": self.model_forwards, "seconds": round(seconds, 3),
@@ -243,77 +251,3 @@ class Validator:
 
     def log_values(self, device: torch.device) -> Dict[str, torch.Tensor]:
         return {k: torch.tensor(v, dtype=torch.float32, device=device) for k, v in self.latest.items()}
-
-
-# -- the registry rows -----------------------------------------------------------------------------------------
-
-def patch_val_tokenizer(ctx: PatchContext) -> Undo:
-    """``<script>.add_special_tokens`` also hands the tokenizer and the new token ids to the validator."""
-    base = getattr(ctx.train_module, "add_special_tokens", None)
-    require(callable(base), "the training script does not import `add_special_tokens` (validation needs the tokenizer)")
-    validator = ctx.validator
-
-    def add_special_tokens(tokenizer, *args, **kwargs):
-        result = base(tokenizer, *args, **kwargs)
-        validator.tokenizer, validator.new_token_ids = result[0], result[1]
-        return result
-
-    return replace_attribute(ctx.train_module, "add_special_tokens", add_special_tokens)
-
-
-def patch_val_ema(ctx: PatchContext) -> Undo:
-    """``<script>.fsdp_ema_setup`` also hands the EMA model it returns to the validator."""
-    base = getattr(ctx.train_module, "fsdp_ema_setup", None)
-    require(callable(base), "the training script does not import `fsdp_ema_setup` (--bagel_sr_val_ema needs it)")
-    validator = ctx.validator
-
-    def fsdp_ema_setup(*args, **kwargs):
-        validator.ema = base(*args, **kwargs)
-        return validator.ema
-
-    return replace_attribute(ctx.train_module, "fsdp_ema_setup", fsdp_ema_setup)
-
-
-def patch_val_start_step(ctx: PatchContext) -> Undo:
-    """``<script>.FSDPCheckpoint.try_load_train_state`` also hands the step the loop resumes at to the validator."""
-    owner = ctx.train_module.FSDPCheckpoint
-    base, validator = owner.try_load_train_state, ctx.validator
-
-    def try_load_train_state(*args, **kwargs):
-        result = base(*args, **kwargs)
-        validator.start_step = int(result[2])
-        return result
-
-    return replace_attribute(owner, "try_load_train_state", staticmethod(try_load_train_state))
-
-
-def patch_val_model(ctx: PatchContext) -> Undo:
-    """``<script>.Bagel`` gains validation before the forward of a due step and the ``val_*`` keys after it."""
-    base, validator, run = ctx.train_module.Bagel, ctx.validator, ctx.run
-
-    class WithValidation(base):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            if getattr(WithValidation, "_bagel_sr_bound", False):
-                return
-            WithValidation._bagel_sr_bound = True  # the first model built is the live one (the EMA is its copy)
-            transforms = importlib.import_module("data.transforms")
-            data_args = next((p for p in run.parsed if hasattr(p, "max_num_tokens_per_sample")), None)
-            check_fits(validator.sets, transforms.ImageTransform, int(self.max_latent_size), int(self.latent_downsample),
-                       getattr(self, "vit_max_num_patch_per_side", None),
-                       getattr(data_args, "max_num_tokens_per_sample", None))
-            if _rank_world()[0] == 0:
-                print(validator.start_line(), flush=True)
-
-        def forward(self, **kwargs):
-            step = validator.due()
-            if step is not None:
-                validator.validate(self, step)
-            out = super().forward(**kwargs)
-            device = out["mse"].device if isinstance(out.get("mse"), torch.Tensor) else torch.device("cpu")
-            out.update(validator.log_values(device))
-            return out
-
-    WithValidation.__name__ = WithValidation.__qualname__ = base.__name__
-    WithValidation.__module__ = base.__module__
-    return replace_attribute(ctx.train_module, "Bagel", WithValidation)

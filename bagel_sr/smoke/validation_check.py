@@ -13,8 +13,8 @@ from typing import List, Sequence
 from bagel_sr.validation_config import ValidationConfig, val_flag
 from bagel_sr.validation_math import LOG_KEYS
 
-from .smoke_preflight import flag_value
-from .smoke_watch import SmokeStop
+from .preflight import flag_value
+from .watch import SmokeStop
 
 VAL_LINE = re.compile(r"bagel-sr validation \(step=(\d+)\)")
 
