@@ -85,11 +85,11 @@ class _Transform:
         self.resize_transform = lambda image: image
 
 
-def test_val_images_the_position_tables_or_token_limits_cannot_hold_are_refused(sets):
+def test_val_images_the_position_tables_cannot_hold_are_refused(sets):
     val = [load_val_set(sets["val"])]
-    check_fits(val, _Transform, max_latent_size=4, latent_downsample=16, vit_max_patches=4, max_tokens_per_sample=200)
-    with pytest.raises(BadInput, match=r"64x64 after the set's transform, 4 latent tokens a side, more than "
+    check_fits(val, _Transform, max_latent_size=4, latent_downsample=16, vit_max_patches=4)
+    with pytest.raises(BadInput, match=r"64x64 after its set's transform, 4 latent tokens a side, more than "
                                        r"--max_latent_size 3; raise"):
         check_fits(val, _Transform, max_latent_size=3, latent_downsample=16)
-    with pytest.raises(BadInput, match=r"about 112 tokens, more than --max_num_tokens_per_sample 100"):
-        check_fits(val, _Transform, max_latent_size=4, latent_downsample=16, max_tokens_per_sample=100)
+    with pytest.raises(BadInput, match=r"needs 4 ViT patches a side, more than the model's 3"):
+        check_fits(val, _Transform, max_latent_size=4, latent_downsample=16, vit_max_patches=3)

@@ -115,6 +115,16 @@ def _first_layer(model: torch.nn.Module) -> torch.nn.Module:
     return layers[0]
 
 
+def set_transforms(s: ValSet, transform_cls: Any) -> tuple:
+    """The checkout's ``ImageTransform`` of a set's VAE and ViT images, from its ``dataset_config.yaml`` (the
+    transforms training uses; BAGEL's 1024/512/16 and 980/224/14 where the set names none)."""
+    vae = transform_cls(s.vae_args.get("max_image_size", 1024), s.vae_args.get("min_image_size", 512),
+                        s.vae_args.get("image_stride", 16))
+    vit = transform_cls(s.vit_args.get("max_image_size", 980), s.vit_args.get("min_image_size", 224),
+                        s.vit_args.get("image_stride", 14))
+    return vae, vit
+
+
 class Validator:
     """What one run's validations share: the subset, the checkout objects, the latest scores, the clocks."""
 
@@ -151,12 +161,9 @@ class Validator:
 
     # -- what -------------------------------------------------------------------------------------------------
     def inferencer(self, model: torch.nn.Module, s: ValSet) -> Any:
-        transforms = importlib.import_module("data.transforms")
+        """The checkout's ``InterleaveInferencer`` on ``model`` with the set's own image transforms (training's)."""
         inferencer_mod = importlib.import_module("inferencer")
-        vae = transforms.ImageTransform(s.vae_args.get("max_image_size", 1024), s.vae_args.get("min_image_size", 512),
-                                        s.vae_args.get("image_stride", 16))
-        vit = transforms.ImageTransform(s.vit_args.get("max_image_size", 980), s.vit_args.get("min_image_size", 224),
-                                        s.vit_args.get("image_stride", 14))
+        vae, vit = set_transforms(s, importlib.import_module("data.transforms").ImageTransform)
         return inferencer_mod.InterleaveInferencer(model=model, vae_model=self.run.vae, tokenizer=self.tokenizer,
                                                    vae_transform=vae, vit_transform=vit,
                                                    new_token_ids=self.new_token_ids)

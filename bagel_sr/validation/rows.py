@@ -75,10 +75,8 @@ def patch_val_model(ctx: PatchContext) -> Undo:
                 return
             WithValidation._bagel_sr_bound = True  # the first model built is the live one (the EMA is its copy)
             transforms = importlib.import_module("data.transforms")
-            data_args = next((p for p in run.parsed if hasattr(p, "max_num_tokens_per_sample")), None)
             check_fits(validator.sets, transforms.ImageTransform, int(self.max_latent_size), int(self.latent_downsample),
-                       getattr(self, "vit_max_num_patch_per_side", None),
-                       getattr(data_args, "max_num_tokens_per_sample", None))
+                       getattr(self, "vit_max_num_patch_per_side", None))
             if _rank_world()[0] == 0:
                 print(validator.start_line(), flush=True)
 
