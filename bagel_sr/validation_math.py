@@ -3,8 +3,9 @@ is scored (:mod:`bagel_sr.image_metrics`, the evaluation's functions and convent
 summed, the picture of a validation and its CSV line.
 
 Conventions (as ``bagel_sr.eval.evaluate``): integer images are divided by their dtype's maximum, so they are in
-[0, 1] with ``data_range`` 1; a single-channel truth is compared with the restoration's one channel when its RGB
-channels agree (``--color gray``), else with its BT.601 luma (``--color luma``); a CT set (manifest ``intensity.unit == "HU"``) is compared in the HU window :data:`CT_WINDOW`.
+[0, 1] with ``data_range`` 1; an image whose RGB channels agree is gray (``--color gray``); a gray truth is compared
+with the luma ``0.299 R + 0.587 G + 0.114 B`` of a colour restoration (``--color luma``), a colour truth channel by
+channel (``--color rgb``); a CT set (manifest ``intensity.unit == "HU"``) is compared in the HU window :data:`CT_WINDOW`.
 """
 from __future__ import annotations
 
@@ -49,17 +50,22 @@ def unit(array: np.ndarray) -> np.ndarray:
     return a.astype(np.float64)
 
 
+def _gray_if_equal(x: np.ndarray) -> np.ndarray:
+    """(H, W) for a gray image, also one stored as RGB(A) with equal colour channels (alpha dropped)."""
+    if x.ndim == 3:
+        x = x[..., :3] if x.shape[-1] >= 3 else x[..., 0]
+    if x.ndim == 3 and (x == x[..., :1]).all():
+        return x[..., 0]
+    return x
+
+
 def comparable(truth: np.ndarray, restored: np.ndarray, intensity: Optional[dict] = None
                ) -> tuple[np.ndarray, np.ndarray]:
     """``(ref, pred)`` as the metrics see them: [0, 1], luma of an RGB restoration against a gray truth, alpha
     dropped, and CT (``intensity`` in HU) through :data:`CT_WINDOW`."""
-    ref, pred = unit(truth), unit(restored)
-    if ref.ndim == 3:
-        ref = ref[..., :3] if ref.shape[-1] >= 3 else ref[..., 0]
-    if pred.ndim == 3:
-        pred = pred[..., :3]
-    if ref.ndim == 2 and pred.ndim == 3:  # evaluate's "gray" when the channels agree, else its "luma"
-        pred = pred[..., 0] if (pred == pred[..., :1]).all() else pred @ _LUMA
+    ref, pred = _gray_if_equal(unit(truth)), _gray_if_equal(unit(restored))
+    if ref.ndim == 2 and pred.ndim == 3:  # a gray truth: the restoration's luma (evaluate's --color luma)
+        pred = pred @ _LUMA
     if ref.ndim == 3 and pred.ndim == 2:
         pred = np.repeat(pred[..., None], 3, axis=-1)
     if intensity and intensity.get("unit") == "HU" and "low" in intensity and "high" in intensity:

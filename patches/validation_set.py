@@ -82,8 +82,13 @@ def load_val_set(path: str | Path) -> ValSet:
         raise BadInput(f"--bagel_sr_val_datasets {path}: the set '{name}' has no val split; rebuild it with "
                        "splits.fractions.val > 0 (python -m bagel_sr.data build)")
     heldout = reg.parent / (meta.get("heldout_dir") or layout.HELDOUT_DIR) / "val"
-    images = [ValImage(str(r["pair_id"]), heldout / "lr" / f"{r['pair_id']}.png", heldout / "hr" / f"{r['pair_id']}.png",
-                       str((r.get("instructions") or [""])[0]), r.get("intensity")) for r in rows]
+
+    def png(row: dict, kind: str) -> Path:  # the row's own record (what infer and evaluate read), else the layout's
+        recorded = (row.get("heldout") or {}).get(kind)
+        return reg.parent / recorded if recorded else heldout / kind / f"{row['pair_id']}.png"
+
+    images = [ValImage(str(r["pair_id"]), png(r, "lr"), png(r, "hr"), str((r.get("instructions") or [""])[0]),
+                       r.get("intensity")) for r in rows]
     missing = [im for im in images if not (im.lr.is_file() and im.hr.is_file())]
     if missing:
         raise MissingInput(f"--bagel_sr_val_datasets {path}: {len(missing)} val pair(s) have no held-out PNGs (e.g. "

@@ -48,6 +48,10 @@ def test_scores_are_the_evaluations_functions_on_luma_of_the_restoration_against
                  "halluc": eval_metrics.hallucination_share(ref, pred, 1.0, 0.1)}
     same = np.repeat(truth[..., None], 3, -1)                    # a gray restoration stored as RGB scores as gray
     assert V.scores(*V.comparable(truth, same))["psnr"] == float("inf")
+    ref3, pred3 = V.comparable(same, restored)                   # a gray truth stored as RGB is a gray truth
+    assert np.allclose(ref3, ref) and np.allclose(pred3, luma)
+    colour = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)   # a colour truth: channel by channel
+    assert V.comparable(colour, restored)[1].shape == (32, 32, 3)
 
 
 def test_a_ct_set_is_compared_in_the_hu_window():
