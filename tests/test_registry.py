@@ -9,6 +9,7 @@ import fake_checkout
 from bagel_sr.patches import cpu, datasets, inference, registry, training
 from bagel_sr.smoke import cpu_cuda, cpu_main
 from bagel_sr.smoke import rows as smoke_rows
+from bagel_sr.validation import rows as validation_rows
 from bagel_sr.patches.context import PatchContext
 
 
@@ -17,12 +18,14 @@ def _snapshot(ctx, rows):
 
 
 def test_every_patch_function_has_a_row_and_the_dry_run_adds_its_own():
-    functions = {name for mod in (cpu, cpu_cuda, cpu_main, training, datasets, inference) for name, fn in inspect.getmembers(mod, inspect.isfunction)
+    functions = {name for mod in (cpu, cpu_cuda, cpu_main, training, datasets, inference, validation_rows)
+                 for name, fn in inspect.getmembers(mod, inspect.isfunction)
                  if fn.__module__ == mod.__name__ and (name.startswith("patch_") or name == "register_datasets")}
     rows = {p.name: p for p in registry.PATCHES}
     assert functions == set(rows)
     assert all(rows[name].apply.__name__ == name for name in rows)  # the row runs the function of its name
     assert {p.name for p in rows.values() if p.group == "dryrun"} == {p.name for p in smoke_rows.DRY_RUN_PATCHES}
+    assert {n for n in rows if n.startswith("patch_val_")} == {p.name for p in validation_rows.VALIDATION_PATCHES}
     registry.register(*smoke_rows.DRY_RUN_PATCHES)  # the same rows again: left alone
     assert len(registry.PATCHES) == len(rows)
     with pytest.raises(ValueError, match="already registered by another row"):
@@ -38,7 +41,9 @@ def test_one_handle_undoes_every_replaced_name_cpu_patches_included(tmp_path, mo
     # torchvision's operator schemas are declared once per process (tests/conftest.py), so that row is a no-op here
     # the inference rows patch an inferencer (tests/test_eval_infer.py)
     # two rows need a real checkout's files or an imported deepspeed (tests/test_dry_run_forks.py): here where they hold
+    # validation's rows need a val set (tests/test_validation_rows.py)
     rows = [p for p in registry.PATCHES if p.name != "patch_torchvision_ops" and p.group != "inference"
+            and p not in validation_rows.VALIDATION_PATCHES
             and (p.name not in ("patch_checkout_torch", "patch_deepspeed_init") or p.when(ctx))]
     before = _snapshot(ctx, rows)
     handle = registry.apply(ctx, stage="checkout")
@@ -58,7 +63,8 @@ def test_a_failing_patch_undoes_what_was_applied(monkeypatch):
     monkeypatch.setattr(registry.torch.cuda, "is_available", lambda: False)
     ctx = fake_checkout.context()
     ctx.batch_module.SimpleCustomBatch = type("SimpleCustomBatch", (), {})  # patch_batch's fact is missing
-    before = _snapshot(ctx, [p for p in registry.PATCHES if p.group == "training" and p.name != "patch_batch"])
+    before = _snapshot(ctx, [p for p in registry.PATCHES if p.group == "training" and p.name != "patch_batch"
+                             and p not in validation_rows.VALIDATION_PATCHES])
     assert len(before) == 4
     with pytest.raises(training.IncompatibleCheckoutError, match="SimpleCustomBatch.to_dict"):
         registry.apply(ctx, groups=("training",))
