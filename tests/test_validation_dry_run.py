@@ -72,13 +72,16 @@ def test_upstream_validates_at_the_first_step_and_every_n_and_writes_csv_and_gri
         assert grid.size == (4 * 66 + 2, 4 * 66 + 2)                            # 4 images x (input|out|truth|error)
 
 
-def test_a_fork_shape_validates_the_same_way(tmp_path, val_yaml):
+def test_a_fork_shape_validates_the_same_way_here_its_ema(tmp_path, val_yaml):
+    """The fork shape of tests/fork_checkout.py (train/main.py, its own pixel term), validating the EMA weights
+    (the EMA model is called through its own FSDP root)."""
     from fork_checkout import make_fork
 
     root = make_fork(upstream_root(), tmp_path / "fork")
     code, out, line = dry_run(root, tmp_path / "work", "--steps", "4", "--nproc", "2",
-                              "--bagel_sr_val_datasets", str(val_yaml), *VAL_FLAGS)
+                              "--bagel_sr_val_datasets", str(val_yaml), *VAL_FLAGS, "--bagel_sr_val_ema")
     assert code == 0 and line.startswith("smoke: OK"), out[-4000:]
+    assert "(EMA weights)" in out
     _check_run(tmp_path / "work", line)
 
 

@@ -207,9 +207,8 @@ class Validator:
     def validate(self, model: torch.nn.Module, step: int) -> Dict[str, float]:
         """One validation of ``model`` (or the EMA) at ``step``; returns the means over ranks (every rank)."""
         began = time.perf_counter()
-        target = self.ema_module() if self.config.ema else model
-        with preserved_random_state(), torch.no_grad(), eval_mode(target):
-            rows, panels = self._restore_all(target)
+        with preserved_random_state(), torch.no_grad(), eval_mode(model):
+            rows, panels = self._restore_all(model)
         summed = V.totals(rows)
         gathered = [panels]
         rank, world = _rank_world()
@@ -251,10 +250,6 @@ class Validator:
         wandb = sys.modules.get("wandb")
         if wandb is not None and getattr(wandb, "run", None) is not None:
             wandb.log({"val_grid": wandb.Image(str(picture))}, step=step)
-
-    def ema_module(self) -> torch.nn.Module:
-        require(self.ema is not None, "--bagel_sr_val_ema needs the EMA model the script builds with fsdp_ema_setup")
-        return getattr(self.ema, "module", self.ema)
 
     def log_values(self, device: torch.device) -> Dict[str, torch.Tensor]:
         return {k: torch.tensor(v, dtype=torch.float32, device=device) for k, v in self.latest.items()}

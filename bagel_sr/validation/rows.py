@@ -17,6 +17,10 @@ from .fits import check_fits
 from .loop import Validator, _rank_world
 
 
+#: The keyword the live model's forward calls the EMA with (the EMA is a copy of the same class): validate, no loss.
+VALIDATE_ARG = "bagel_sr_validate_step"
+
+
 def run_validator(ctx: PatchContext) -> Validator:
     """The run's validator, built on first use from ``ctx.validation`` and ``ctx.val_sets``."""
     if ctx.validator is None:
@@ -65,7 +69,9 @@ def patch_val_start_step(ctx: PatchContext) -> Undo:
 
 
 def patch_val_model(ctx: PatchContext) -> Undo:
-    """``<script>.Bagel`` gains validation before the forward of a due step and the ``val_*`` keys after it."""
+    """``<script>.Bagel`` gains validation before the forward of a due step and the ``val_*`` keys after it.  With
+    ``--bagel_sr_val_ema`` the live model's forward calls the EMA model (its own FSDP root, so its parameters are
+    gathered as for any forward) with :data:`VALIDATE_ARG`; the EMA's forward validates itself and returns ``{}``."""
     base, validator, run = ctx.train_module.Bagel, run_validator(ctx), ctx.run
 
     class WithValidation(base):
@@ -81,8 +87,15 @@ def patch_val_model(ctx: PatchContext) -> Undo:
                 print(validator.start_line(), flush=True)
 
         def forward(self, **kwargs):
+            if VALIDATE_ARG in kwargs:  # the EMA, called through its own FSDP root by the live model's forward
+                validator.validate(self, kwargs[VALIDATE_ARG])
+                return {}
             step = validator.due()
-            if step is not None:
+            if step is not None and validator.config.ema:
+                require(validator.ema is not None, "--bagel_sr_val_ema: the script built no EMA through fsdp_ema_setup")
+                with torch.no_grad():
+                    validator.ema(**{VALIDATE_ARG: step})
+            elif step is not None:
                 validator.validate(self, step)
             out = super().forward(**kwargs)
             device = out["mse"].device if isinstance(out.get("mse"), torch.Tensor) else torch.device("cpu")
