@@ -166,3 +166,15 @@ def test_in_loop_val_psnr_equals_the_offline_restoration_of_the_saved_checkpoint
     print(json.dumps({"in_loop": in_loop, "offline_psnr": offline_psnr, "offline_ssim": offline_ssim}))
     assert abs(float(in_loop["val_psnr"]) - offline_psnr) < 0.05
     assert abs(float(in_loop["val_ssim"]) - offline_ssim) < 0.005
+
+
+def test_the_deepspeed_port_validates_through_its_engine(tmp_path, val_yaml):
+    """The DeepSpeed port of tests/fork_checkout.py (ZeRO-2 engine, its own resume): the step comes from its loop."""
+    from fork_checkout import make_trait_fork
+
+    root = make_trait_fork(upstream_root(), tmp_path / "fork", ("deepspeed_init",))
+    code, out, line = dry_run(root, tmp_path / "work", "--steps", "4", "--nproc", "2", "--bagel_train_script",
+                              "train/main_deepspeed.py", "--bagel_sr_val_datasets", str(val_yaml), *VAL_FLAGS)
+    assert code == 0 and line.startswith("smoke: OK"), out[-4000:]
+    assert "DeepSpeed's module states" in line
+    _check_run(tmp_path / "work", line)

@@ -60,3 +60,22 @@ def test_validation_is_due_at_the_launchs_first_step_and_every_multiple_of_n(gas
     due = [v.due() for _ in range(gas * (10 - start))]
     assert [s for s in due if s is not None] == expected
     assert all(i % gas == 0 for i, s in enumerate(due) if s is not None)   # the first micro-step of the step
+
+
+def test_the_loops_own_step_is_read_from_its_frame_and_a_step_validates_once(tmp_path):
+    from bagel_sr.validation.loop import loop_step
+
+    script = tmp_path / "fake_loop.py"
+    script.write_text("def main(model, steps, gas):\n"
+                      "    for micro_step in range(steps * gas):\n"
+                      "        curr_step = 5 + micro_step // gas\n"
+                      "        model()\n")
+    namespace = {}
+    exec(compile(script.read_text(), str(script), "exec"), namespace)
+    run = RunState(training_args=types.SimpleNamespace(gradient_accumulation_steps=99))  # not used: the loop says
+    v = Validator(ValidationConfig(datasets="x", every=3, images=1), [], run)
+    seen, due = [], []
+    namespace["main"](lambda: (seen.append(loop_step(str(script))), due.append(v.due(seen[-1]))), 6, 2)
+    assert seen == [5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10]
+    assert [s for s in due if s is not None] == [5, 6, 9]
+    assert loop_step(str(script)) is None and loop_step(None) is None          # not called from that loop

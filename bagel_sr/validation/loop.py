@@ -108,6 +108,21 @@ def restore_image(inferencer: Any, image: Any, instruction: str, seed: int) -> A
     return result["image"]
 
 
+def loop_step(script_file: Optional[str]) -> Optional[int]:
+    """The ``curr_step`` local of the training script's frame that called the model (BAGEL's loop and the forks
+    derived from it name the step so), or None when no such frame is on the stack."""
+    if not script_file:
+        return None
+    target = os.path.realpath(script_file)
+    frame = sys._getframe(1)
+    while frame is not None:
+        if "curr_step" in frame.f_locals and os.path.realpath(frame.f_code.co_filename) == target:
+            value = frame.f_locals["curr_step"]
+            return int(value) if isinstance(value, int) else None
+        frame = frame.f_back
+    return None
+
+
 def _first_layer(model: torch.nn.Module) -> torch.nn.Module:
     """The language model's first decoder layer (called once per forward pass of the LLM, training or inference)."""
     layers = getattr(getattr(model.language_model, "model", None), "layers", None)
@@ -134,6 +149,7 @@ class Validator:
         self.subset = V.choose_subset(len(self.images), config.images, config.seed)
         self.grid_ids = self.subset[:V.GRID_IMAGES]
         self.calls, self.validations, self.start_step = 0, 0, 0
+        self.last_step: Optional[int] = None
         self.latest: Dict[str, float] = {}
         self.tokenizer: Any = None
         self.new_token_ids: Any = None
@@ -143,13 +159,19 @@ class Validator:
         self.rows: List[dict] = []
 
     # -- when -------------------------------------------------------------------------------------------------
-    def due(self) -> Optional[int]:
+    def due(self, loop_step: Optional[int] = None) -> Optional[int]:
         """Count one micro-step; the loop's optimizer step when a validation is due (the launch's first step, and
-        every step that is a multiple of ``every``), else None."""
+        every step that is a multiple of ``every``, at its first micro-step), else None.  ``loop_step``: the loop's
+        own ``curr_step`` when it could be read (:func:`loop_step`); else the step is counted from the launch's
+        first, plus the resumed step :attr:`start_step`."""
         micro, self.calls = self.calls, self.calls + 1
-        gas = self.run.gradient_accumulation_steps
-        step = self.start_step + micro // gas
-        return step if micro % gas == 0 and (micro == 0 or step % self.config.every == 0) else None
+        if loop_step is None:
+            gas = self.run.gradient_accumulation_steps
+            step, first_micro = self.start_step + micro // gas, micro % gas == 0
+        else:
+            step, first_micro = int(loop_step), int(loop_step) != self.last_step
+        self.last_step = step
+        return step if first_micro and (micro == 0 or step % self.config.every == 0) else None
 
     def start_line(self) -> str:
         per_rank = -(-len(self.subset) // _rank_world()[1])

@@ -14,7 +14,7 @@ from bagel_sr.patches.registry import Patch
 from bagel_sr.patches.training import require
 
 from .fits import check_fits
-from .loop import Validator, _rank_world
+from .loop import Validator, _rank_world, loop_step
 
 
 #: The keyword the live model's forward calls the EMA with (the EMA is a copy of the same class): validate, no loss.
@@ -73,6 +73,7 @@ def patch_val_model(ctx: PatchContext) -> Undo:
     ``--bagel_sr_val_ema`` the live model's forward calls the EMA model (its own FSDP root, so its parameters are
     gathered as for any forward) with :data:`VALIDATE_ARG`; the EMA's forward validates itself and returns ``{}``."""
     base, validator, run = ctx.train_module.Bagel, run_validator(ctx), ctx.run
+    script_file = getattr(ctx.train_module, "__file__", None)
 
     class WithValidation(base):
         def __init__(self, *args, **kwargs):
@@ -90,7 +91,7 @@ def patch_val_model(ctx: PatchContext) -> Undo:
             if VALIDATE_ARG in kwargs:  # the EMA, called through its own FSDP root by the live model's forward
                 validator.validate(self, kwargs[VALIDATE_ARG])
                 return {}
-            step = validator.due()
+            step = validator.due(loop_step(script_file))
             if step is not None and validator.config.ema:
                 require(validator.ema is not None, "--bagel_sr_val_ema: the script built no EMA through fsdp_ema_setup")
                 with torch.no_grad():
