@@ -1,9 +1,10 @@
 """What one validation does inside BAGEL's own training loop (``--bagel_sr_val_*``), and when.
 
 The loop is not changed: the model class the script builds (``<script>.Bagel``, already the pixel-loss fold) gains
-a ``forward`` that, on the first micro-step of every ``every``-th optimizer step counted from the launch's first
-(which is validated too, as the baseline; a resumed launch's first step is the one after its checkpoint, read
-from ``FSDPCheckpoint.try_load_train_state``), first validates and then trains as before.  The latest ``val_psnr``,
+a ``forward`` (:mod:`bagel_sr.validation.rows`) that, on the first micro-step of each optimizer step that is a
+multiple of ``every`` and of the launch's first step (the baseline), first validates and then trains as before.
+The step is the loop's own ``curr_step`` (:func:`loop_step`), else counted from the launch's first plus the step
+``FSDPCheckpoint.try_load_train_state`` resumed at.  The latest ``val_psnr``,
 ``val_ssim`` and ``val_halluc`` join every returned dict, so the loop logs them (its log lines and wandb) like ``mse``.
 
 One validation, on every rank: under ``no_grad``, the model in eval mode (each module's mode put back after), the
