@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 from bagel_sr.errors import BadInput
 
-from .ablate_flags import _flag_name, check_flag_map, check_sweep, fill, switch_words, variant_name
+from .ablate_flags import flag_name, check_flag_map, check_sweep, fill, switch_words, variant_name
 
 DONE = "DONE"
 INFER_DIR = "infer"
@@ -61,7 +61,7 @@ def check_infer_section(cfg: dict[str, Any], where: str) -> None:
     if not command:
         raise BadInput(f"{where}: {sources[0]} needs eval.infer_command (the inference command its flags are "
                        "appended to, writing into {outputs})")
-    present = {_flag_name(w.split("=", 1)[0]) for w in template_words(command) if w.startswith("--")}
+    present = {flag_name(w.split("=", 1)[0]) for w in template_words(command) if w.startswith("--")}
     both = sorted({flag for flag, _ in swept_flags(cfg)} & present)
     if both:
         raise BadInput(f"{where}: --{both[0]} is swept and also written in eval.infer_command; remove it from "
@@ -70,10 +70,10 @@ def check_infer_section(cfg: dict[str, Any], where: str) -> None:
 
 def swept_flags(cfg: dict[str, Any]) -> set[tuple[str, str]]:
     """(flag, where) of every inference flag the grid sweeps (``infer_grid`` and each run's ``infer_flags``)."""
-    flags = {(_flag_name(k), "infer_grid") for k in cfg.get("infer_grid") or {}}
+    flags = {(flag_name(k), "infer_grid") for k in cfg.get("infer_grid") or {}}
     for i, run in enumerate(cfg.get("runs") or []):
         specs = run.get("infer_flags") or [] if isinstance(run, dict) else []
-        flags |= {(_flag_name(k), f"runs[{i}].infer_flags") for spec in (specs if isinstance(specs, list) else [specs])
+        flags |= {(flag_name(k), f"runs[{i}].infer_flags") for spec in (specs if isinstance(specs, list) else [specs])
                   for k in spec if k != "name"}
     return flags
 
