@@ -9,6 +9,8 @@ Rules (:func:`claim`):
 - a folder that is missing or empty is ours: a fresh ledger is started;
 - a non-empty folder without a ledger is refused (not even ``--overwrite`` touches it);
 - a ledger of another tool, or made with other settings / fingerprint, is refused unless ``overwrite``;
+- a finished run (``mark_complete``) is resumed (a tool then skips what it finished), or, for a tool that passes
+  ``refuse_finished``, refused unless ``overwrite``;
 - ``overwrite`` deletes exactly the files the ledger lists (and folders that become empty), then starts again.
 """
 from __future__ import annotations
@@ -121,7 +123,7 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 
 def claim(folder: str | Path, tool: str, settings: dict[str, Any], fingerprint: str | None = None,
-          overwrite: bool = False, flag: str = "--overwrite") -> tuple[Ledger, bool]:
+          overwrite: bool = False, flag: str = "--overwrite", refuse_finished: bool = False) -> tuple[Ledger, bool]:
     """Take ``folder`` for ``tool``; returns ``(ledger, resumed)``. See the module docstring for the rules."""
     folder = Path(folder)
     old = Ledger.read(folder) if folder.is_dir() else None
@@ -129,6 +131,12 @@ def claim(folder: str | Path, tool: str, settings: dict[str, Any], fingerprint: 
         if folder.is_dir() and any(folder.iterdir()):
             raise OutputFolderError(f"output folder {folder} is not empty and was not written by bagel-sr "
                                     f"(no {LEDGER}); choose a new or empty folder (not even {flag} deletes it)")
+        return Ledger(folder, tool, settings, fingerprint).start(), False
+    if refuse_finished and old.complete:
+        if not overwrite:
+            raise OutputFolderError(f"output folder {folder} holds a finished run; pass {flag} to redo it (deletes "
+                                    "only the files that run wrote) or choose another folder")
+        old.remove_written()
         return Ledger(folder, tool, settings, fingerprint).start(), False
     if old.tool != tool:
         problem = f"was written by {old.tool}, not {tool}"

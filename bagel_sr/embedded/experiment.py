@@ -15,7 +15,6 @@ import os
 import platform
 import sys
 import time
-from pathlib import Path
 from typing import Dict, List, Optional
 
 from . import _compat  # noqa: F401
@@ -25,7 +24,7 @@ import torch
 
 from ..config import PixelLossConfig
 from ..errors import BadInput, cli_main  # noqa: F401 (BadInput re-exported)
-from ..outputs import Ledger, OutputFolderError, claim
+from ..outputs import Ledger, claim
 from . import data, sampling
 from .experiment_report import format_across_seeds, format_table, save_grid, _across_seeds
 from .experiment_settings import (EMBEDDED_DEFAULTS, ExperimentArguments, arm_configs,  # noqa: F401 (re-exported)
@@ -43,14 +42,7 @@ def claim_output_dir(args: ExperimentArguments, pixel: PixelLossConfig) -> Ledge
     """The ``--output_dir`` ledger; a finished run there is refused unless ``--overwrite`` (see bagel_sr.outputs)."""
     settings = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("output_dir", "overwrite", "progress")}
     settings.update(pixel.to_flags())
-    old = Ledger.read(Path(args.output_dir)) if os.path.isdir(args.output_dir) else None
-    if old is not None and old.complete:
-        if not args.overwrite:
-            raise OutputFolderError(f"--output_dir {args.output_dir} holds a finished run; pass --overwrite to redo it "
-                                    "(deletes only the files that run wrote) or choose another --output_dir")
-        old.remove_written()
-        return Ledger(Path(args.output_dir), TOOL, settings).start()
-    return claim(args.output_dir, TOOL, settings, overwrite=args.overwrite)[0]
+    return claim(args.output_dir, TOOL, settings, overwrite=args.overwrite, refuse_finished=True)[0]
 
 
 def checkpoint_files(arm_dir: str, cfg: TrainConfig) -> List[str]:
