@@ -47,6 +47,7 @@ class Ledger:
     fingerprint: str | None = None
     written: list[str] = field(default_factory=list)
     complete: bool = False
+    _listed: set[str] = field(default_factory=set, repr=False, compare=False)  # ``written`` as a set (large builds)
 
     @property
     def path(self) -> Path:
@@ -70,8 +71,9 @@ class Ledger:
         head = entries[0]
         led = cls(folder, head["tool"], head.get("settings") or {}, head.get("fingerprint"))
         for e in entries[1:]:
-            if "wrote" in e and e["wrote"] not in led.written:
+            if "wrote" in e and e["wrote"] not in led._listed:
                 led.written.append(e["wrote"])
+                led._listed.add(e["wrote"])
             led.complete = led.complete or bool(e.get("complete"))
         return led
 
@@ -86,9 +88,10 @@ class Ledger:
     def record(self, rel: str | Path) -> Path:
         """Note that we are about to write ``folder/rel``; returns the absolute path."""
         rel = Path(rel).as_posix()
-        if rel not in self.written:
+        if rel not in self._listed:
             _append(self.path, {"wrote": rel})
             self.written.append(rel)
+            self._listed.add(rel)
         return self.folder / rel
 
     def mark_complete(self) -> None:
@@ -109,7 +112,7 @@ class Ledger:
             if d.is_dir() and not any(d.iterdir()):
                 d.rmdir()
         self.path.unlink(missing_ok=True)
-        self.written, self.complete = [], False
+        self.written, self._listed, self.complete = [], set(), False
         return removed
 
 
@@ -143,7 +146,7 @@ def claim(folder: str | Path, tool: str, settings: dict[str, Any], fingerprint: 
     elif not _same(old.settings, settings):
         problem = f"was made with other settings ({_differences(old.settings, settings)})"
     elif old.fingerprint != fingerprint:
-        problem = f"was made from another checkpoint/input (fingerprint {old.fingerprint} then, {fingerprint} now)"
+        problem = f"was made from another checkpoint/input or config (fingerprint {old.fingerprint} then, {fingerprint} now)"
     else:
         return old, True
     if not overwrite:
