@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from typing import Any
 from .errors import UserError
 
 LEDGER = ".bagel_sr_outputs.jsonl"
+#: The ledger's line that marks a finished run (what :meth:`Ledger.mark_complete` appends).
+COMPLETE_LINE = json.dumps({"complete": True}, sort_keys=True)
 
 
 class OutputFolderError(UserError):
@@ -97,6 +100,13 @@ class Ledger:
     def mark_complete(self) -> None:
         _append(self.path, {"complete": True})
         self.complete = True
+
+    @staticmethod
+    def finished(folder: str | Path) -> bool:
+        """Whether ``folder`` holds a ledger of a finished run."""
+        folder = Path(folder)
+        ledger = Ledger.read(folder) if (folder / LEDGER).is_file() else None
+        return bool(ledger and ledger.complete)
 
     def remove_written(self) -> int:
         """Delete the files this ledger lists (and folders they leave empty) and the ledger; returns the count."""
@@ -173,3 +183,13 @@ def file_fingerprint(path: str | Path, sample: int = 1 << 20) -> str:
                 f.seek(size - sample)
                 h.update(f.read(sample))
     return h.hexdigest()[:16]
+
+
+def shell_is_finished(folder: str | Path) -> str:
+    """A shell test that succeeds when ``folder``'s ledger marks a finished run (for scripts that run steps once)."""
+    return f"grep -qxF {shlex.quote(COMPLETE_LINE)} {shlex.quote(str(Path(folder) / LEDGER))} 2>/dev/null"
+
+
+def shell_mark_finished(folder: str | Path) -> str:
+    """The shell line that marks ``folder``'s run finished in its ledger (what :meth:`Ledger.mark_complete` does)."""
+    return f"printf '%s\\n' {shlex.quote(COMPLETE_LINE)} >> {shlex.quote(str(Path(folder) / LEDGER))}"

@@ -34,9 +34,9 @@ VALUE``; booleans are written ``True``/``False``; a null value drops the flag; a
 Inference flags follow ``bagel_sr.eval.infer``'s argparse: the same, except that ``true`` is the bare switch
 (``--data_consistency``) and ``false`` drops it.
 
-Inference variants (``eval/ablate_infer.py``): a run trains ONCE (``RUN_DIR/DONE`` marks the finished training),
+Inference variants (``eval/ablate_infer.py``): a run trains ONCE (``RUN_DIR``'s ledger marks the finished training),
 then runs ``infer_command`` + the variant's flags once per variant, ``{outputs}`` being ``{run_dir}/outputs/VARIANT``
-(``VARIANT``: e.g. ``start_t=0.3,num_samples=4``), each marked by ``RUN_DIR/infer/VARIANT/DONE``. A finished
+(``VARIANT``: e.g. ``start_t=0.3,num_samples=4``), each marked finished in ``RUN_DIR/infer/VARIANT``'s ledger. A finished
 variant is skipped, a new one runs alone, a changed one is refused unless ``--overwrite`` (which redoes that
 inference, not the training). Each run x variant is one report row ``RUN/VARIANT``; ``eval.baseline`` naming a
 run compares each row with that run's row of the same variant. The report's first table shows PSNR, SSIM and the
@@ -71,28 +71,28 @@ from typing import Sequence
 from tqdm.auto import tqdm
 
 from bagel_sr.errors import BadInput, MissingInput, cli_main
-from bagel_sr.outputs import claim
+from bagel_sr.outputs import claim, shell_mark_finished
 
 from .ablate_check import (check_eval_block, check_flags, expand, progress_printer,  # noqa: F401 (re-exported)
                            start_flag_checks, target_flags)
 from .ablate_flags import flag_words, run_name  # noqa: F401 (re-exported)
 from .ablate_grid import (DEFAULT_BASE_COMMAND, TOOL, Run, build_runs, expand_runs,  # noqa: F401 (re-exported)
                           load_grid)
-from .ablate_infer import DONE, VARIANT_FILES, variant_lines
+from .ablate_infer import VARIANT_FILES, variant_lines
 from .ablate_report import build_report
 
 FAILED = "FAILED"
 #: What ablate writes in each run folder (recorded in its ledger before they are written).
-RUN_FILES = ("command.sh", "run.json", "log.txt", DONE, FAILED)
+RUN_FILES = ("command.sh", "run.json", "log.txt", FAILED)
 
 
 # ---------------------------------------------------------------- planning
 
 
 def command_script(run: Run, workdir: Path) -> str:
-    """Text of ``command.sh``: cd, train, optional inference, then the DONE marker (only reached on success).
-
-    With inference variants: train unless ``RUN_DIR/DONE`` exists, then each variant unless its own ``DONE`` does.
+    """Text of ``command.sh``: cd, train, optional inference, then the run marked finished in its ledger (only
+    reached on success). With inference variants: train unless the run's ledger marks it finished, then each variant
+    unless its own ledger does.
     """
     lines = ["#!/usr/bin/env bash", f"# run {run.name}, written by bagel_sr.eval.ablate plan", "set -euo pipefail",
              f"cd {shlex.quote(str(workdir))}"]
@@ -101,7 +101,7 @@ def command_script(run: Run, workdir: Path) -> str:
     lines.append(run.train_command)
     if run.infer_command:
         lines.append(run.infer_command)
-    lines.append(f"date -u +%Y-%m-%dT%H:%M:%SZ > {shlex.quote(str(run.run_dir / DONE))}")
+    lines.append(shell_mark_finished(run.run_dir))
     return "\n".join(lines) + "\n"
 
 

@@ -13,10 +13,11 @@ from typing import Any, Sequence
 import yaml
 
 from bagel_sr.errors import BadInput, MissingInput, one_line
+from bagel_sr.outputs import Ledger
 
 from .ablate_check import default_base_command, expand
 from .ablate_flags import check_flag_map, check_sweep, fill, flag_name, flag_words, run_name
-from .ablate_infer import DONE, Variant, build_variants, check_infer_section, variant_specs
+from .ablate_infer import Variant, build_variants, check_infer_section, variant_specs
 
 DEFAULT_BASE_COMMAND = shlex.join(default_base_command())  # the wrapper as a module: works from any folder
 TOOL = "bagel_sr.eval.ablate"
@@ -35,8 +36,8 @@ class Run:
 
     @property
     def trained(self) -> bool:
-        """``RUN_DIR/DONE``: training finished (and, without variants, the run's one inference)."""
-        return (self.run_dir / DONE).is_file()
+        """``RUN_DIR``'s ledger marks the training finished (and, without variants, the run's one inference)."""
+        return Ledger.finished(self.run_dir)
 
     @property
     def done(self) -> bool:

@@ -1,8 +1,9 @@
 """ablate's inference variants: one training run, several inference settings (``infer_grid`` / ``infer_flags``).
 
-A run with variants trains once (``RUN_DIR/DONE`` marks the finished training) and then runs ``eval.infer_command``
-once per variant with the variant's flags appended, each into its own outputs folder (``{outputs}/<variant>``) and
-with its own marker folder ``RUN_DIR/infer/<variant>/`` (``DONE``, ``variant.json``, ablate's ledger). Each
+A run with variants trains once (``RUN_DIR``'s ledger marks the finished training) and then runs
+``eval.infer_command`` once per variant with the variant's flags appended, each into its own outputs folder
+(``{outputs}/<variant>``) and with its own folder ``RUN_DIR/infer/<variant>/`` (``variant.json`` and ablate's ledger,
+which marks the finished variant). Each
 (run, variant) is one row of the report, named ``RUN/VARIANT``.
 """
 from __future__ import annotations
@@ -14,13 +15,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from bagel_sr.errors import BadInput
+from bagel_sr.outputs import Ledger, shell_is_finished, shell_mark_finished
 
 from .ablate_flags import flag_name, check_flag_map, check_sweep, fill, switch_words, variant_name
 
-DONE = "DONE"
 INFER_DIR = "infer"
-#: What ablate writes in a variant's marker folder.
-VARIANT_FILES = ("variant.json", DONE)
+#: What ablate writes in a variant's folder (besides its ledger).
+VARIANT_FILES = ("variant.json",)
 
 
 @dataclass
@@ -35,7 +36,8 @@ class Variant:
 
     @property
     def done(self) -> bool:
-        return (self.folder / DONE).is_file()
+        """The variant's ledger marks it finished."""
+        return Ledger.finished(self.folder)
 
 
 def check_infer_section(cfg: dict[str, Any], where: str) -> None:
@@ -132,15 +134,15 @@ def build_variants(specs: Sequence[tuple[str, dict[str, Any]]], ev: dict[str, An
 
 
 def variant_lines(run_dir: Path, train_command: str, variants: Sequence[Variant]) -> list[str]:
-    """Shell lines that train unless ``RUN_DIR/DONE`` exists, then run each variant without a ``DONE`` of its own."""
-    def guarded(marker: Path, command: str, comment: str) -> list[str]:
-        m = shlex.quote(str(marker))
-        return [f"if [ ! -e {m} ]; then  # {comment}", f"  {command}",
-                f"  date -u +%Y-%m-%dT%H:%M:%SZ > {m}", "fi"]
+    """Shell lines that train unless ``RUN_DIR``'s ledger marks the training finished, then run each variant whose
+    own ledger does not mark it finished."""
+    def guarded(folder: Path, command: str, comment: str) -> list[str]:
+        return [f"if ! {shell_is_finished(folder)}; then  # {comment}", f"  {command}",
+                f"  {shell_mark_finished(folder)}", "fi"]
 
-    lines = guarded(run_dir / DONE, train_command, "training, once for all inference variants")
+    lines = guarded(run_dir, train_command, "training, once for all inference variants")
     for v in variants:
-        lines += guarded(v.folder / DONE, v.command, f"inference variant {v.name}")
+        lines += guarded(v.folder, v.command, f"inference variant {v.name}")
     return lines
 
 

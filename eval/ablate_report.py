@@ -120,8 +120,8 @@ def build_report(grid_path: str | Path, out: str | Path | None = None, n_boot: i
     rows_all = report_rows(runs, ev)
     finished = [r for r in rows_all if r.done]
     if not finished:
-        raise RuntimeError("no finished runs (a run is finished when RUN_DIR/DONE exists, an inference variant when "
-                           "RUN_DIR/infer/VARIANT/DONE does too); use 'ablate run' first")
+        raise RuntimeError("no finished runs (a run is finished when its folder's ledger says so, an inference variant "
+                           "when RUN_DIR/infer/VARIANT's does too); use 'ablate run' first")
     if not ev.get("references") and not ev.get("manifest"):
         raise BadInput(f"{grid_path}: the report needs eval.references (a folder) or eval.manifest")
     out = Path(out) if out else runs[0].run_dir.parent / "report"
