@@ -35,3 +35,22 @@ def test_an_unfinished_run_is_resumed_also_with_refuse_finished(tmp_path):
     ledger.record("part.txt").write_text("p")
     again, resumed = claim(tmp_path / "o", "tool", {"a": 1}, refuse_finished=True)
     assert resumed and again.written == ["part.txt"]
+
+
+def test_a_script_marks_a_run_finished_as_the_ledger_does(tmp_path):
+    """What ablate's command.sh runs: the shell test is false until the shell line marks the run finished, and the
+    ledger then reads as finished."""
+    import subprocess
+
+    from bagel_sr.outputs import shell_is_finished, shell_mark_finished
+
+    folder = tmp_path / "run dir"
+    claim(folder, "tool", {})[0].record("log.txt")
+
+    def sh(line):
+        return subprocess.run(["bash", "-c", line], capture_output=True, text=True).returncode
+
+    assert sh(shell_is_finished(folder)) == 1 and sh(shell_is_finished(tmp_path / "none")) != 0
+    assert not Ledger.finished(folder)
+    assert sh(shell_mark_finished(folder)) == 0 and sh(shell_is_finished(folder)) == 0
+    assert Ledger.finished(folder) and Ledger.read(folder).written == ["log.txt"]
