@@ -9,12 +9,15 @@ Rules (:func:`claim`):
 - a folder that is missing or empty is ours: a fresh ledger is started;
 - a non-empty folder without a ledger is refused (not even ``--overwrite`` touches it);
 - a ledger of another tool, or made with other settings / fingerprint, is refused unless ``overwrite``;
+- a finished run (``mark_complete``) is resumed (a tool then skips what it finished), or, for a tool that passes
+  ``refuse_finished``, refused unless ``overwrite``;
 - ``overwrite`` deletes exactly the files the ledger lists (and folders that become empty), then starts again.
 """
 from __future__ import annotations
 
 import json
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,8 @@ from typing import Any
 from .errors import UserError
 
 LEDGER = ".bagel_sr_outputs.jsonl"
+#: The ledger's line that marks a finished run (what :meth:`Ledger.mark_complete` appends).
+COMPLETE_LINE = json.dumps({"complete": True}, sort_keys=True)
 
 
 class OutputFolderError(UserError):
@@ -45,6 +50,7 @@ class Ledger:
     fingerprint: str | None = None
     written: list[str] = field(default_factory=list)
     complete: bool = False
+    _listed: set[str] = field(default_factory=set, repr=False, compare=False)  # ``written`` as a set (large builds)
 
     @property
     def path(self) -> Path:
@@ -68,8 +74,9 @@ class Ledger:
         head = entries[0]
         led = cls(folder, head["tool"], head.get("settings") or {}, head.get("fingerprint"))
         for e in entries[1:]:
-            if "wrote" in e and e["wrote"] not in led.written:
+            if "wrote" in e and e["wrote"] not in led._listed:
                 led.written.append(e["wrote"])
+                led._listed.add(e["wrote"])
             led.complete = led.complete or bool(e.get("complete"))
         return led
 
@@ -84,14 +91,22 @@ class Ledger:
     def record(self, rel: str | Path) -> Path:
         """Note that we are about to write ``folder/rel``; returns the absolute path."""
         rel = Path(rel).as_posix()
-        if rel not in self.written:
+        if rel not in self._listed:
             _append(self.path, {"wrote": rel})
             self.written.append(rel)
+            self._listed.add(rel)
         return self.folder / rel
 
     def mark_complete(self) -> None:
         _append(self.path, {"complete": True})
         self.complete = True
+
+    @staticmethod
+    def finished(folder: str | Path) -> bool:
+        """Whether ``folder`` holds a ledger of a finished run."""
+        folder = Path(folder)
+        ledger = Ledger.read(folder) if (folder / LEDGER).is_file() else None
+        return bool(ledger and ledger.complete)
 
     def remove_written(self) -> int:
         """Delete the files this ledger lists (and folders they leave empty) and the ledger; returns the count."""
@@ -107,7 +122,7 @@ class Ledger:
             if d.is_dir() and not any(d.iterdir()):
                 d.rmdir()
         self.path.unlink(missing_ok=True)
-        self.written, self.complete = [], False
+        self.written, self._listed, self.complete = [], set(), False
         return removed
 
 
@@ -121,7 +136,7 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 
 def claim(folder: str | Path, tool: str, settings: dict[str, Any], fingerprint: str | None = None,
-          overwrite: bool = False, flag: str = "--overwrite") -> tuple[Ledger, bool]:
+          overwrite: bool = False, flag: str = "--overwrite", refuse_finished: bool = False) -> tuple[Ledger, bool]:
     """Take ``folder`` for ``tool``; returns ``(ledger, resumed)``. See the module docstring for the rules."""
     folder = Path(folder)
     old = Ledger.read(folder) if folder.is_dir() else None
@@ -130,12 +145,18 @@ def claim(folder: str | Path, tool: str, settings: dict[str, Any], fingerprint: 
             raise OutputFolderError(f"output folder {folder} is not empty and was not written by bagel-sr "
                                     f"(no {LEDGER}); choose a new or empty folder (not even {flag} deletes it)")
         return Ledger(folder, tool, settings, fingerprint).start(), False
+    if refuse_finished and old.complete:
+        if not overwrite:
+            raise OutputFolderError(f"output folder {folder} holds a finished run; pass {flag} to redo it (deletes "
+                                    "only the files that run wrote) or choose another folder")
+        old.remove_written()
+        return Ledger(folder, tool, settings, fingerprint).start(), False
     if old.tool != tool:
         problem = f"was written by {old.tool}, not {tool}"
     elif not _same(old.settings, settings):
         problem = f"was made with other settings ({_differences(old.settings, settings)})"
     elif old.fingerprint != fingerprint:
-        problem = f"was made from another checkpoint/input (fingerprint {old.fingerprint} then, {fingerprint} now)"
+        problem = f"was made from another checkpoint/input or config (fingerprint {old.fingerprint} then, {fingerprint} now)"
     else:
         return old, True
     if not overwrite:
@@ -162,3 +183,13 @@ def file_fingerprint(path: str | Path, sample: int = 1 << 20) -> str:
                 f.seek(size - sample)
                 h.update(f.read(sample))
     return h.hexdigest()[:16]
+
+
+def shell_is_finished(folder: str | Path) -> str:
+    """A shell test that succeeds when ``folder``'s ledger marks a finished run (for scripts that run steps once)."""
+    return f"grep -qxF {shlex.quote(COMPLETE_LINE)} {shlex.quote(str(Path(folder) / LEDGER))} 2>/dev/null"
+
+
+def shell_mark_finished(folder: str | Path) -> str:
+    """The shell line that marks ``folder``'s run finished in its ledger (what :meth:`Ledger.mark_complete` does)."""
+    return f"printf '%s\\n' {shlex.quote(COMPLETE_LINE)} >> {shlex.quote(str(Path(folder) / LEDGER))}"

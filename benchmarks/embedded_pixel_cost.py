@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bagel_sr.embedded import _compat  # noqa: E402,F401
 from bagel_sr.config import PixelLossConfig  # noqa: E402
 from bagel_sr.embedded import data  # noqa: E402
-from bagel_sr.embedded.experiment import (EMBEDDED_DEFAULTS, ExperimentArguments, model_config_for,  # noqa: E402
-                                          train_config_for)
+from bagel_sr.embedded.experiment_settings import (EMBEDDED_DEFAULTS, ExperimentArguments,  # noqa: E402
+                                                   model_config_for, train_config_for)
 from bagel_sr.embedded.train import LatentPool, train  # noqa: E402
 from bagel_sr.embedded.vae import load_vae  # noqa: E402
 

@@ -34,9 +34,9 @@ VALUE``; booleans are written ``True``/``False``; a null value drops the flag; a
 Inference flags follow ``bagel_sr.eval.infer``'s argparse: the same, except that ``true`` is the bare switch
 (``--data_consistency``) and ``false`` drops it.
 
-Inference variants (``eval/ablate_infer.py``): a run trains ONCE (``RUN_DIR/DONE`` marks the finished training),
+Inference variants (``eval/ablate_infer.py``): a run trains ONCE (``RUN_DIR``'s ledger marks the finished training),
 then runs ``infer_command`` + the variant's flags once per variant, ``{outputs}`` being ``{run_dir}/outputs/VARIANT``
-(``VARIANT``: e.g. ``start_t=0.3,num_samples=4``), each marked by ``RUN_DIR/infer/VARIANT/DONE``. A finished
+(``VARIANT``: e.g. ``start_t=0.3,num_samples=4``), each marked finished in ``RUN_DIR/infer/VARIANT``'s ledger. A finished
 variant is skipped, a new one runs alone, a changed one is refused unless ``--overwrite`` (which redoes that
 inference, not the training). Each run x variant is one report row ``RUN/VARIANT``; ``eval.baseline`` naming a
 run compares each row with that run's row of the same variant. The report's first table shows PSNR, SSIM and the
@@ -59,187 +59,40 @@ hallucination share (``halluc_share``) side by side for every row. Example::
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-import yaml
 from tqdm.auto import tqdm
 
-from bagel_sr.errors import BadInput, MissingInput, cli_main, one_line
-from bagel_sr.outputs import claim
+from bagel_sr.errors import BadInput, MissingInput, cli_main
+from bagel_sr.outputs import claim, shell_mark_finished
 
-from .ablate_check import check_eval_block, default_base_command, expand, progress_printer, start_flag_checks
-from .ablate_flags import (_flag_name, check_flag_map, check_sweep, fill, flag_words,  # noqa: F401 (re-exported)
-                           format_value, run_name)
-from .ablate_infer import (DONE, VARIANT_FILES, Variant, build_variants, check_infer_section, variant_lines,
-                           variant_specs)
+from .ablate_check import (check_eval_block, check_flags, expand, progress_printer,  # noqa: F401 (re-exported)
+                           start_flag_checks, target_flags)
+from .ablate_flags import flag_words, run_name  # noqa: F401 (re-exported)
+from .ablate_grid import (DEFAULT_BASE_COMMAND, TOOL, Run, build_runs, expand_runs,  # noqa: F401 (re-exported)
+                          load_grid)
+from .ablate_infer import VARIANT_FILES, variant_lines
+from .ablate_report import build_report
 
-DEFAULT_BASE_COMMAND = shlex.join(default_base_command())  # the wrapper as a module: works from any folder
 FAILED = "FAILED"
-TOOL = "bagel_sr.eval.ablate"
 #: What ablate writes in each run folder (recorded in its ledger before they are written).
-RUN_FILES = ("command.sh", "run.json", "log.txt", DONE, FAILED)
-
-
-@dataclass
-class Run:
-    """One training run of the grid: its name, flags, folder, commands and inference variants (if swept)."""
-
-    name: str
-    flags: dict[str, Any]
-    run_dir: Path
-    train_command: str
-    infer_command: str | None  # the one inference of a run without variants
-    variants: list[Variant] = field(default_factory=list)
-
-    @property
-    def trained(self) -> bool:
-        """``RUN_DIR/DONE``: training finished (and, without variants, the run's one inference)."""
-        return (self.run_dir / DONE).is_file()
-
-    @property
-    def done(self) -> bool:
-        return self.trained and all(v.done for v in self.variants)
+RUN_FILES = ("command.sh", "run.json", "log.txt", FAILED)
 
 
 # ---------------------------------------------------------------- planning
 
 
-def load_grid(path: str | Path) -> dict[str, Any]:
-    """Read and check a grid YAML (see the module docstring for its keys)."""
-    if not Path(path).is_file():
-        raise MissingInput(f"grid {path}: no such file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            cfg = yaml.safe_load(f) or {}
-    except yaml.YAMLError as e:
-        raise BadInput(f"grid {path} is not valid YAML: {one_line(str(e))}") from None
-    if not isinstance(cfg, dict):
-        raise BadInput(f"grid {path}: expected a YAML mapping with keys such as grid, runs, common_flags, eval")
-    for key, kind in (("grid", dict), ("runs", list), ("common_flags", dict), ("eval", dict), ("infer_grid", dict)):
-        if cfg.get(key) is not None and not isinstance(cfg[key], kind):
-            raise BadInput(f"grid {path}: '{key}' must be a {'mapping' if kind is dict else 'list'}, "
-                           f"got {type(cfg[key]).__name__}")
-    known = {"name", "base_command", "output_root", "workdir", "common_flags", "grid", "runs", "eval", "sort_by",
-             "plots", "infer_grid"}
-    unknown = sorted(set(cfg) - known)
-    if unknown:
-        raise BadInput(f"{path}: unknown keys {unknown}; known keys: {sorted(known)}")
-    if not cfg.get("grid") and not cfg.get("runs"):
-        raise BadInput(f"{path}: give a 'grid' (flag -> list of values) or a list of 'runs'")
-    check_sweep(f"{path}: grid", cfg.get("grid") or {})
-    check_flag_map(f"{path}: common_flags", cfg.get("common_flags") or {})
-    for i, run in enumerate(cfg.get("runs") or []):
-        check_flag_map(f"{path}: runs[{i}]", run, skip=("name", "infer_flags"))
-    check_infer_section(cfg, str(path))
-    return cfg
-
-
-def _expand(cfg: dict[str, Any]) -> list[tuple[str, dict[str, Any], dict[str, Any] | None]]:
-    """(name, training flags, explicit run entry or None) of every run."""
-    grid = cfg.get("grid") or {}
-    runs = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())] if grid else []
-    named: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = [(run_name(f), f, None) for f in runs]
-    for entry in cfg.get("runs") or []:
-        r = {k: v for k, v in entry.items() if k not in ("name", "infer_flags")}
-        named.append((str(entry["name"]) if entry.get("name") else run_name(r), r, entry))
-    seen: set[str] = set()
-    for name, _, _ in named:
-        if name in seen:
-            raise BadInput(f"two runs are named {name!r}; give explicit names in 'runs'")
-        seen.add(name)
-    return named
-
-
-def expand_runs(cfg: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """(name, training flags) of every run: the cartesian product of ``grid``, then the explicit ``runs``."""
-    return [(name, flags) for name, flags, _ in _expand(cfg)]
-
-
-def _command_text(base: str | Sequence[str], words: list[str], fields: dict[str, str]) -> str:
-    base_text = fill(base, fields) if isinstance(base, str) else shlex.join(fill(str(w), fields) for w in base)
-    return " ".join([base_text] + [shlex.quote(w) for w in words])
-
-
-def build_runs(cfg: dict[str, Any]) -> list[Run]:
-    """Runs with absolute folders, filled-in commands and their inference variants."""
-    root = Path(cfg.get("output_root", "runs/ablation")).resolve()
-    base = expand(cfg.get("base_command") or DEFAULT_BASE_COMMAND)
-    ev = dict(cfg.get("eval") or {})
-    if ev.get("infer_command"):
-        ev["infer_command"] = expand(ev["infer_command"])
-    runs = []
-    for name, flags, entry in _expand(cfg):
-        run_dir = root / name
-        fields = {"run_dir": str(run_dir), "name": name}
-        variants = build_variants(variant_specs(cfg, entry), ev, dict(fields))
-        fields["outputs"] = fill(str(ev.get("outputs", "{run_dir}/outputs")), fields)
-        words = flag_words({**(cfg.get("common_flags") or {}), **flags}, fields)
-        infer = ev.get("infer_command")
-        infer_text = None
-        if infer and not variants:
-            infer_text = fill(infer, fields) if isinstance(infer, str) else shlex.join(fill(str(w), fields)
-                                                                                       for w in infer)
-        runs.append(Run(name, flags, run_dir, _command_text(base, words, fields), infer_text, variants))
-    _check_trained_once(runs)
-    return runs
-
-
-def _check_trained_once(runs: Sequence[Run]) -> None:
-    """Runs with inference variants must not train the same flags twice (list the variants in one run)."""
-    by_flags: dict[str, Run] = {}
-    for run in runs:
-        key = json.dumps({_flag_name(k): v for k, v in run.flags.items()}, sort_keys=True, default=str)
-        other = by_flags.setdefault(key, run)
-        if other is not run and (run.variants or other.variants):
-            raise BadInput(f"runs {other.name!r} and {run.name!r} train with the same flags; give both inference "
-                           "settings to one run (infer_flags: a list of flag mappings) so that it trains once")
-
-
-def target_flags(base: str | Sequence[str], workdir: Path, timeout: float = 300,
-                 what: str = "base_command") -> set[str]:
-    """Flags the target's parser knows, read from ``BASE --help`` (argparse / HfArgumentParser help text)."""
-    words = shlex.split(base) if isinstance(base, str) else [str(w) for w in base]
-    try:
-        res = subprocess.run(words + ["--help"], cwd=workdir, capture_output=True, text=True, timeout=timeout,
-                             stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise BadInput(f"{what} {shlex.join(words)!r} cannot be run to list its flags: {e}") from None
-    if res.returncode != 0:
-        text = (res.stderr or res.stdout).strip()
-        tail = one_line(text.splitlines()[-1]) if text else ""
-        raise BadInput(f"{what} {shlex.join(words)!r} --help exited {res.returncode} ({tail}); "
-                       f"fix {what} (or workdir) before planning runs")
-    return set(re.findall(r"(?<![\w-])--([A-Za-z][\w-]*)", res.stdout + res.stderr))
-
-
-def check_flags(cfg: dict[str, Any], known: set[str]) -> None:
-    """Every flag of every run (grid, runs, common_flags) must be one the target's parser knows."""
-    import difflib
-
-    flags = {(_flag_name(k), where) for where in ("common_flags", "grid") for k in (cfg.get(where) or {})}
-    flags |= {(_flag_name(k), f"runs[{i}]") for i, r in enumerate(cfg.get("runs") or []) for k in r
-              if k not in ("name", "infer_flags")}
-    for flag, where in sorted(flags):
-        if flag not in known:
-            close = difflib.get_close_matches(flag, sorted(known), n=1)
-            raise BadInput(f"{where}: flag --{flag} is not accepted by the base_command's parser"
-                           + (f"; did you mean --{close[0]}?" if close else ""))
-
-
 def command_script(run: Run, workdir: Path) -> str:
-    """Text of ``command.sh``: cd, train, optional inference, then the DONE marker (only reached on success).
-
-    With inference variants: train unless ``RUN_DIR/DONE`` exists, then each variant unless its own ``DONE`` does.
+    """Text of ``command.sh``: cd, train, optional inference, then the run marked finished in its ledger (only
+    reached on success). With inference variants: train unless the run's ledger marks it finished, then each variant
+    unless its own ledger does.
     """
     lines = ["#!/usr/bin/env bash", f"# run {run.name}, written by bagel_sr.eval.ablate plan", "set -euo pipefail",
              f"cd {shlex.quote(str(workdir))}"]
@@ -248,7 +101,7 @@ def command_script(run: Run, workdir: Path) -> str:
     lines.append(run.train_command)
     if run.infer_command:
         lines.append(run.infer_command)
-    lines.append(f"date -u +%Y-%m-%dT%H:%M:%SZ > {shlex.quote(str(run.run_dir / DONE))}")
+    lines.append(shell_mark_finished(run.run_dir))
     return "\n".join(lines) + "\n"
 
 
@@ -342,16 +195,6 @@ def execute(runs: Sequence[Run], keep_going: bool = False, dry_run: bool = False
         if not keep_going:
             break
     return failed
-
-
-# ---------------------------------------------------------------- reporting (eval/ablate_report.py)
-
-
-def build_report(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    """Evaluate every finished run and write the report: :func:`bagel_sr.eval.ablate_report.build_report`."""
-    from .ablate_report import build_report as build
-
-    return build(*args, **kwargs)
 
 
 # ---------------------------------------------------------------- CLI

@@ -12,16 +12,25 @@ Progress goes to stderr, one line per step.
 """
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import shlex
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from bagel_sr.errors import BadInput, MissingInput
+from bagel_sr.errors import BadInput, MissingInput, one_line
+
+from . import hu
+from .ablate_flags import flag_name
+from .ablate_infer import check_infer_flags, program_words
+from .images import list_images
+from .pairs import Pair, _row_paths, read_manifest
+from .settings import EvalSettings
 
 #: The wrapper (``train/main_sr_pixel_loss.py``) as a module of the installed package: runs from any folder.
 WRAPPER_MODULE = "bagel_sr.train.main_sr_pixel_loss"
@@ -81,6 +90,45 @@ def help_command(command: str | Sequence[str]) -> list[str]:
     return [sys.executable, *(["-m"] if a.module else []), a.training_script, *a.training_script_args]
 
 
+def target_flags(base: str | Sequence[str], workdir: Path, timeout: float = 300,
+                 what: str = "base_command") -> set[str]:
+    """Flags the target's parser knows, read from ``BASE --help`` (argparse / HfArgumentParser help text)."""
+    words = shlex.split(base) if isinstance(base, str) else [str(w) for w in base]
+    try:
+        res = subprocess.run(words + ["--help"], cwd=workdir, capture_output=True, text=True, timeout=timeout,
+                             stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise BadInput(f"{what} {shlex.join(words)!r} cannot be run to list its flags: {e}") from None
+    if res.returncode != 0:
+        text = (res.stderr or res.stdout).strip()
+        tail = one_line(text.splitlines()[-1]) if text else ""
+        raise BadInput(f"{what} {shlex.join(words)!r} --help exited {res.returncode} ({tail}); "
+                       f"fix {what} (or workdir) before planning runs")
+    return set(re.findall(r"(?<![\w-])--([A-Za-z][\w-]*)", res.stdout + res.stderr))
+
+
+def check_flags(cfg: dict[str, Any], known: set[str]) -> None:
+    """Every flag of every run (grid, runs, common_flags) must be one the target's parser knows."""
+    flags = {(flag_name(k), where) for where in ("common_flags", "grid") for k in (cfg.get(where) or {})}
+    flags |= {(flag_name(k), f"runs[{i}]") for i, r in enumerate(cfg.get("runs") or []) for k in r
+              if k not in ("name", "infer_flags")}
+    for flag, where in sorted(flags):
+        if flag not in known:
+            close = difflib.get_close_matches(flag, sorted(known), n=1)
+            raise BadInput(f"{where}: flag --{flag} is not accepted by the base_command's parser"
+                           + (f"; did you mean --{close[0]}?" if close else ""))
+
+
+def eval_settings(ev: dict[str, Any]) -> EvalSettings:
+    """EvalSettings from the grid's ``eval`` section."""
+    hu = ev.get("hu_window")
+    return EvalSettings(data_range=ev.get("data_range"), window=ev.get("ssim_window", "uniform7"),
+                        color=ev.get("color", "gray"), convention=ev.get("convention", "plain"),
+                        hu_window=tuple(hu) if hu else None, data_consistency=ev.get("data_consistency", True),
+                        lpips_weights=ev.get("lpips_weights"), bits_stored=ev.get("bits_stored"),
+                        hallucination_threshold=float(ev.get("hallucination_threshold", 0.1)))
+
+
 def progress_printer(enabled: bool) -> Callable[[str], None]:
     """``say(text)``: one line on stderr with the seconds since the first line (nothing when disabled)."""
     start = time.monotonic()
@@ -96,9 +144,6 @@ def start_flag_checks(cfg: dict[str, Any], base: str | Sequence[str], infer: str
                       workdir: Path, say: Callable[[str], None]) -> Callable[[], None]:
     """Start ``BASE --help`` and ``INFER --help`` side by side (other checks run meanwhile); returns ``finish()``,
     which waits for them and checks the grid's training and inference flags against what they list."""
-    from .ablate import check_flags, target_flags
-    from .ablate_infer import check_infer_flags, program_words
-
     check_expanded(base, "base_command")
     if infer:
         check_expanded(infer, "eval.infer_command")
@@ -132,8 +177,6 @@ def start_flag_checks(cfg: dict[str, Any], base: str | Sequence[str], infer: str
 def check_eval_block(cfg: dict[str, Any], row_names: Sequence[str], run_names: Sequence[str], workdir: Path,
                      say: Callable[[str], None]) -> None:
     """Every refusal of ``ablate report`` that does not need the outputs, now (paths relative to ``workdir``)."""
-    from .ablate_report import eval_settings
-
     ev = cfg.get("eval") or {}
     unknown = sorted(set(ev) - set(EVAL_KEYS))
     if unknown:
@@ -186,9 +229,6 @@ def check_eval_block(cfg: dict[str, Any], row_names: Sequence[str], run_names: S
 
 
 def _check_manifest(path: Path, split: str | None, settings, say: Callable[[str], None]) -> None:
-    from . import hu
-    from .pairs import Pair, _row_paths, read_manifest
-
     say(f"checking eval.manifest {path} ...")
     rows = [r for r in read_manifest(path) if split is None or r.get("split") == split]
     if not rows:
@@ -217,10 +257,6 @@ def _check_manifest(path: Path, split: str | None, settings, say: Callable[[str]
 
 
 def _check_references(folder: Path, settings, say: Callable[[str], None]) -> None:
-    from . import hu
-    from .images import list_images
-    from .pairs import Pair
-
     say(f"checking eval.references {folder} ...")
     refs = list_images(folder)
     if not refs:

@@ -18,7 +18,7 @@ def fill(text: str, fields: dict[str, str]) -> str:
     return text
 
 
-def _flag_name(key: str) -> str:
+def flag_name(key: str) -> str:
     return key[2:] if key.startswith("--") else key
 
 
@@ -37,7 +37,7 @@ def flag_words(flags: dict[str, Any], fields: dict[str, str]) -> list[str]:
     for key, value in flags.items():
         if value is None:
             continue
-        words.append(f"--{_flag_name(key)}")
+        words.append(f"--{flag_name(key)}")
         words += [fill(w, fields) for w in format_value(value)]
     return words
 
@@ -49,7 +49,7 @@ def switch_words(flags: dict[str, Any], fields: dict[str, str]) -> list[str]:
     for key, value in flags.items():
         if value is None or value is False:
             continue
-        words.append(f"--{_flag_name(key)}")
+        words.append(f"--{flag_name(key)}")
         if value is not True:
             words += [fill(w, fields) for w in format_value(value)]
     return words
@@ -59,14 +59,14 @@ def run_name(flags: dict[str, Any]) -> str:
     """A folder-safe name from the flags, e.g. ``weight0.05_max_t0.3`` (``pixel_loss_`` prefixes dropped)."""
     parts = []
     for key, value in flags.items():
-        short = _flag_name(key).removeprefix("pixel_loss_")
+        short = flag_name(key).removeprefix("pixel_loss_")
         parts.append(f"{short}{'-'.join(format_value(value)) if value is not None else 'None'}")
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", "_".join(parts)) or "run"
 
 
 def variant_name(flags: dict[str, Any]) -> str:
     """A folder-safe name of an inference variant, e.g. ``start_t=0.3,num_samples=4`` (``default``: no flags)."""
-    parts = [f"{_flag_name(k)}={'-'.join(format_value(v)) if v is not None else 'None'}" for k, v in flags.items()]
+    parts = [f"{flag_name(k)}={'-'.join(format_value(v)) if v is not None else 'None'}" for k, v in flags.items()]
     return re.sub(r"[^A-Za-z0-9._=,-]+", "_", ",".join(parts)) or "default"
 
 

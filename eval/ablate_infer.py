@@ -1,8 +1,9 @@
 """ablate's inference variants: one training run, several inference settings (``infer_grid`` / ``infer_flags``).
 
-A run with variants trains once (``RUN_DIR/DONE`` marks the finished training) and then runs ``eval.infer_command``
-once per variant with the variant's flags appended, each into its own outputs folder (``{outputs}/<variant>``) and
-with its own marker folder ``RUN_DIR/infer/<variant>/`` (``DONE``, ``variant.json``, ablate's ledger). Each
+A run with variants trains once (``RUN_DIR``'s ledger marks the finished training) and then runs
+``eval.infer_command`` once per variant with the variant's flags appended, each into its own outputs folder
+(``{outputs}/<variant>``) and with its own folder ``RUN_DIR/infer/<variant>/`` (``variant.json`` and ablate's ledger,
+which marks the finished variant). Each
 (run, variant) is one row of the report, named ``RUN/VARIANT``.
 """
 from __future__ import annotations
@@ -14,13 +15,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from bagel_sr.errors import BadInput
+from bagel_sr.outputs import Ledger, shell_is_finished, shell_mark_finished
 
-from .ablate_flags import _flag_name, check_flag_map, check_sweep, fill, switch_words, variant_name
+from .ablate_flags import flag_name, check_flag_map, check_sweep, fill, switch_words, variant_name
 
-DONE = "DONE"
 INFER_DIR = "infer"
-#: What ablate writes in a variant's marker folder.
-VARIANT_FILES = ("variant.json", DONE)
+#: What ablate writes in a variant's folder (besides its ledger).
+VARIANT_FILES = ("variant.json",)
 
 
 @dataclass
@@ -35,7 +36,8 @@ class Variant:
 
     @property
     def done(self) -> bool:
-        return (self.folder / DONE).is_file()
+        """The variant's ledger marks it finished."""
+        return Ledger.finished(self.folder)
 
 
 def check_infer_section(cfg: dict[str, Any], where: str) -> None:
@@ -61,7 +63,7 @@ def check_infer_section(cfg: dict[str, Any], where: str) -> None:
     if not command:
         raise BadInput(f"{where}: {sources[0]} needs eval.infer_command (the inference command its flags are "
                        "appended to, writing into {outputs})")
-    present = {_flag_name(w.split("=", 1)[0]) for w in template_words(command) if w.startswith("--")}
+    present = {flag_name(w.split("=", 1)[0]) for w in template_words(command) if w.startswith("--")}
     both = sorted({flag for flag, _ in swept_flags(cfg)} & present)
     if both:
         raise BadInput(f"{where}: --{both[0]} is swept and also written in eval.infer_command; remove it from "
@@ -70,10 +72,10 @@ def check_infer_section(cfg: dict[str, Any], where: str) -> None:
 
 def swept_flags(cfg: dict[str, Any]) -> set[tuple[str, str]]:
     """(flag, where) of every inference flag the grid sweeps (``infer_grid`` and each run's ``infer_flags``)."""
-    flags = {(_flag_name(k), "infer_grid") for k in cfg.get("infer_grid") or {}}
+    flags = {(flag_name(k), "infer_grid") for k in cfg.get("infer_grid") or {}}
     for i, run in enumerate(cfg.get("runs") or []):
         specs = run.get("infer_flags") or [] if isinstance(run, dict) else []
-        flags |= {(_flag_name(k), f"runs[{i}].infer_flags") for spec in (specs if isinstance(specs, list) else [specs])
+        flags |= {(flag_name(k), f"runs[{i}].infer_flags") for spec in (specs if isinstance(specs, list) else [specs])
                   for k in spec if k != "name"}
     return flags
 
@@ -132,15 +134,15 @@ def build_variants(specs: Sequence[tuple[str, dict[str, Any]]], ev: dict[str, An
 
 
 def variant_lines(run_dir: Path, train_command: str, variants: Sequence[Variant]) -> list[str]:
-    """Shell lines that train unless ``RUN_DIR/DONE`` exists, then run each variant without a ``DONE`` of its own."""
-    def guarded(marker: Path, command: str, comment: str) -> list[str]:
-        m = shlex.quote(str(marker))
-        return [f"if [ ! -e {m} ]; then  # {comment}", f"  {command}",
-                f"  date -u +%Y-%m-%dT%H:%M:%SZ > {m}", "fi"]
+    """Shell lines that train unless ``RUN_DIR``'s ledger marks the training finished, then run each variant whose
+    own ledger does not mark it finished."""
+    def guarded(folder: Path, command: str, comment: str) -> list[str]:
+        return [f"if ! {shell_is_finished(folder)}; then  # {comment}", f"  {command}",
+                f"  {shell_mark_finished(folder)}", "fi"]
 
-    lines = guarded(run_dir / DONE, train_command, "training, once for all inference variants")
+    lines = guarded(run_dir, train_command, "training, once for all inference variants")
     for v in variants:
-        lines += guarded(v.folder / DONE, v.command, f"inference variant {v.name}")
+        lines += guarded(v.folder, v.command, f"inference variant {v.name}")
     return lines
 
 

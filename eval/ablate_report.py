@@ -15,7 +15,9 @@ from bagel_sr.errors import BadInput
 from bagel_sr.outputs import claim
 
 from . import readable, report
-from .ablate import TOOL, Run, _flag_name, build_runs, fill, load_grid
+from .ablate_check import eval_settings
+from .ablate_flags import fill, flag_name
+from .ablate_grid import TOOL, Run, build_runs, load_grid
 from .evaluate import EvalSettings, collect_pairs, compare_tables, metric_columns, run_evaluation, unit_table
 from .images import load_image
 
@@ -53,28 +55,18 @@ def lesion_columns(summary: pd.DataFrame) -> dict[str, float]:
     return out
 
 
-def eval_settings(ev: dict[str, Any]) -> EvalSettings:
-    """EvalSettings from the grid's ``eval`` section."""
-    hu = ev.get("hu_window")
-    return EvalSettings(data_range=ev.get("data_range"), window=ev.get("ssim_window", "uniform7"),
-                        color=ev.get("color", "gray"), convention=ev.get("convention", "plain"),
-                        hu_window=tuple(hu) if hu else None, data_consistency=ev.get("data_consistency", True),
-                        lpips_weights=ev.get("lpips_weights"), bits_stored=ev.get("bits_stored"),
-                        hallucination_threshold=float(ev.get("hallucination_threshold", 0.1)))
-
-
 def infer_column(flag: str, train_flags: set[str]) -> str:
     """Table column of an inference flag: its name, or ``infer_<name>`` when a training flag has that name."""
-    flag = _flag_name(flag)
+    flag = flag_name(flag)
     return f"infer_{flag}" if flag in train_flags else flag
 
 
 def report_rows(runs: Sequence[Run], ev: dict[str, Any]) -> list[Row]:
     """One row per run without inference variants, one per (run, variant) otherwise (named ``RUN/VARIANT``)."""
-    train_flags = {_flag_name(k) for r in runs for k in r.flags}
+    train_flags = {flag_name(k) for r in runs for k in r.flags}
     rows = []
     for run in runs:
-        flags = {_flag_name(k): v for k, v in run.flags.items()}
+        flags = {flag_name(k): v for k, v in run.flags.items()}
         if not run.variants:
             outputs = Path(fill(str(ev.get("outputs", "{run_dir}/outputs")),
                                 {"run_dir": str(run.run_dir), "name": run.name}))
@@ -89,8 +81,8 @@ def report_rows(runs: Sequence[Run], ev: dict[str, Any]) -> list[Row]:
 def _default_plots(cfg: dict[str, Any], table: pd.DataFrame, train_flags: set[str]) -> list[str]:
     plots = cfg.get("plots")
     if plots:
-        return [_flag_name(p) for p in plots]
-    flags = [_flag_name(f) for f in (cfg.get("grid") or {})] or [c for c in table.columns if c.startswith("pixel_loss")]
+        return [flag_name(p) for p in plots]
+    flags = [flag_name(f) for f in (cfg.get("grid") or {})] or [c for c in table.columns if c.startswith("pixel_loss")]
     flags += [infer_column(f, train_flags) for f in (cfg.get("infer_grid") or {})]
     return [f for f in flags if f in table.columns and pd.to_numeric(table[f], errors="coerce").notna().all()
             and table[f].nunique() > 1]
@@ -128,8 +120,8 @@ def build_report(grid_path: str | Path, out: str | Path | None = None, n_boot: i
     rows_all = report_rows(runs, ev)
     finished = [r for r in rows_all if r.done]
     if not finished:
-        raise RuntimeError("no finished runs (a run is finished when RUN_DIR/DONE exists, an inference variant when "
-                           "RUN_DIR/infer/VARIANT/DONE does too); use 'ablate run' first")
+        raise RuntimeError("no finished runs (a run is finished when its folder's ledger says so, an inference variant "
+                           "when RUN_DIR/infer/VARIANT's does too); use 'ablate run' first")
     if not ev.get("references") and not ev.get("manifest"):
         raise BadInput(f"{grid_path}: the report needs eval.references (a folder) or eval.manifest")
     out = Path(out) if out else runs[0].run_dir.parent / "report"
@@ -165,7 +157,7 @@ def build_report(grid_path: str | Path, out: str | Path | None = None, n_boot: i
                                       sort_by, n_boot)
     ledger.record("ablation.csv")
     table.to_csv(out / "ablation.csv", index=False)
-    train_flags = {_flag_name(k) for r in runs for k in r.flags}
+    train_flags = {flag_name(k) for r in runs for k in r.flags}
     figures = _figures(cfg, table, settings, out, ledger, train_flags, _flag_columns(table, finished))
     by_name = {r.name: r for r in finished}
     grid_png = _image_grid([by_name[n] for n in table["run"]], ev, per_image, settings,

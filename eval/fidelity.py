@@ -11,7 +11,7 @@ from bagel_sr.errors import UserError
 from bagel_sr.outputs import Ledger
 from bagel_sr.restoration import aggregate
 
-from .consistency import back_project
+from bagel_sr.data.consistency import back_project
 
 
 @dataclass
@@ -58,7 +58,7 @@ def posterior_restorer(restore: Callable[..., Image.Image], num_samples: int, ho
 
 
 def project_on_input(result: Image.Image, degraded: Image.Image, degradations: list, steps: int) -> Tuple[Image.Image, str]:
-    """Data consistency of an output with its input (``bagel_sr.eval.consistency``); (image, note; '' = applied)."""
+    """Data consistency of an output with its input (``bagel_sr.data.consistency``); (image, note; '' = applied)."""
 
     try:
         x, note = back_project(_unit(result), _unit(degraded), degradations, steps)

@@ -15,7 +15,7 @@ Fidelity-aware sampling (:class:`FidelityArgs`, both restorers): ``--start_t T0`
 ``T0`` (the checkout through the registry row ``patch_start_t``); ``--num_samples K --aggregate mean|median`` writes
 the aggregate and a per-pixel standard deviation map (``OUTPUTS/std/<pair_id>.png`` scaled to its maximum for
 looking, ``OUTPUTS/std/<pair_id>.npy`` float32 in [0, 1] image units for analysis); ``--data_consistency`` projects
-the (aggregate) output onto the input's recorded degradation (``bagel_sr.eval.consistency``, ``--dc_steps``).
+the (aggregate) output onto the input's recorded degradation (``bagel_sr.data.consistency``, ``--dc_steps``).
 """
 import argparse
 import json

@@ -23,11 +23,10 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import ndimage
 
+from bagel_sr.data import consistency
 from bagel_sr.image_metrics import (SSIM_WINDOWS, hallucination_share, hu_window, mse,  # noqa: F401
-                                     psnr, resolve_data_range, ssim, ssim_key)
+                                    psnr, resolve_data_range, ssim, ssim_key)
 from bagel_sr.image_metrics import pair as _pair
-
-from . import operators
 
 
 def nmse(ref: np.ndarray, pred: np.ndarray) -> float:
@@ -142,7 +141,7 @@ def kspace_consistency(output: np.ndarray, measured: np.ndarray, scale: float | 
     """Split errors of a k-space-truncation pair into the measured band and the null space.
 
     ``measured`` is the degraded input (zero-filled, same size as ``output``); ``scale`` (or ``keep_fraction``),
-    ``window`` and ``axes`` as in ``operators.kspace_truncation``.
+    ``window`` and ``axes`` as in ``consistency.kspace_truncation``.
     Returns
     - ``dc_band_nrmse``: ``||W F(output) - F(measured)||`` over the band / ``||F(measured)||`` over the band
       (0 when the output agrees with the measurements);
@@ -152,17 +151,17 @@ def kspace_consistency(output: np.ndarray, measured: np.ndarray, scale: float | 
       ``err_band_fraction``, the band's share of the squared error.
     """
     output, measured = _pair(output, measured)
-    wts = operators.kspace_weights(output.shape, scale, window, axes, keep_fraction)
+    wts = consistency.kspace_weights(output.shape, scale, window, axes, keep_fraction)
     if output.ndim == 3:
         wts = wts[..., None] * np.ones(output.shape[-1])
     band = wts > 0
-    k_out = operators.fft2c(output.astype(np.float64))
-    k_meas = operators.fft2c(measured.astype(np.float64))
+    k_out = consistency.fft2c(output.astype(np.float64))
+    k_meas = consistency.fft2c(measured.astype(np.float64))
     out = {"dc_band_nrmse": float(np.linalg.norm((wts * k_out - k_meas)[band]) / np.linalg.norm(k_meas[band])),
            "null_energy_fraction": float(np.sum(np.abs(k_out[~band]) ** 2) / np.sum(np.abs(k_out) ** 2))}
     if reference is not None:
         reference = _pair(reference, output)[0].astype(np.float64)
-        err = operators.fft2c(output - reference)
+        err = consistency.fft2c(output - reference)
         ref_norm = np.linalg.norm(reference)
         e_band, e_null = np.sum(np.abs(err[band]) ** 2), np.sum(np.abs(err[~band]) ** 2)
         out.update(err_band_nrmse=float(np.sqrt(e_band) / ref_norm), err_null_nrmse=float(np.sqrt(e_null) / ref_norm),
@@ -181,7 +180,7 @@ def data_consistency(output: np.ndarray, degraded: np.ndarray, degradations: Seq
     deterministic step is ``kspace_truncation`` the ``kspace_consistency`` split is added.
     """
     degraded = np.asarray(degraded, dtype=np.float64)
-    predicted, applied, skipped = operators.apply_forward(np.asarray(output, dtype=np.float64), degradations)
+    predicted, applied, skipped = consistency.apply_forward(np.asarray(output, dtype=np.float64), degradations)
     if predicted.shape != degraded.shape:
         raise ValueError(f"re-degraded output has shape {predicted.shape} but the degraded input has "
                          f"{degraded.shape} (steps: {applied})")
@@ -190,9 +189,9 @@ def data_consistency(output: np.ndarray, degraded: np.ndarray, degradations: Seq
     if data_range is not None:
         res["dc_psnr"] = psnr(degraded, predicted, data_range)
     if reference is not None:
-        res["dc_ref_nrmse"] = nrmse(degraded, operators.apply_forward(np.asarray(reference, np.float64),
+        res["dc_ref_nrmse"] = nrmse(degraded, consistency.apply_forward(np.asarray(reference, np.float64),
                                                                       degradations)[0])
-    steps, _ = operators.split_steps(degradations)
+    steps, _ = consistency.split_steps(degradations)
     if len(steps) == 1 and steps[0][0] == "kspace_truncation":
         p = steps[0][1]
         res.update(kspace_consistency(output, degraded, p.get("scale"), p.get("window"), p.get("axes", "both"),

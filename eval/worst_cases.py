@@ -10,6 +10,7 @@ import pandas as pd
 from . import report
 from .images import load_image
 from .pairs import Pair
+from .settings import prepare
 
 
 def worst_cases_figure(per_image: pd.DataFrame, pairs: Sequence[Pair], settings, path: Path, k: int = 6,
@@ -17,8 +18,6 @@ def worst_cases_figure(per_image: pd.DataFrame, pairs: Sequence[Pair], settings,
                        labels: tuple[str, str] = ("output", "compare")) -> str | None:
     """PNG of the ``k`` pairs worst by ``metric`` (run A's, and the compared run B's output when ``other`` is
     given); ``labels`` name the two runs. None when ``k`` is 0 or the metric was not computed."""
-    from .evaluate import _prepare
-
     if k <= 0 or metric not in per_image.columns:
         return None
     by_id = {p.pair_id: p for p in pairs}
@@ -28,7 +27,7 @@ def worst_cases_figure(per_image: pd.DataFrame, pairs: Sequence[Pair], settings,
         p = by_id[row.pair_id]
 
         def load(file, p=p):
-            return _prepare(load_image(file, settings.color, settings.bits_stored), settings, p.intensity)
+            return prepare(load_image(file, settings.color, settings.bits_stored), settings, p.intensity)
 
         outs = [(labels[0], load(p.output))]
         if other and row.pair_id in other:

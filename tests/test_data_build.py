@@ -217,7 +217,7 @@ def test_resume_after_interrupt_gives_identical_pairs(tmp_path, monkeypatch):
         f.write(b'{"type": "commit", "spl')                                # torn append of a crash
     (out / "parquet" / "train").mkdir(parents=True, exist_ok=True)
     (out / "parquet" / "train" / "part-00042.parquet").write_bytes(b"orphan of an interrupted commit")
-    with pytest.raises(OutputExistsError, match="different config"):
+    with pytest.raises(OutputExistsError, match="another checkpoint/input or config"):
         build_dataset(images_config(tmp_path, seed=8), progress=False)
     summary = build_dataset(images_config(tmp_path), progress=False)
     assert summary.resumed_sources == len(state.done)
@@ -240,13 +240,13 @@ def test_existing_output_is_never_overwritten_unless_asked(tmp_path, capsys):
     before = (tmp_path / "out" / "manifest.jsonl").read_bytes()
     assert cli_main(["build", str(cfg_path), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "already holds a complete build" in err and "--overwrite" in err
+    assert "holds a finished run" in err and "--overwrite" in err
     assert (tmp_path / "out" / "manifest.jsonl").read_bytes() == before
     assert cli_main(["build", str(cfg_path), "--no-progress", "--overwrite"]) == 0
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "precious.txt").write_text("keep me")
-    with pytest.raises(OutputExistsError, match="not empty and holds no bagel-sr build"):
+    with pytest.raises(OutputExistsError, match="not empty and was not written by bagel-sr"):
         build_dataset(images_config(tmp_path, output_dir=str(foreign)), overwrite=True, progress=False)
     assert (foreign / "precious.txt").read_text() == "keep me"
 
@@ -342,3 +342,27 @@ def test_output_inside_input_is_refused_and_2d_volume_errors(tmp_path):
            "degradations": [{"name": "slice_thickness", "factor": 2}]}
     with pytest.raises(BuildError, match="too few for factor 2"):          # a single slice is no volume
         build_dataset(cfg, progress=False)
+
+
+def test_the_output_ledger_lists_every_file_of_a_build_and_overwrite_removes_them(tmp_path):
+    """Ownership goes through bagel_sr.outputs: every file the build leaves (shards, manifest, held-out PNGs, lesion
+    file, state, ...) is in the folder's ledger, and --overwrite deletes exactly those (a user's file stays)."""
+    from bagel_sr.outputs import LEDGER, Ledger
+
+    for p in ("p1", "p2", "p3", "p4"):
+        make_ct_series(tmp_path / "dicom" / p, p, n_slices=2, size=64)
+    cfg = {"name": "ct_ledger", "output_dir": str(tmp_path / "out"), "seed": 5,
+           "input": {"kind": "dicom", "path": str(tmp_path / "dicom")},
+           "degradations": [{"name": "bicubic_downsample", "scale": 2}],
+           "splits": {"fractions": {"train": 0.5, "val": 0.0, "test": 0.5}},
+           "lesions": {"splits": ["test"], "per_slice": [1, 2], "radius": [1.5, 4], "contrast_hu": [10, 80]}}
+    build_dataset(cfg, progress=False)
+    out = tmp_path / "out"
+    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {LEDGER}
+    ledger = Ledger.read(out)
+    assert ledger.tool == build_mod.TOOL and ledger.complete
+    assert {"lesions.json", "manifest.jsonl", "build_state.json"} <= on_disk
+    assert any(f.startswith("heldout/test/") for f in on_disk) and on_disk <= set(ledger.written)
+    (out / "notes.txt").write_text("mine")
+    build_dataset(cfg, progress=False, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and Ledger.read(out).complete

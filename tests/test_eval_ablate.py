@@ -9,6 +9,7 @@ import yaml
 from PIL import Image
 
 from bagel_sr.eval import ablate
+from bagel_sr.outputs import Ledger
 
 # Stand-in for training + inference: writes outputs = reference + noise that shrinks with the pixel-loss weight.
 FAKE_TRAIN = textwrap.dedent("""
@@ -98,14 +99,14 @@ def test_ablation_end_to_end_with_resume(synthetic_grid):
     (tmp / "FAIL_ONCE").touch()  # the second run fails once: a partial grid
     assert ablate.main(["run", str(grid)]) == 1
     first, second = root / "weight0.0_max_t0.3", root / "weight0.1_max_t0.3"
-    assert (first / "DONE").exists() and not (second / "DONE").exists() and (second / "FAILED").exists()
+    assert Ledger.finished(first) and not Ledger.finished(second) and (second / "FAILED").exists()
     partial = ablate.build_report(grid, progress=False)  # a report of a partial grid names what is missing
     assert list(partial["table"]["run"]) == ["weight0.0_max_t0.3"]
     assert "Not finished (left out): weight0.1_max_t0.3" in partial["report"].read_text()
 
     assert ablate.main(["run", str(grid)]) == 0  # resume: the finished run is skipped
     assert (first / "count.txt").read_text() == "x" and (second / "count.txt").read_text() == "xx"
-    assert (second / "DONE").exists() and not (second / "FAILED").exists()
+    assert Ledger.finished(second) and not (second / "FAILED").exists()
     assert ablate.main(["run", str(grid)]) == 0 and (second / "count.txt").read_text() == "xx"
 
     res = ablate.build_report(grid, progress=False)
@@ -135,11 +136,11 @@ def test_a_changed_run_is_refused_and_overwrite_deletes_only_what_ablate_wrote(s
     grid.write_text(yaml.safe_dump(cfg, sort_keys=False))
     with pytest.raises(UserError, match="weight0.0_max_t0.3 was made with other settings .*--overwrite"):
         ablate.main(["plan", str(grid)])
-    assert (run / "DONE").exists()                                   # nothing touched by the refusal
+    assert Ledger.finished(run)                                   # nothing touched by the refusal
     assert ablate.main(["run", str(grid), "--overwrite"]) == 0
     assert (run / "notes.txt").read_text() == "my notes"             # not ours: kept
     assert (run / "count.txt").read_text() == "xx"                   # the target's own file: kept, run again
-    assert "--use_ema False" in (run / "command.sh").read_text() and (run / "DONE").exists()
+    assert "--use_ema False" in (run / "command.sh").read_text() and Ledger.finished(run)
 
 
 def test_a_run_folder_with_foreign_files_is_refused(synthetic_grid):

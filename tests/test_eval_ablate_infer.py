@@ -12,6 +12,7 @@ from PIL import Image
 
 from bagel_sr.errors import UserError, cli_main
 from bagel_sr.eval import ablate
+from bagel_sr.outputs import Ledger, shell_is_finished, shell_mark_finished
 
 # Training stand-in: "weights" are the pixel-loss weight written to a file; every call is counted.
 FAKE_TRAIN = textwrap.dedent("""
@@ -111,7 +112,7 @@ def test_plan_writes_one_training_and_one_inference_per_variant(tmp_path):
     lines = script.splitlines()
     train_at = next(i for i, ln in enumerate(lines) if "fake_train.py" in ln)
     infer_at = [i for i, ln in enumerate(lines) if "fake_infer.py" in ln]
-    assert lines[train_at - 1].startswith(f"if [ ! -e {root / 'weight0.1' / 'DONE'} ]")  # trains unless trained
+    assert lines[train_at - 1].startswith(f"if ! {shell_is_finished(root / 'weight0.1')}; then")  # unless trained
     assert train_at < min(infer_at)
     for name, at in zip(VARIANTS, infer_at):
         start_t, k = (part.split("=")[1] for part in name.split(","))
@@ -119,8 +120,9 @@ def test_plan_writes_one_training_and_one_inference_per_variant(tmp_path):
         assert words[words.index("--out") + 1] == str(root / "weight0.1" / "outputs" / name)
         assert words[-4:] == ["--start_t", start_t, "--num_samples", k]
         assert words[words.index("--checkpoint") + 1] == str(root / "weight0.1" / "weights.txt")
-        marker = shlex.quote(str(root / "weight0.1" / "infer" / name / "DONE"))
-        assert lines[at - 1].startswith(f"if [ ! -e {marker} ]") and lines[at + 1].endswith(f"> {marker}")
+        folder = root / "weight0.1" / "infer" / name
+        assert lines[at - 1].startswith(f"if ! {shell_is_finished(folder)}; then")
+        assert lines[at + 1].strip() == shell_mark_finished(folder)
     dc = (root / "dc" / "command.sh").read_text()
     dc_lines = [shlex.split(ln) for ln in dc.splitlines() if "fake_infer.py" in ln]
     assert dc_lines[0][-3:] == ["--start_t", "0.3", "--data_consistency"]  # infer's switch: bare, not "True"
@@ -136,9 +138,9 @@ def test_train_once_per_run_resume_per_variant_and_report_side_by_side(tmp_path)
     (tmp_path / "FAIL_ONCE").touch()                          # the 4th variant of the first run fails once
     assert ablate.main(["run", str(grid)]) == 1
     w0, w1 = root / "weight0.0", root / "weight0.1"
-    assert (w0 / "train_count.txt").read_text() == "x" and (w0 / "DONE").exists() and (w0 / "FAILED").exists()
-    assert [(w0 / "infer" / v / "DONE").exists() for v in VARIANTS] == [True, True, True, False]
-    assert not w1.joinpath("DONE").exists()
+    assert (w0 / "train_count.txt").read_text() == "x" and Ledger.finished(w0) and (w0 / "FAILED").exists()
+    assert [Ledger.finished(w0 / "infer" / v) for v in VARIANTS] == [True, True, True, False]
+    assert not Ledger.finished(w1)
     partial = ablate.build_report(grid, progress=False)
     assert sorted(partial["table"]["run"]) == sorted(f"weight0.0/{v}" for v in VARIANTS[:3])
     assert f"weight0.0/{VARIANTS[3]}" in partial["report"].read_text().split("Not finished (left out):")[1]

@@ -12,7 +12,7 @@ from skimage import metrics as skm
 from bagel_sr.eval import evaluate as E
 from bagel_sr.eval import pairs as pairs_mod
 from bagel_sr.eval import pairs as pairs_mod
-from bagel_sr.eval import operators as ops
+from bagel_sr.data import consistency as ops
 from bagel_sr.eval.images import load_image
 
 

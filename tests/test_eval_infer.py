@@ -326,7 +326,7 @@ def test_embedded_posterior_mean_writes_a_std_map_and_projects_on_the_input(tmp_
     from bagel_sr.embedded.backbone import TinyBagelConfig
     from bagel_sr.embedded.data import WordTokenizer
     from bagel_sr.embedded.train import build_model, save_checkpoint
-    from bagel_sr.eval import operators
+    from bagel_sr.data import consistency as operators
 
     config = TinyBagelConfig(vocab_size=len(WordTokenizer.default()), hidden_size=32, num_hidden_layers=1,
                              max_latent_size=8)

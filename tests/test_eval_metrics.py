@@ -5,7 +5,7 @@ from scipy import signal
 from skimage import metrics as skm
 
 from bagel_sr.eval import metrics as M
-from bagel_sr.eval import operators as ops
+from bagel_sr.data import consistency as ops
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ from bagel_sr.embedded import data, sampling
 from bagel_sr.embedded.backbone import TinyBagelConfig
 from bagel_sr.embedded.train import build_model
 from bagel_sr.embedded.vae import load_vae
-from bagel_sr.eval import operators
-from bagel_sr.eval.consistency import back_project
+from bagel_sr.data import consistency as operators
+from bagel_sr.data.consistency import back_project
 from bagel_sr.restoration import aggregate, start_index, visited_times
 
 

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 import docs_blocks
+from bagel_sr.outputs import Ledger
 from user_pngs import make_ct_pngs
 
 README = docs_blocks.REPO / "README.md"
@@ -70,14 +71,14 @@ def test_the_readme_path_runs_as_written_and_its_report_reads_well(tmp_path):
     assert sorted(p.name for p in (runs / "weight0.05" / "infer").iterdir()) == [
         "start_t=0.3,num_samples=1", "start_t=0.3,num_samples=4", "start_t=1.0,num_samples=1",
         "start_t=1.0,num_samples=4"]
-    assert not list(runs.rglob("DONE")) and not list(runs.rglob("checkpoints"))
+    assert not any(Ledger.finished(p) for p in runs.rglob("*") if p.is_dir()) and not list(runs.rglob("checkpoints"))
     assert any(line.startswith("ablate plan [") and "eval block matches" in line for line in text.splitlines())
 
     for run in runs.glob("weight*"):                              # as 'ablate run' leaves them (outputs = inputs)
-        (run / "DONE").write_text("simulated\n")
+        Ledger.read(run).mark_complete()
         for variant in (run / "infer").iterdir():
             shutil.copytree(work / "ct" / "heldout" / "test" / "lr", run / "outputs" / variant.name)
-            (variant / "DONE").write_text("simulated\n")
+            Ledger.read(variant).mark_complete()
     res = subprocess.run(["python", "-m", "bagel_sr.eval.ablate", "report", "ablation.yaml", "--n_boot", "200",
                           "--no_progress"], cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

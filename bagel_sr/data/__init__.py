@@ -8,11 +8,12 @@ CLI: ``python -m bagel_sr.data build CONFIG.yaml [--overwrite]``. Python::
 
 See ``docs/data.md`` for the config reference and the output layout.
 """
-from .build import BuildSummary, build_dataset, pair_seed
+from .build import build_dataset, pair_seed
 from .config import BuildConfig, load_build_config
 from .degradations import DEGRADATIONS
 from .errors import BuildError, ConfigError, OutputExistsError, SourceError
 from .intensity import CT_WINDOWS
+from .summary import BuildSummary
 
 __all__ = [
     "BuildConfig",

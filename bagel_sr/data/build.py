@@ -15,7 +15,6 @@ import io
 import json
 import re
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,6 +23,7 @@ import yaml
 from PIL import Image
 
 from bagel_sr import dataset_layout as layout
+from bagel_sr.outputs import Ledger, OutputFolderError, claim
 
 from . import feeding, lesions
 from .config import BuildConfig, load_build_config
@@ -31,9 +31,13 @@ from .degradations import apply_chain
 from .errors import BuildError, ConfigError, OutputExistsError, SourceError
 from .instructions import instructions_for, load_templates
 from .intensity import compute_mapping
-from .readers import SkippedFile, SourceRef, read_source, scan_sources
+from .readers import SourceRef, read_source, scan_sources
 from .splits import assign_splits, check_no_subject_leak, group_key, groups_by_field, resolve_group_by
-from .writer import BuildState, Pair, ShardWriter, atomic_write_text, remove_build
+from .summary import BuildSummary
+from .writer import BuildState, Pair, ShardWriter, atomic_write_text
+
+
+TOOL = "bagel_sr.data"  # the name in the output folder's ledger
 
 
 def pair_seed(base_seed: int, source_id: str, slice_index: int) -> int:
@@ -156,92 +160,31 @@ def make_pairs(ref: SourceRef, cfg: BuildConfig, split: str, group: tuple[str, s
     return pairs, blank
 
 
-@dataclass
-class BuildSummary:
-    """What a build produced; ``format()`` gives the text the CLI prints."""
-
-    name: str
-    output_dir: Path
-    pairs: dict[str, int]
-    sources: dict[str, int]
-    groups: dict[str, int]
-    skipped_files: list[SkippedFile] = field(default_factory=list)
-    failed_sources: dict[str, str] = field(default_factory=dict)
-    blank_slices: int = 0
-    resumed_sources: int = 0
-    fractions: dict[str, float] = field(default_factory=dict)
-    group_fields: dict[str, int] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def registration_file(self) -> Path:
-        return self.output_dir / layout.REGISTRATION_FILE
-
-    @property
-    def dataset_config_file(self) -> Path:
-        return self.output_dir / layout.DATASET_CONFIG_FILE
-
-    def format(self, max_listed: int = 20) -> str:
-        lines = [f"bagel-sr dataset '{self.name}' -> {self.output_dir}", f"{'split':<8}{'groups':>8}{'sources':>9}{'pairs':>9}"]
-        for s in layout.SPLITS:
-            lines.append(f"{s:<8}{self.groups.get(s, 0):>8}{self.sources.get(s, 0):>9}{self.pairs.get(s, 0):>9}")
-        lines.append(f"{'total':<8}{sum(self.groups.values()):>8}{sum(self.sources.values()):>9}{sum(self.pairs.values()):>9}")
-        if self.group_fields:
-            lines.append("groups keyed by: " + ", ".join(f"{how} ({n})" for how, n in self.group_fields.items()))
-        lines += [f"note: {n}" for n in self.notes]
-        empty = [s for s in ("val", "test") if self.fractions.get(s, 0) > 0 and not self.pairs.get(s)]
-        if empty:
-            lines.append(f"note: {' and '.join(empty)} got no pairs: only {sum(self.groups.values())} group(s) to split "
-                         f"(splits are by patient/study, never by slice)")
-        if self.resumed_sources:
-            lines.append(f"resumed: {self.resumed_sources} source(s) were already done")
-        if self.blank_slices:
-            lines.append(f"blank slices skipped: {self.blank_slices}")
-        for title, items in (("skipped files", [f"{f.path}: {f.reason}" for f in self.skipped_files]),
-                             ("failed sources", list(self.failed_sources.values()))):
-            if items:
-                lines.append(f"{title}: {len(items)} (all listed in {layout.REPORT_FILE})")
-                lines += [f"  - {it}" for it in items[:max_listed]]
-                if len(items) > max_listed:
-                    lines.append(f"  ... and {len(items) - max_listed} more")
-        lines.append(f"BAGEL: --dataset_config_file {self.dataset_config_file}")
-        lines.append(f"register (bagel-sr wrapper / bagel_sr.patches.datasets): {self.registration_file}")
-        lines.append(feeding.next_step(str(self.dataset_config_file), str(self.registration_file)))
-        return "\n".join(lines)
-
-
-def _prepare_output(cfg: BuildConfig, fingerprint: str, overwrite: bool, log: Callable[[str], None]) -> BuildState | None:
-    """Existing state to resume, or ``None`` for a fresh build. Never deletes foreign files."""
+def _claim_output(cfg: BuildConfig, fingerprint: str, overwrite: bool,
+                  log: Callable[[str], None]) -> tuple[Ledger, BuildState | None]:
+    """The output folder's ledger (:func:`bagel_sr.outputs.claim`: a finished build or one made with another config
+    is refused unless ``overwrite``, which deletes only the files the build wrote; a folder bagel-sr did not write is
+    never touched) and the state to resume, or ``None`` for a fresh build."""
     out = cfg.output_dir
-    state_path = out / layout.STATE_FILE
-    if not out.exists() or not any(out.iterdir()):
-        return None
-    if not state_path.is_file():
-        raise OutputExistsError(
-            f"output_dir {out} is not empty and holds no bagel-sr build ({layout.STATE_FILE} missing); refusing to "
-            f"write into it (also with --overwrite). Choose a new or empty output_dir.")
-    if overwrite:
-        removed = remove_build(out)
-        log(f"--overwrite: removed the {removed} file(s) of the previous build in {out} (other files are kept)")
-        return None
+    earlier = out.is_dir() and any(out.iterdir())
     try:
-        state = BuildState.load(out)
+        ledger, resumed = claim(out, TOOL, {}, fingerprint, overwrite=overwrite, refuse_finished=True)
+    except OutputFolderError as e:
+        raise OutputExistsError(str(e)) from None
+    if not resumed:
+        if earlier and overwrite:
+            log(f"--overwrite: removed the files of the previous build in {out} (other files are kept)")
+        return ledger, None
+    if not (out / layout.STATE_FILE).is_file():  # interrupted before its first state was written
+        return ledger, None
+    try:
+        return ledger, BuildState.load(out)
     except (ValueError, KeyError, TypeError) as e:
         raise OutputExistsError(f"output_dir {out}: its build state cannot be read ({e}); start again with --overwrite")
-    if state.complete:
-        total = sum(state.pairs(s) for s in layout.SPLITS)
-        raise OutputExistsError(
-            f"output_dir {out} already holds a complete build ({total} pairs). To rebuild it, run again with "
-            f"--overwrite (Python: overwrite=True); to keep it, set another output_dir.")
-    if state.fingerprint != fingerprint:
-        raise OutputExistsError(
-            f"output_dir {out} holds an interrupted build made with a different config; resume it with the "
-            f"original config, or start again with --overwrite.")
-    return state
 
 
 def _write_final_files(cfg: BuildConfig, writer: ShardWriter, info_paths: dict[str, str], task: str | None) -> None:
-    out, state = cfg.output_dir, writer.state
+    state, ledger = writer.state, writer.ledger
     train_files = len(state.shards["train"])
     num_used = cfg.bagel["num_used_data"] or max(train_files, 1)
     rg = max((s["num_row_groups"] for s in state.shards["train"]), default=0)
@@ -256,7 +199,7 @@ def _write_final_files(cfg: BuildConfig, writer: ShardWriter, info_paths: dict[s
         }
     }
     text = feeding.dataset_config_text(cfg.name, yaml.safe_dump(fragment, sort_keys=False), train_files, rg, cfg.bagel)
-    atomic_write_text(out / layout.DATASET_CONFIG_FILE, text)
+    atomic_write_text(ledger.record(layout.DATASET_CONFIG_FILE), text)
 
     datasets = {}
     for split in layout.SPLITS:
@@ -281,7 +224,7 @@ def _write_final_files(cfg: BuildConfig, writer: ShardWriter, info_paths: dict[s
         "task": task,
         "fingerprint": state.fingerprint,
     }
-    atomic_write_text(out / layout.REGISTRATION_FILE, yaml.safe_dump(registration, sort_keys=False))
+    atomic_write_text(ledger.record(layout.REGISTRATION_FILE), yaml.safe_dump(registration, sort_keys=False))
 
 
 def _refuse_nested(input_path: Path, output_dir: Path) -> None:
@@ -321,7 +264,7 @@ def build_dataset(
     templates = load_templates(cfg.templates_path)
     fingerprint = cfg.fingerprint(extra=templates)
     _refuse_nested(cfg.input_path, cfg.output_dir)
-    state = _prepare_output(cfg, fingerprint, overwrite, log)
+    ledger, state = _claim_output(cfg, fingerprint, overwrite, log)
 
     refs, skipped = scan_sources(cfg.input_path, cfg.input["kind"], exclude=cfg.output_dir)
     ids = [r.source_id for r in refs]
@@ -343,14 +286,17 @@ def build_dataset(
         out = cfg.output_dir
         out.mkdir(parents=True, exist_ok=True)
         state = BuildState(fingerprint=fingerprint, sources_digest=digest, n_sources=len(ids))
-        atomic_write_text(out / layout.CONFIG_COPY_FILE, yaml.safe_dump(cfg.data, sort_keys=False))
+        atomic_write_text(ledger.record(layout.CONFIG_COPY_FILE), yaml.safe_dump(cfg.data, sort_keys=False))
+        ledger.record(layout.STATE_FILE)
+        ledger.record(f"{layout.PARTS_DIR}/{layout.JOURNAL_FILE}")
         state.save_header(out)
     elif state.sources_digest != digest:
         raise OutputExistsError(
             f"the inputs under {cfg.input_path} changed since the interrupted build in {cfg.output_dir} "
             f"({state.n_sources} source(s) then, {len(ids)} now); start again with --overwrite.")
-    writer = ShardWriter(cfg.output_dir, state, cfg.output["rows_per_shard"], cfg.output["rows_per_row_group"],
-                         cfg.output["heldout_png"], readers=cfg.bagel["world_size"] * cfg.bagel["num_workers"])
+    writer = ShardWriter(cfg.output_dir, state, ledger, cfg.output["rows_per_shard"],
+                         cfg.output["rows_per_row_group"], cfg.output["heldout_png"],
+                         readers=cfg.bagel["world_size"] * cfg.bagel["num_workers"])
     if resumed:
         removed = writer.remove_orphans()
         log(f"resuming {cfg.output_dir}: {len(state.done) + len(state.failed)}/{len(refs)} sources done"
@@ -391,6 +337,7 @@ def build_dataset(
 
     n_manifest = writer.write_manifest()
     if cfg.data["lesions"] and n_manifest:
+        ledger.record(lesions.LESION_FILE)
         lesions.write_lesion_file(cfg.output_dir, [json.loads(line) for line in
                                                    (cfg.output_dir / layout.MANIFEST_FILE).read_text().splitlines()
                                                    if line.strip()], cfg.data["lesions"])
@@ -420,7 +367,7 @@ def build_dataset(
         "skipped_files": [f.as_dict() for f in skipped],
         "failed_sources": [{"source": k, "reason": v} for k, v in state.failed.items()],
     }
-    atomic_write_text(cfg.output_dir / layout.REPORT_FILE, json.dumps(report, indent=1))
+    atomic_write_text(ledger.record(layout.REPORT_FILE), json.dumps(report, indent=1))
     if n_manifest == 0:
         err = BuildError(f"no pairs were produced from {cfg.input_path}: {len(skipped)} file(s) skipped, "
                          f"{len(state.failed)} source(s) failed; see {cfg.output_dir / layout.REPORT_FILE}"
@@ -430,4 +377,5 @@ def build_dataset(
     _write_final_files(cfg, writer, info_paths, task_seen)
     state.complete = True
     state.save_header(cfg.output_dir)
+    ledger.mark_complete()
     return summary

@@ -1,6 +1,6 @@
 """The one k-space band: which lines of an axis a truncation keeps, shared by the degradation
 (:func:`bagel_sr.data.operators.kspace_truncation`) and the evaluation's forward operator
-(``bagel_sr.eval.operators``)."""
+(``bagel_sr.data.consistency``)."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,7 +1,8 @@
-"""Synthetic degradation operators for paired restoration data (their registry and validation:
-:mod:`bagel_sr.data.degradations`).
+"""The degradation operators: what the data builder applies to make pairs, and the math that the evaluation's
+forward operators re-apply for data consistency (:mod:`bagel_sr.data.consistency`: the operator ``A`` of a
+recorded step, back-projection). The builder's registry and validation: :mod:`bagel_sr.data.degradations`.
 
-Every operator is a pure function ``f(x, rng, **params) -> (degraded, used_params)``:
+Every builder operator is a pure function ``f(x, rng, **params) -> (degraded, used_params)``:
 
 * ``x``: float array in *working units* (HU for CT, normalised intensity otherwise, see
   :mod:`bagel_sr.data.intensity`); ``(H, W)`` or ``(H, W, C)`` images, ``(X, Y, Z)`` volumes for
@@ -27,16 +28,37 @@ Array = np.ndarray
 Result = tuple[Array, dict[str, Any]]
 
 
-def _per_channel(x: Array, fn: Callable[[Array], Array]) -> Array:
+# ---------------------------------------------------------------- shared math (builder and forward operators)
+
+
+def per_channel(x: Array, fn: Callable[[Array], Array]) -> Array:
     if x.ndim == 2:
         return fn(x)
     return np.stack([fn(x[..., c]) for c in range(x.shape[-1])], axis=-1)
 
 
-def _pil_resize(channel: Array, size_hw: tuple[int, int]) -> Array:
+def pil_resize(channel: Array, size_hw: tuple[int, int]) -> Array:
+    """Pillow bicubic resize of one float plane to ``size_hw`` (mode "F": no clipping, antialiased when reducing)."""
     img = Image.fromarray(np.ascontiguousarray(channel, dtype=np.float32))  # mode "F": no clipping
     out = img.resize((size_hw[1], size_hw[0]), Image.Resampling.BICUBIC)
     return np.asarray(out, dtype=np.float64)
+
+
+def blur_in_plane(x: Array, sigma: float) -> Array:
+    """Gaussian blur of (H, W[, C]) with ``sigma`` pixels in-plane, reflect padding."""
+    return ndimage.gaussian_filter(x, (sigma, sigma) + (0.0,) * (x.ndim - 2), mode="reflect")
+
+
+def jpeg_round_trip(x: Array, quality: int, lo: float, hi: float) -> Array:
+    """``[lo, hi]`` -> 0..255 (clipped, rounded), Pillow JPEG at ``quality``, decoded back to ``[lo, hi]``."""
+    u8 = np.round(np.clip((x - lo) / (hi - lo), 0.0, 1.0) * 255.0).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(u8).save(buf, format="JPEG", quality=int(quality))
+    decoded = np.asarray(Image.open(io.BytesIO(buf.getvalue())), dtype=np.float64)
+    return lo + decoded / 255.0 * (hi - lo)
+
+
+# ---------------------------------------------------------------- the builder's operators
 
 
 def bicubic_downsample(image: Array, rng: np.random.Generator, scale: int, keep_size: bool = True) -> Result:
@@ -50,8 +72,8 @@ def bicubic_downsample(image: Array, rng: np.random.Generator, scale: int, keep_
     if h % scale or w % scale:
         raise ValueError(f"bicubic_downsample: image size {h}x{w} is not divisible by scale {scale}")
     lr_hw = (h // scale, w // scale)
-    lr = _per_channel(x, lambda c: _pil_resize(c, lr_hw))
-    out = _per_channel(lr, lambda c: _pil_resize(c, (h, w))) if keep_size else lr
+    lr = per_channel(x, lambda c: pil_resize(c, lr_hw))
+    out = per_channel(lr, lambda c: pil_resize(c, (h, w))) if keep_size else lr
     return out, {"scale": int(scale), "lr_shape": list(lr_hw), "kernel": "bicubic", "keep_size": bool(keep_size)}
 
 
@@ -139,8 +161,7 @@ def rician_noise(image: Array, rng: np.random.Generator, sigma: float) -> Result
 def gaussian_blur(image: Array, rng: np.random.Generator, sigma: float) -> Result:
     """Isotropic in-plane Gaussian blur, ``sigma`` in pixels."""
     x = np.asarray(image, dtype=np.float64)
-    sig = (sigma, sigma) + (0.0,) * (x.ndim - 2)
-    return ndimage.gaussian_filter(x, sig, mode="reflect"), {"sigma": float(sigma)}
+    return blur_in_plane(x, sigma), {"sigma": float(sigma)}
 
 
 def jpeg_compression(
@@ -149,11 +170,7 @@ def jpeg_compression(
     """JPEG round trip at ``quality`` (Pillow). ``value_range`` (working units) maps to 0..255 for coding."""
     x = np.asarray(image, dtype=np.float64)
     lo, hi = float(value_range[0]), float(value_range[1])
-    u8 = np.round(np.clip((x - lo) / (hi - lo), 0.0, 1.0) * 255.0).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(u8).save(buf, format="JPEG", quality=int(quality))
-    decoded = np.asarray(Image.open(io.BytesIO(buf.getvalue())), dtype=np.float64)
-    return lo + decoded / 255.0 * (hi - lo), {"quality": int(quality), "value_range": [lo, hi]}
+    return jpeg_round_trip(x, quality, lo, hi), {"quality": int(quality), "value_range": [lo, hi]}
 
 
 def low_dose_ct(

@@ -1,4 +1,6 @@
-"""Output writing: parquet shards in BAGEL's edit layout, manifest, held-out PNGs, resumable state.
+"""Output writing: parquet shards in BAGEL's edit layout, manifest, held-out PNGs, resumable state. Every file is
+recorded in the output folder's ledger (:mod:`bagel_sr.outputs`) before it is written, so ``--overwrite`` deletes
+exactly the build's files.
 
 Parquet rows (what ``UnifiedEditIterableDataset.parse_row`` reads)::
 
@@ -24,6 +26,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bagel_sr import dataset_layout as layout
+from bagel_sr.outputs import Ledger
+
 from .feeding import row_group_size
 
 SCHEMA = pa.schema([
@@ -129,11 +133,12 @@ class BuildState:
 class ShardWriter:
     """Buffers pairs per split and commits full shards (see the module docstring)."""
 
-    def __init__(self, out_dir: Path, state: BuildState, rows_per_shard: int, rows_per_row_group: int, heldout_png: bool,
-                 readers: int = 1):
+    def __init__(self, out_dir: Path, state: BuildState, ledger: Ledger, rows_per_shard: int, rows_per_row_group: int,
+                 heldout_png: bool, readers: int = 1):
         self.readers = readers  # ranks x loader workers: a shard gets that many row groups when it has the rows
         self.out = out_dir
         self.state = state
+        self.ledger = ledger  # every file is recorded in the folder's ledger before it is written
         self.rows_per_shard = rows_per_shard
         self.rows_per_row_group = rows_per_row_group
         self.heldout_png = heldout_png
@@ -170,7 +175,7 @@ class ShardWriter:
         if pairs:
             shard_rel = f"{layout.PARQUET_DIR}/{split}/part-{index:05d}.parquet"
             part_rel = f"{layout.PARTS_DIR}/manifest-{split}-{index:05d}.jsonl"
-            row_groups = self._write_shard(self.out / shard_rel, pairs)
+            row_groups = self._write_shard(self.ledger.record(shard_rel), pairs)
             lines = []
             for row, p in enumerate(pairs):
                 m = dict(p.manifest, shard=shard_rel, row=row)
@@ -178,10 +183,10 @@ class ShardWriter:
                     m["heldout"] = {}
                     for side, data in (("lr", p.lr_png), ("hr", p.hr_png)):
                         rel = f"{layout.HELDOUT_DIR}/{split}/{side}/{p.pair_id}.png"
-                        atomic_write_bytes(self.out / rel, data)
+                        atomic_write_bytes(self.ledger.record(rel), data)
                         m["heldout"][side] = rel
                 lines.append(json.dumps(m, sort_keys=True))
-            atomic_write_text(self.out / part_rel, "".join(line + "\n" for line in lines))
+            atomic_write_text(self.ledger.record(part_rel), "".join(line + "\n" for line in lines))
             shard = {"path": shard_rel, "manifest_part": part_rel, "rows": len(pairs), "num_row_groups": row_groups}
         self.state.record(self.out, {"type": "commit", "split": split, "shard": shard,
                                      "sources": {sid: len(ps) for sid, ps in entries}})
@@ -220,7 +225,7 @@ class ShardWriter:
             for shard in self.state.shards[split]:
                 chunks.append((self.out / shard["manifest_part"]).read_text(encoding="utf-8"))
         text = "".join(chunks)
-        atomic_write_text(self.out / layout.MANIFEST_FILE, text)
+        atomic_write_text(self.ledger.record(layout.MANIFEST_FILE), text)
         self._prune_heldout(text)
         return text.count("\n")
 
@@ -251,37 +256,7 @@ class ShardWriter:
                 for s in self.state.shards[split]
             }
             rel = f"{layout.PARQUET_INFO_DIR}/{split}.json"
-            atomic_write_text(self.out / rel, json.dumps(info, indent=1, sort_keys=True))
+            self.ledger.record(f"{layout.PARQUET_INFO_DIR}/{split}.resolved.json")  # the patch's copy for a moved set
+            atomic_write_text(self.ledger.record(rel), json.dumps(info, indent=1, sort_keys=True))
             paths[split] = rel
         return paths
-
-
-#: Files a build writes: fixed names, and name patterns inside the folders it owns (an interrupted commit may
-#: have left some of them before the journal recorded them). Anything else in the output folder is not ours.
-OWN_FILES = (layout.REGISTRATION_FILE, layout.DATASET_CONFIG_FILE, layout.MANIFEST_FILE, layout.REPORT_FILE,
-             layout.STATE_FILE, layout.CONFIG_COPY_FILE)
-OWN_PATTERNS = tuple(
-    [f"{layout.PARQUET_DIR}/{s}/part-*.parquet" for s in layout.SPLITS]
-    + [f"{layout.PARQUET_DIR}/{s}/.part-*.parquet.tmp*" for s in layout.SPLITS]
-    + [f"{layout.PARQUET_INFO_DIR}/{s}{ext}" for s in layout.SPLITS for ext in (".json", ".resolved.json")]
-    + [f"{layout.HELDOUT_DIR}/{s}/{side}/{name}" for s in layout.HELDOUT_SPLITS for side in ("lr", "hr")
-       for name in ("*.png", ".*.png.tmp*")]
-    + [f"{layout.PARTS_DIR}/{layout.JOURNAL_FILE}", f"{layout.PARTS_DIR}/manifest-*.jsonl",
-       f"{layout.PARTS_DIR}/.manifest-*.jsonl.tmp*"]
-    + [f".{name}.tmp*" for name in (layout.REGISTRATION_FILE, layout.DATASET_CONFIG_FILE, layout.MANIFEST_FILE,
-                                     layout.REPORT_FILE, layout.STATE_FILE, layout.CONFIG_COPY_FILE)])
-
-
-def remove_build(out_dir: Path) -> int:
-    """Delete the files of a previous build (``--overwrite``) and the folders they leave empty; files the build did
-    not write (a user's notes, other results) are kept. Returns the number of files removed."""
-    files = {out_dir / f for f in OWN_FILES} | {p for pat in OWN_PATTERNS for p in out_dir.glob(pat)}
-    removed = 0
-    for f in sorted(files):
-        if f.is_file():
-            f.unlink()
-            removed += 1
-    for d in sorted((p for p in out_dir.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-        if not any(d.iterdir()):
-            d.rmdir()
-    return removed

@@ -19,6 +19,7 @@ import torch
 from ..data import lesions as L
 from ..eval import lesions as LS
 from . import data
+from .modes import Mode, parse_modes, sample_modes
 
 LESIONS = {**L.DEFAULTS, "per_slice": [1, 2], "radius": [1.5, 5.0], "contrast_fraction": [0.15, 0.4]}
 SEED = 31_000
@@ -98,8 +99,6 @@ def lesion_line(args, seed_result: Dict, models: Dict, vae, tokenizer) -> Dict:
     """Print and return the experiment's lesion line (``args``: its ``ExperimentArguments``): the bicubic input and
     both arms in the chosen mode (the stock sampler without modes). Torch's and numpy's global random states are
     restored afterwards."""
-    from .experiment import Mode, parse_modes, sample_modes
-
     mode = {m.name: m for m in parse_modes(args.sample_modes)}.get(seed_result.get("chosen_mode"), Mode())
     seed = seed_result["seed"]
     restore = {arm: (lambda s, m=models[arm]: sample_modes(m, vae, s, tokenizer, [mode], args, seed)[mode.name]["pred"])

@@ -6,7 +6,7 @@
 
 It launches ``torchrun --nproc_per_node N`` twice on the wrapper (``train/main_sr_pixel_loss.py``'s logic) with
 the ``dryrun`` rows of :mod:`bagel_sr.patches.registry` (:mod:`bagel_sr.smoke.cpu_main`): first to step ``K`` (checkpoint), then with
-``--auto_resume True`` to ``--steps``. It then checks, from the loop's own log lines and files:
+``--auto_resume True`` to ``--steps``. It then checks, from the loop's own log lines (:mod:`.log_checks`) and files:
 
 1. the pixel term acted (``pixel_images > 0`` on some step) and its keys reached the loop's log lines;
 2. every logged loss is finite;
@@ -22,7 +22,7 @@ random model folder of the checkout's architecture is written (:mod:`.model`); w
 On your data, a preflight (:mod:`.preflight`) first checks what BAGEL's loader will do with your configs at
 the dry run's ranks, workers and token limits, and adapts the dry run's own settings (one ``smoke:`` line each) or
 stops with one line naming the fix. Each launch's log is capped and a launch without a new step for
-``--stall_timeout`` seconds is stopped with the reason (:mod:`.smoke_watch`).
+``--stall_timeout`` seconds is stopped with the reason (:mod:`.watch`).
 
 ``--stock`` runs the checkout's ``main()`` without the wrapper (same CPU patches) and ``--no_resume`` makes one
 launch only: together they compare stock and wrapped trajectories (tests).
@@ -31,33 +31,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import pathlib
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 from bagel_sr.patches import checkout, launch
-from bagel_sr.state import KEY_PREFIX  # our log keys' prefix when a checkout returns the same keys
 
 from . import checkout_flags, launch_errors
 from . import data as smoke_data
 from . import model as smoke_model
 from . import preflight as smoke_preflight
+from .log_checks import (LaunchLog, SmokeFailure, check_finite, check_pixel_term,  # noqa: F401 (re-exported)
+                         check_resume)
 from .validation_check import check_validation
 from .watch import SmokeStop, watch
 
 WORKER_MODULE = "bagel_sr.smoke"
-LOG_LINE = re.compile(r"\(step=(\d+)\) (.*)")
-LOSS_ITEM = re.compile(r"Train Loss (\w+): (\S+?),")
-START_LINE = re.compile(r"Training for (\d+) steps, starting at (\d+)")
-PIXEL_KEYS = ("pixel", "pixel_images", "pixel_weight")
 #: What a DeepSpeed loop's ``engine.save_checkpoint`` writes in ``<checkpoint_dir>/<step>/`` for the model (ZeRO <= 2).
 DEEPSPEED_MODEL_STATES = "mp_rank_00_model_states.pt"
 
@@ -80,76 +74,6 @@ VISUAL_UND_HINT = (
     "(paired edit data have none) while --visual_und is True; keep a vlm_sft group with `is_mandatory: true` in "
     "your --dataset_config_file (one text-loss sample per packed batch), or pass --visual_und False (then "
     "upstream's resume fails: it pops the ViT's position table from every checkpoint)")
-
-
-class SmokeFailure(SmokeStop):
-    """A check of the dry run failed; the message says which."""
-
-
-# ------------------------------------------------------------------------------------------------ the checks
-
-@dataclass
-class LaunchLog:
-    """What one launch's log shows: ``steps[step] = {key: value}`` and the step ``main()`` said it starts at."""
-
-    steps: Dict[int, Dict[str, float]] = field(default_factory=dict)
-    start: Optional[int] = None
-
-    @classmethod
-    def parse(cls, text: str) -> "LaunchLog":
-        log = cls()
-        for line in text.splitlines():
-            start = START_LINE.search(line)
-            if start and log.start is None:
-                log.start = int(start.group(2))
-            match = LOG_LINE.search(line)
-            if match:
-                items = {k: float(v) for k, v in LOSS_ITEM.findall(match.group(2) + ",")}
-                if items:
-                    log.steps.setdefault(int(match.group(1)), items)
-        return log
-
-    def trajectory(self, keys: Sequence[str] = ("mse", "ce")) -> List[tuple]:
-        return [(s, tuple(self.steps[s].get(k) for k in keys)) for s in sorted(self.steps)]
-
-
-def check_pixel_term(logs: Sequence[LaunchLog]) -> str:
-    """The pixel keys reached the log lines and some step admitted an image. A checkout whose forward returns
-    ``pixel`` itself logs ours as ``bagel_sr_pixel``, ... (``PixelLossState.key``): those are read then."""
-    lines = [items for log in logs for items in log.steps.values()]
-    if not lines:
-        raise SmokeFailure("the loop logged no step (look at the launch log)")
-    prefix = KEY_PREFIX if any(KEY_PREFIX + "pixel" in items for items in lines) else ""
-    keys = [prefix + k for k in PIXEL_KEYS]
-    missing = [k for k in keys if not any(k in items for items in lines)]
-    if missing:
-        raise SmokeFailure(f"the loop's log lines lack {', '.join(missing)}: the pixel term's keys did not reach them")
-    images = prefix + "pixel_images"
-    admitted = sum(items.get(images, 0.0) for items in lines)
-    if admitted <= 0:
-        raise SmokeFailure(
-            f"the pixel term admitted no image in {len(lines)} logged steps ({images} stayed 0): check "
-            "--pixel_loss_datasets / --pixel_loss_paired_only against your data, or raise --steps")
-    where = f" (as {prefix}*: the checkout logs its own pixel keys)" if prefix else ""
-    return f"pixel term acted on {sum(1 for i in lines if i.get(images, 0) > 0)}/{len(lines)} steps{where}"
-
-
-def check_finite(logs: Sequence[LaunchLog]) -> None:
-    for log in logs:
-        for step, items in sorted(log.steps.items()):
-            bad = [k for k, v in items.items() if not math.isfinite(v)]
-            if bad:
-                raise SmokeFailure(f"non-finite {', '.join(bad)} at step {step}")
-
-
-def check_resume(first: LaunchLog, second: LaunchLog, saved_step: int) -> str:
-    expected = saved_step + 1  # BAGEL's resume: int(checkpoint folder name) + 1
-    if second.start != expected:
-        raise SmokeFailure(f"the resumed launch started at step {second.start}, expected {expected} "
-                           f"(checkpoint {saved_step:07d} of the first launch)")
-    if second.steps and min(second.steps) != expected:
-        raise SmokeFailure(f"the resumed launch's first logged step is {min(second.steps)}, expected {expected}")
-    return f"resumed from checkpoint {saved_step:07d} at step {expected}"
 
 
 # --------------------------------------------------------------------------------------------- orchestration

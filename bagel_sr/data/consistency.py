@@ -1,4 +1,5 @@
-"""Forward operators of the recorded degradations, for data-consistency metrics.
+"""Data consistency: the forward operators ``A`` of the recorded degradations (for the evaluation's
+data-consistency metrics) and the back-projection of a restored image onto what its input measured.
 
 A manifest row records its degradation as a list of steps with the parameters used, e.g.
 ``[{"name": "bicubic_downsample", "scale": 4, "keep_size": true, ...}, {"name": "gaussian_noise", "sigma": 0.02}]``.
@@ -22,14 +23,13 @@ Conventions (the data builder's, ``bagel_sr.data.degradations``; the reference's
 from __future__ import annotations
 
 import inspect
-import io
 import warnings
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from scipy import ndimage
 
-from bagel_sr.data.kspace import kspace_band
+from .kspace import kspace_band
+from .operators import blur_in_plane, jpeg_round_trip, per_channel, pil_resize
 
 # ---------------------------------------------------------------- k-space
 
@@ -86,12 +86,7 @@ def kspace_truncation(x: np.ndarray, scale: float | None = None, window: str | N
 
 def _resize(x: np.ndarray, size_hw: tuple[int, int], backend: str, reduce: bool) -> np.ndarray:
     if backend == "pil":
-        from PIL import Image
-
-        def one(c: np.ndarray) -> np.ndarray:
-            im = Image.fromarray(np.ascontiguousarray(c, dtype=np.float32), mode="F")
-            return np.asarray(im.resize((size_hw[1], size_hw[0]), Image.Resampling.BICUBIC), dtype=np.float64)
-        return one(x) if x.ndim == 2 else np.stack([one(x[..., c]) for c in range(x.shape[-1])], axis=-1)
+        return per_channel(x, lambda c: pil_resize(c, size_hw))
     if backend == "skimage":
         from skimage.transform import resize
 
@@ -119,18 +114,12 @@ def bicubic_upsample(x: np.ndarray, scale: float, out_shape: Sequence[int] | Non
 
 def gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
     """In-plane Gaussian blur of (H, W[, C]) with ``sigma`` pixels, reflect padding."""
-    return ndimage.gaussian_filter(x, (sigma, sigma) + (0.0,) * (x.ndim - 2), mode="reflect")
+    return blur_in_plane(x, sigma)
 
 
 def jpeg_compression(x: np.ndarray, quality: int, value_range: Sequence[float] = (0.0, 1.0)) -> np.ndarray:
     """JPEG round trip: ``value_range`` -> 0..255 (clipped, rounded), PIL JPEG at ``quality``, back to the range."""
-    from PIL import Image
-
-    lo, hi = float(value_range[0]), float(value_range[1])
-    u8 = np.round(np.clip((x - lo) / (hi - lo), 0.0, 1.0) * 255.0).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(u8).save(buf, format="JPEG", quality=int(quality))
-    return lo + np.asarray(Image.open(io.BytesIO(buf.getvalue())), dtype=np.float64) / 255.0 * (hi - lo)
+    return jpeg_round_trip(x, quality, float(value_range[0]), float(value_range[1]))
 
 
 # ---------------------------------------------------------------- registry
@@ -200,3 +189,43 @@ def apply_forward(x: np.ndarray, degradations: Sequence[dict[str, Any]]) -> tupl
         x = _call(name, x, params)
         applied.append(f"{name}({', '.join(f'{k}={v}' for k, v in params.items())})")
     return x, applied, skipped
+
+
+# ---------------------------------------------------------------- back-projection
+# ``x <- x + B(y - A(x))`` with the ``A`` above (the same as the data-consistency metric's), ``B`` the bicubic
+# up-sampling back to the output's size when ``A(x)`` is smaller, else the identity. For a k-space truncation with
+# the plain band ``A`` is an orthogonal projector, so one step replaces the measured band of ``x`` with the input's
+# and keeps the rest of k-space; for a bicubic down-sampling it is classic iterative back-projection (Irani &
+# Peleg). Stochastic steps (noise) are not re-applied, so a pure denoising pair has nothing to project on and is
+# left unchanged. Only linear steps are projected (``LINEAR``); anything else (JPEG) leaves the image unchanged
+# and says so.
+
+LINEAR = ("bicubic_downsample", "kspace_truncation", "gaussian_blur")
+
+
+def projection_steps(degradations: Sequence[dict[str, Any]]) -> tuple[list[str], str]:
+    """The deterministic step names a projection uses and, when none can be used, why (else '')."""
+    steps, _ = split_steps(degradations)
+    names = [n for n, _ in steps]
+    if not names:
+        return [], "no deterministic step recorded (pure denoising): nothing measured to project on"
+    nonlinear = [n for n in names if n not in LINEAR]
+    if nonlinear:
+        return [], f"non-linear step(s) {nonlinear}: not projected"
+    return names, ""
+
+
+def back_project(x: np.ndarray, degraded: np.ndarray, degradations: Sequence[dict[str, Any]],
+                 steps: int = 10) -> tuple[np.ndarray, str]:
+    """``steps`` back-projection steps of ``x`` toward ``A(x) = degraded``; returns (result, note; '' when applied)."""
+    names, why = projection_steps(degradations)
+    x = np.asarray(x, dtype=np.float64)
+    if why or steps < 1:
+        return x, why or "steps < 1"
+    y = np.asarray(degraded, dtype=np.float64)
+    for _ in range(int(steps)):
+        residual = y - apply_forward(x, degradations)[0]
+        if residual.shape[:2] != x.shape[:2]:
+            residual = bicubic_upsample(residual, 1.0, out_shape=x.shape[:2])
+        x = x + residual
+    return x, ""

@@ -1,0 +1,143 @@
+"""The default experiment's settings: its command-line arguments (the embedded loop's ``TrainConfig`` plus the
+bench's own), the demo's pixel-loss defaults (the wrapper's conservative defaults with the overrides this bench
+needs), the arms it trains, and the backbone and loop settings that the arguments ask for."""
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Sequence
+
+from . import _compat  # noqa: F401
+
+from ..config import CONSERVATIVE_DEFAULTS, PixelLossConfig, literal_help, pixel_loss_arguments_class
+from ..errors import BadInput
+from ..names import check_names
+from . import data
+from .backbone import TinyBagelConfig
+from .modes import parse_modes
+from .train import TrainConfig, validate_train_config
+
+
+@dataclass
+class ExperimentArguments(TrainConfig):
+    steps: int = field(
+        default=2800,
+        metadata={"help": "Optimizer steps per arm (the demo's own default; the embedded loop's is 2000)."})
+    timestep_shift: float = field(
+        default=0.4,
+        metadata={"help": "Training timestep shift s: t = s*t/(1+(s-1)*t); below 1 puts more training targets at "
+                          "low t, where the inference modes start (1 = BAGEL's logit-normal)."})
+    t2i_ratio: float = field(
+        default=0.1,
+        metadata={"help": "Share of unpaired text-to-image samples in a batch (the loop's default is 0.25); "
+                          "--pixel_loss_paired_only excludes their targets."})
+    vae_cond_dropout_prob: float = field(
+        default=0.0,
+        metadata={"help": "Probability of dropping the condition image (BAGEL's 0.1 trains the unconditional branch "
+                          "for CFG, which the demo's samplers do not use)."})
+    output_dir: str = field(default="outputs/embedded", metadata={"help": "Where metrics.json, grid.png, checkpoints go."})
+    seeds: int = field(default=1, metadata={"help": "Repeat the experiment over this many seeds (seed, seed+1, ...)."})
+    seed: int = field(default=0, metadata={"help": "First seed (model init, data order, noise)."})
+    eval_split: str = field(default="heldout", metadata={"help": "'heldout' (report) or 'val' (for tuning)."})
+    eval_ema: bool = field(default=True, metadata={"help": "Evaluate the EMA weights (else the raw weights)."})
+    sample_steps: int = field(default=25, metadata={"help": "Euler steps of the sampler."})
+    sample_timestep_shift: float = field(default=1.0, metadata={"help": "Timestep shift of the sampler schedule."})
+    sample_modes: str = field(
+        default="1:1:0,0.3:8:0,0.3:16:0,0.3:16:1,0.3:16:0:1",
+        metadata={"help": "Inference modes measured for every arm, comma-separated START_T:NUM_SAMPLES:DC[:ONE_STEP] "
+                          "(DC 1: back-projection onto the input, 10 steps; ONE_STEP 1: one Euler step from the start "
+                          "to 0, the model's clean estimate), e.g. 1:1:0,0.3:4:0,0.3:4:1,0.3:8:0:1. The mode chosen on "
+                          "the val split (+ pixel arm): the cheapest of those whose PSNR is within the paired 95% "
+                          "interval of the best. Empty: only the stock sampler."})
+    term_arms: str = field(
+        default="",
+        metadata={"help": "More + pixel arms, ';'-separated, each the + pixel arm with --pixel_loss_terms replaced, "
+                          "e.g. 'ssim:1;grad:1;lpl:1;l2:1,ssim:0.1,grad:0.1,lpl:0.05' (each term alone and a "
+                          "combination, against the + pixel arm's terms); compared with the + pixel arm per image."})
+    # the backbone's size: TinyBagelConfig holds the defaults
+    hidden_size: int = field(default=TinyBagelConfig.hidden_size, metadata={"help": "Backbone width."})
+    num_hidden_layers: int = field(default=TinyBagelConfig.num_hidden_layers, metadata={"help": "Backbone depth."})
+    num_attention_heads: int = field(default=TinyBagelConfig.num_attention_heads, metadata={"help": "Attention heads."})
+    num_key_value_heads: int = field(default=TinyBagelConfig.num_key_value_heads, metadata={"help": "Key/value heads."})
+    intermediate_size: int = field(default=TinyBagelConfig.intermediate_size, metadata={"help": "MLP width."})
+    aligned_condition: bool = field(
+        default=True,
+        metadata={"help": "Add each target token's condition token (same grid cell) to its input embedding, as SR "
+                          "diffusion models concatenate the input (BAGEL sees the condition through attention only)."})
+    vae_dir: Optional[str] = field(default=None, metadata={"help": "VAE directory (default: the shipped one)."})
+    save_checkpoints: bool = field(default=True, metadata={"help": "Write model/ema safetensors per arm."})
+    grid_rows: int = field(default=8, metadata={"help": "Examples in grid.png."})
+    lesion_images: int = field(
+        default=16,
+        metadata={"help": "Held-out patches of the lesion line (synthetic lesions and lesion-free twins, restored by "
+                          "both arms in the chosen mode; seed 0 only); 0: no lesion line."})
+    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Redo a finished run in --output_dir (deletes only the files that run wrote there)."})
+
+
+#: The conservative defaults with the cost controls this bench needs for the pixel arm to train in little more than
+#: the flow arm's time (on this tiny backbone one decoder forward + backward costs about as much as the
+#: model's step): one decoded image per micro-batch, a 4x4-latent (32 px) crop decoded without a margin (a
+#: 1-latent-pixel margin decodes 2.25x the pixels; side by side, benchmarks/embedded_pixel_cost.py: 1.09-1.25x the
+#: flow arm's step without it, 1.23-1.28x with it; val, seed 0, T0=0.3 K=8: 27.21 dB without, 27.19 with), and no
+#: recomputation (the decoder is small enough to keep its activations).
+EMBEDDED_DEFAULTS = dict(CONSERVATIVE_DEFAULTS, checkpointing=False, max_images=1, crop=4, crop_margin=0)
+
+def arm_configs(pixel: PixelLossConfig, term_arms: str) -> Dict[str, PixelLossConfig]:
+    """``{arm name: its pixel-loss settings}``: flow only (weight 0), + pixel, then one arm per ``--term_arms`` item.
+    The pixel arms also measure the gradient norms of the terms on llm2vae every 10 steps (monitoring only)."""
+    watched = dataclasses.replace(pixel, log_grad_norms_every=pixel.log_grad_norms_every or 10)
+    arms = {"flow_only": dataclasses.replace(pixel, weight=0.0), "pixel": watched}
+    for item in filter(None, (t.strip() for t in term_arms.split(";"))):
+        name = f"terms={item}"
+        if name in arms:
+            raise BadInput(f"--term_arms: {item!r} appears twice")
+        try:
+            arms[name] = dataclasses.replace(watched, terms=item)
+            arms[name].term_weights  # parses the terms, naming the flag on error
+        except ValueError as exc:
+            raise BadInput(f"--term_arms {item!r}: {exc}") from None
+    return arms
+
+
+def arm_label(arm: str, pixel: PixelLossConfig) -> str:
+    if arm == "flow_only":
+        return "flow only"
+    terms = pixel.terms or pixel.loss_type
+    return f"flow + pixel (w={pixel.weight:g}, {terms}, t<={pixel.max_t:g})"
+
+
+def parse(argv: Optional[Sequence[str]] = None):
+    from transformers import HfArgumentParser
+
+    classes = (ExperimentArguments, pixel_loss_arguments_class(defaults=EMBEDDED_DEFAULTS))
+    parser = literal_help(HfArgumentParser(classes))
+    args, pixel_args = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
+    if args.eval_split not in ("heldout", "val"):
+        raise BadInput(f"--eval_split: got {args.eval_split!r}; allowed: 'heldout', 'val'")
+    for name, low in (("seeds", 1), ("sample_steps", 1), ("grid_rows", 0), ("lesion_images", 0), ("hidden_size", 1),
+                      ("num_hidden_layers", 1), ("num_attention_heads", 1), ("num_key_value_heads", 1),
+                      ("intermediate_size", 1)):
+        if getattr(args, name) < low:
+            raise BadInput(f"--{name} {getattr(args, name)}: expected an integer >= {low}")
+    validate_train_config(args)
+    parse_modes(args.sample_modes)
+    pixel = PixelLossConfig.from_namespace(pixel_args)
+    arm_configs(pixel, args.term_arms)
+    check_names("--pixel_loss_datasets", pixel.dataset_names, data.DATASET_NAMES)
+    return args, pixel
+
+
+def model_config_for(args: ExperimentArguments, tokenizer: data.WordTokenizer) -> TinyBagelConfig:
+    """The backbone that ``args`` asks for."""
+    return TinyBagelConfig(
+        vocab_size=len(tokenizer), hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
+        num_attention_heads=args.num_attention_heads, num_key_value_heads=args.num_key_value_heads,
+        intermediate_size=args.intermediate_size, timestep_shift=args.timestep_shift,
+        aligned_condition=args.aligned_condition,
+    )
+
+
+def train_config_for(args: ExperimentArguments) -> TrainConfig:
+    """The training settings that ``args`` asks for (the fields the two share)."""
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
