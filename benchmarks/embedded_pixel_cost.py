@@ -40,8 +40,8 @@ ARMS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=150, help="training steps per timing")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--num_threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="timings of each arm")
+    parser.add_argument("--num_threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args()
 
     torch.set_num_threads(args.num_threads)

@@ -62,11 +62,11 @@ def metrics(pred: torch.Tensor, pairs: Sequence[data.Sample]) -> Dict[str, float
 
 def main(argv: List[str] = None) -> Dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--train_pairs", type=int, default=4000)
-    p.add_argument("--context", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--lambdas", type=float, nargs="+", default=[0.1, 1.0, 10.0])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num_threads", type=int, default=2)
+    p.add_argument("--train_pairs", type=int, default=4000, help="training pairs the ridge is fitted on")
+    p.add_argument("--context", type=int, nargs="+", default=[0, 1, 2], help="latent pixels around each cell, one estimator each")
+    p.add_argument("--lambdas", type=float, nargs="+", default=[0.1, 1.0, 10.0], help="ridge lambdas to choose from on val")
+    p.add_argument("--seed", type=int, default=0, help="seed of the training stream")
+    p.add_argument("--num_threads", type=int, default=2, help="torch CPU threads")
     args = p.parse_args(argv)
     torch.set_num_threads(args.num_threads)
     vae = load_vae(None)

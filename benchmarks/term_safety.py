@@ -32,11 +32,11 @@ TEN_X = ",".join(f"{k}:{10 * DEFAULT_TERM_WEIGHTS[k]:g}" for k in ("ssim", "grad
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps per arm")
     p.add_argument("--terms", default=TEN_X, help="one arm per comma-separated term:weight")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split", default="heldout", choices=("val", "heldout"))
-    p.add_argument("--output_dir", default="outputs/term_safety")
+    p.add_argument("--seed", type=int, default=0, help="seed of every arm (model, data, noise)")
+    p.add_argument("--split", default="heldout", choices=("val", "heldout"), help="split the flow loss is measured on")
+    p.add_argument("--output_dir", default="outputs/term_safety", help="folder of term_safety.json")
     return p.parse_args(argv)
 
 
