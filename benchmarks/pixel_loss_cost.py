@@ -46,7 +46,7 @@ MODES = {  # name -> (crop?, checkpointing?)
     "crop": (True, False),
     "crop+ckpt": (True, True),
 }
-TARGET_SIZE, TARGET_MEM, TARGET_TIME = 512, 0.3, 1.3  # the target: crop+ckpt vs whole at 512 px
+TARGET_SIZE, TARGET_MEM, TARGET_TIME = 512, 0.3, 1.3  # the cost goal: crop+ckpt vs whole at 512 px (memory, time ratios)
 
 
 # ------------------------------------------------------------------------------------------ (a) decode worker

@@ -45,7 +45,7 @@ def test_gates():
 
 
 @pytest.mark.parametrize("shift,expected", [(1.0, 0.20), (3.0, 0.03)])
-def test_admitted_share_matches_issue_and_monte_carlo(shift, expected):
+def test_admitted_share_matches_known_values_and_monte_carlo(shift, expected):
     share = flow.admitted_share(0.3, shift)
     assert share == pytest.approx(expected, abs=0.01)
     raw = torch.randn(400_000, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
