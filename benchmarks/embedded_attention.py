@@ -13,18 +13,14 @@ same computation).
 """
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bagel_sr.embedded import _compat  # noqa: E402,F401
-from bagel_sr.embedded import data  # noqa: E402
-from bagel_sr.embedded.backbone import TinyBagel, TinyBagelConfig  # noqa: E402
+from bagel_sr.embedded import _compat  # noqa: F401
+from bagel_sr.embedded import data
+from bagel_sr.embedded.backbone import TinyBagel, TinyBagelConfig
 
 
 def main() -> None:

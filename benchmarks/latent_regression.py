@@ -11,18 +11,13 @@ data range 1, as the experiment) of: the bicubic input, the VAE round trip of th
 context, on the val and held-out splits.  The lambda of the ridge is chosen on val.
 """
 import argparse
-import sys
-from pathlib import Path
 from typing import Dict, List, Sequence
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from bagel_sr.embedded import data, sampling  # noqa: E402
-from bagel_sr.embedded.vae import load_vae  # noqa: E402
+from bagel_sr.embedded import data, sampling
+from bagel_sr.embedded.vae import load_vae
 
 P = 2  # latent pixels per token side (TinyBagelConfig.latent_patch_size)
 

@@ -32,8 +32,6 @@ from typing import Dict, List, Optional
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from bagel_sr.embedded import _compat  # noqa: E402,F401  (a torchvision that cannot load is treated as absent: all parts)
 from bagel_sr import PixelLossConfig, decoding, losses, with_pixel_loss  # noqa: E402
@@ -222,8 +220,7 @@ def part_b(args) -> None:
     if not os.environ.get("BAGEL_ROOT"):
         print("skipped: set BAGEL_ROOT to a BAGEL checkout to run this part")
         return
-    sys.path.insert(0, str(ROOT / "tests"))
-    import bagel_tiny as bt
+    from bagel_sr.testing import bagel_tiny as bt
 
     ae = bt.build_tiny_autoencoder()
     config = PixelLossConfig(**CONSERVATIVE_DEFAULTS)
@@ -278,8 +275,7 @@ def time_steps(bt, ae, config: Optional[PixelLossConfig], batches: List[Dict]) -
 
 def part_c(args) -> Dict:
     print("\n## (c) pixel-term cost vs target images per micro-batch\n", flush=True)
-    sys.path.insert(0, str(ROOT / "tests"))
-    from contract_model import ContractModel, forward_kwargs, pack, set_timesteps
+    from bagel_sr.testing.contract_model import ContractModel, forward_kwargs, pack, set_timesteps
 
     vae = flux_vae(block_out_channels=(32, 32, 64, 64), layers_per_block=1)
     side = args.c_tokens * 16
@@ -345,8 +341,7 @@ TERM_SETS = ("l2:1", "l2:1,ssim:0.1", "l2:1,grad:0.1", "l2:1,lpl:0.05", "l2:1,ss
 
 def term_worker(args) -> Dict:
     """One term set (``args.mode``; 'flow' = flow only) in this process: best step time and peak RSS."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from contract_model import ContractModel, forward_kwargs, pack, set_timesteps
+    from bagel_sr.testing.contract_model import ContractModel, forward_kwargs, pack, set_timesteps
 
     torch.set_num_threads(args.threads)
     vae = flux_vae()

@@ -16,16 +16,12 @@ import math
 import os
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bagel_sr.config import CONSERVATIVE_DEFAULTS, DEFAULT_TERM_WEIGHTS, PixelLossConfig  # noqa: E402
-from bagel_sr.embedded import data, sampling  # noqa: E402
-from bagel_sr.embedded.backbone import TinyBagelConfig  # noqa: E402
-from bagel_sr.embedded.train import TrainConfig, train  # noqa: E402
-from bagel_sr.embedded.vae import load_vae  # noqa: E402
+from bagel_sr.config import CONSERVATIVE_DEFAULTS, DEFAULT_TERM_WEIGHTS, PixelLossConfig
+from bagel_sr.embedded import data, sampling
+from bagel_sr.embedded.backbone import TinyBagelConfig
+from bagel_sr.embedded.train import TrainConfig, train
+from bagel_sr.embedded.vae import load_vae
 
 TEN_X = ",".join(f"{k}:{10 * DEFAULT_TERM_WEIGHTS[k]:g}" for k in ("ssim", "grad", "lpl"))
 

@@ -137,7 +137,7 @@ def test_the_checks_catch_what_they_forbid():
 
 @pytest.mark.bagel
 def test_help_of_the_main_job_on_a_checkout_lists_its_flags_and_ours():
-    from bagel_tiny import upstream_root
+    from bagel_sr.testing.bagel_tiny import upstream_root
 
     root = upstream_root()
     if root is None:

@@ -21,7 +21,9 @@ from bagel_sr.data import build_dataset, load_build_config
 from bagel_sr.data.__main__ import main as cli_main
 from bagel_sr.data.errors import BuildError, ConfigError, OutputExistsError
 from bagel_sr.data.writer import BuildState
+from bagel_sr.errors import UserError
 from bagel_sr.patches.datasets import DatasetRegistrationError, register_built_datasets
+from bagel_sr.testing.builder_inputs import cfg_for, png, tree
 
 NIBABEL_DATA = os.path.join(os.path.dirname(nib.__file__), "tests", "data")
 BAGEL_KEYS = {"dataset_names", "image_transform_args", "vit_image_transform_args", "is_mandatory", "num_used_data", "weight"}
@@ -342,3 +344,46 @@ def test_output_inside_input_is_refused_and_2d_volume_errors(tmp_path):
            "degradations": [{"name": "slice_thickness", "factor": 2}]}
     with pytest.raises(BuildError, match="too few for factor 2"):          # a single slice is no volume
         build_dataset(cfg, progress=False)
+
+
+@pytest.mark.parametrize("inp, out, message", [
+    ("imgs", "imgs/built", "'output_dir'.*lies inside input.path"),
+    ("data/imgs", "data", "'input.path'.*lies inside output_dir"),
+    ("imgs", "imgs", "lies inside input.path"),
+])
+def test_nested_input_and_output_are_refused(tmp_path, inp, out, message):
+    tree(tmp_path / inp, ["p1/a.png", "p2/a.png"])
+    with pytest.raises(UserError, match=message):
+        build_dataset(cfg_for(tmp_path, inp=inp, out=out), progress=False)
+
+
+def test_builder_overwrite_keeps_a_users_file(tmp_path):
+    tree(tmp_path / "imgs", ["p1/a.png", "p2/a.png", "p3/a.png", "p4/a.png"])
+    build_dataset(cfg_for(tmp_path), progress=False)
+    (tmp_path / "out" / "my_notes.txt").write_text("keep")
+    (tmp_path / "out" / "heldout" / "mine.png").write_bytes(b"keep")
+    build_dataset(cfg_for(tmp_path), overwrite=True, progress=False)
+    assert (tmp_path / "out" / "my_notes.txt").read_text() == "keep"
+    assert (tmp_path / "out" / "heldout" / "mine.png").read_bytes() == b"keep"
+    assert (tmp_path / "out" / "manifest.jsonl").is_file()
+
+
+def test_builder_resume_refuses_changed_inputs(tmp_path, monkeypatch):
+    from bagel_sr.data import build as build_mod
+
+    tree(tmp_path / "imgs", ["p1/a.png", "p2/a.png", "p3/a.png", "p4/a.png"])
+    real, calls = build_mod.make_pairs, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(build_mod, "make_pairs", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_dataset(cfg_for(tmp_path, output={"rows_per_shard": 1}), progress=False)
+    monkeypatch.setattr(build_mod, "make_pairs", real)
+    png(tmp_path / "imgs" / "p4" / "a.png", value=7, size=(48, 48))         # a file changed since
+    with pytest.raises(UserError, match="inputs under .* changed since the interrupted build"):
+        build_dataset(cfg_for(tmp_path, output={"rows_per_shard": 1}), progress=False)

@@ -9,6 +9,7 @@ import yaml
 from PIL import Image
 
 from bagel_sr.eval import ablate
+from bagel_sr.errors import cli_main
 
 # Stand-in for training + inference: writes outputs = reference + noise that shrinks with the pixel-loss weight.
 FAKE_TRAIN = textwrap.dedent("""
@@ -152,3 +153,37 @@ def test_a_run_folder_with_foreign_files_is_refused(synthetic_grid):
     with pytest.raises(UserError, match="not empty and was not written by bagel-sr"):
         ablate.main(["plan", str(grid), "--overwrite"])
     assert (run / "results.csv").read_text() == "someone else's" and not (run / "command.sh").exists()
+
+
+def _grid(tmp, text):
+    (tmp / "g.yaml").write_text(text)
+    return str(tmp / "g.yaml")
+
+
+TRAIN = "import argparse; p = argparse.ArgumentParser(); p.add_argument('--pixel_loss_weight'); p.parse_args()"
+
+
+@pytest.mark.parametrize("argv_of, message", [
+    (lambda t: ["plan", str(t / "none.yaml")], "grid .*none.yaml: no such file"),
+    (lambda t: ["plan", _grid(t, "grid: [unclosed")], "is not valid YAML"),
+    (lambda t: ["plan", _grid(t, "- a\n- b\n")], "expected a YAML mapping"),
+    (lambda t: ["plan", _grid(t, "grid: [1, 2]\n")], "'grid' must be a mapping"),
+    (lambda t: ["plan", _grid(t, "grdi: {a: [1]}\n")], "unknown keys"),
+    (lambda t: ["plan", _grid(t, "grid: {pixel_loss_weight: 0.1}\n")], "must be a non-empty list"),
+    (lambda t: ["plan", _grid(t, f"base_command: [{sys.executable!r}, {str(t / 'tr.py')!r}]\n"
+                                 f"output_root: {str(t / 'runs')!r}\n"
+                                 "grid: {pixel_loss_weigth: [0, 0.1]}\n")],
+     "flag --pixel_loss_weigth is not accepted.*did you mean --pixel_loss_weight"),
+    (lambda t: ["plan", _grid(t, f"base_command: [{sys.executable!r}, {str(t / 'missing.py')!r}]\n"
+                                 f"output_root: {str(t / 'runs')!r}\ngrid: {{pixel_loss_weight: [0]}}\n")],
+     "--help exited 2"),
+])
+def test_ablate_refuses_a_bad_plan_in_one_line_before_any_run(tmp_path, capsys, argv_of, message):
+    (tmp_path / "tr.py").write_text(TRAIN)
+    assert cli_main(ablate.main, argv_of(tmp_path)) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines()
+           if not line.startswith("ablate plan [")]  # plan's progress lines come first
+    assert len(err) == 1 and err[0].startswith("error: ")
+    import re
+    assert re.search(message, err[0]), err[0]
+    assert not (tmp_path / "runs").exists()

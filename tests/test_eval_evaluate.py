@@ -1,5 +1,6 @@
 """evaluate: folders and manifests, per-volume aggregation, paired comparison, reports."""
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -14,6 +15,9 @@ from bagel_sr.eval import pairs as pairs_mod
 from bagel_sr.eval import pairs as pairs_mod
 from bagel_sr.eval import operators as ops
 from bagel_sr.eval.images import load_image
+from bagel_sr.errors import cli_main
+from bagel_sr.eval import evaluate
+from bagel_sr.testing.builder_inputs import eval_folders as _eval_folders
 
 
 def _smooth(rng, shape):
@@ -254,3 +258,49 @@ def test_hallucination_share_background_and_std_calibration(tmp_path):
     assert comp.loc["halluc_share", "mean_diff"] == pytest.approx(0.1)
     md = (tmp_path / "rep/summary.md").read_text()
     assert "halluc_share" in md and "bg_mean" in md
+
+
+@pytest.mark.parametrize("bad, extra, rc, failed", [
+    ((1,), [], 1, 1),                        # one NaN output: exit 1, named
+    ((0, 1, 2), [], 1, 3),                   # every output non-finite: the same message, no KeyError
+    ((1,), ["--allow_nonfinite"], 0, 1),     # accepted on request, still counted
+    ((), [], 0, 0),
+])
+def test_evaluate_counts_and_refuses_nonfinite_outputs(tmp_path, capsys, bad, extra, rc, failed):
+    refs, outs = _eval_folders(tmp_path, bad)
+    argv = ["--outputs", str(outs), "--references", str(refs), "--data_range", "1", "--out", str(tmp_path / "rep"),
+            "--no_progress", "--n_boot", "50", *extra]
+    assert cli_main(evaluate.main, argv) == rc
+    err = capsys.readouterr().err
+    if rc:
+        line = [x for x in err.splitlines() if x.startswith("error:")]
+        assert len(line) == 1 and f"{failed} output(s) hold NaN/Inf" in line[0]
+        assert all(f"a{i}.npy" in line[0] for i in bad)
+    summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    assert len(summary["nonfinite_outputs"]["A"]) == failed
+    assert all(r["n_failed"] == failed and r["n"] == 3 - failed for r in summary["summary"])
+    assert f"A: {failed}" in (tmp_path / "rep" / "summary.md").read_text()
+
+
+def test_nonfinite_volume_slice_fails_the_volume(tmp_path):
+    refs, outs = _eval_folders(tmp_path, (1,))
+    for d in (refs, outs):
+        for i in range(3):
+            os.rename(d / f"a{i}.npy", d / f"vol_{i}.npy")
+    res = evaluate.run_evaluation(outs, tmp_path / "rep", evaluate.EvalSettings(data_range=1.0), references=refs,
+                                  volume_pattern=r"(?P<volume>vol)_(?P<slice>\d)", n_boot=50, progress=False,
+                                  allow_nonfinite=True)
+    assert res["unit"] == "volume" and bool(res["per_volume"]["nonfinite"].iloc[0])
+    assert res["summary"]["n_failed"].eq(1).all() and res["summary"]["n"].eq(0).all()
+
+
+def test_paired_comparison_scores_a_failure_as_a_loss(tmp_path):
+    refs, outs = _eval_folders(tmp_path, (1,))
+    good = tmp_path / "good"
+    good.mkdir()
+    for i in range(3):
+        np.save(good / f"a{i}.npy", np.load(refs / f"a{i}.npy") + 0.01)
+    res = evaluate.run_evaluation(outs, tmp_path / "rep", evaluate.EvalSettings(data_range=1.0), references=refs,
+                                  compare=good, n_boot=50, progress=False, allow_nonfinite=True)
+    psnr = res["comparison"].set_index("metric").loc["psnr"]
+    assert psnr["n"] == 3 and psnr["n_b_higher"] == 1 and psnr["n_ties"] == 2 and psnr["mean_diff"] < 0

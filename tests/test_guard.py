@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from bagel_sr import PixelLossConfig, with_pixel_loss
-from contract_model import ContractModel, LinearDecoder, forward_kwargs, pack, set_timesteps
-from two_ranks import run_ranks
+from bagel_sr.testing.contract_model import ContractModel, LinearDecoder, forward_kwargs, pack, set_timesteps
+from bagel_sr.testing.two_ranks import run_ranks
 
 Extended = with_pixel_loss(ContractModel)
 # two paired targets at t = 0.1 and 0.2: both eligible under max_t = 0.3

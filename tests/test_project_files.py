@@ -71,3 +71,15 @@ def test_references_are_found(line, what):
 ])
 def test_plain_text_is_not_a_reference(line):
     assert references(line) == []
+
+
+def test_benchmarks_and_tests_import_the_installed_package_without_editing_sys_path():
+    """The shared fakes live in ``bagel_sr.testing``; nothing reaches them (or bagel_sr) by a path edit."""
+    edits = re.compile(r"sys\.path\.(?:insert|append)\(")
+    found = [f"{p.relative_to(REPO)}:{n}" for p in project_files() if p.suffix == ".py"
+             and p.relative_to(REPO).parts[0] in ("benchmarks", "tests") and p.name != Path(__file__).name
+             for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if edits.search(line)]
+    assert not found, f"import from bagel_sr.testing instead: {found}"
+    helpers = sorted(p.name for p in (REPO / "tests").glob("*.py")
+                     if not p.name.startswith("test_") and p.name not in ("conftest.py", "docs_blocks.py"))
+    assert not helpers, f"shared test support belongs in bagel_sr/testing/: {helpers}"

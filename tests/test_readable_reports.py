@@ -132,7 +132,7 @@ def test_small_sample_note_thresholds():
 def test_hu_evaluation_summary_explains_dc_metrics_and_small_sample(tmp_path):
     from bagel_sr.data import build_dataset
 
-    from user_pngs import make_ct_pngs, template_copy
+    from bagel_sr.testing.user_pngs import make_ct_pngs, template_copy
 
     make_ct_pngs(tmp_path / "CT_exports")
     build_dataset(template_copy("ct_png_hu.yaml", tmp_path), progress=False, log=lambda m: None)
