@@ -9,12 +9,10 @@ import nibabel as nib
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pydicom
 import pytest
 import yaml
 from PIL import Image
 from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
 
 from bagel_sr.data import build as build_mod
 from bagel_sr.data import build_dataset, load_build_config
@@ -23,28 +21,10 @@ from bagel_sr.data.errors import BuildError, ConfigError, OutputExistsError
 from bagel_sr.data.writer import BuildState
 from bagel_sr.errors import UserError
 from bagel_sr.patches.datasets import DatasetRegistrationError, register_built_datasets
-from bagel_sr.testing.builder_inputs import cfg_for, png, tree
+from bagel_sr.testing.builder_inputs import cfg_for, make_ct_series, png, tree
 
 NIBABEL_DATA = os.path.join(os.path.dirname(nib.__file__), "tests", "data")
 BAGEL_KEYS = {"dataset_names", "image_transform_args", "vit_image_transform_args", "is_mandatory", "num_used_data", "weight"}
-
-
-def make_ct_series(folder, patient, n_slices=4, size=32, hu=40):
-    """A fake CT series (CT_small.dcm as template): flat ``hu`` with a bright square, files named in reverse z."""
-    folder.mkdir(parents=True, exist_ok=True)
-    template = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    study, series = generate_uid(entropy_srcs=[patient, "study"]), generate_uid(entropy_srcs=[patient, "series"])
-    for z in range(n_slices):
-        ds = template.copy()
-        hu_img = np.full((size, size), float(hu))
-        hu_img[8:16, 8:16] = 200 + 10 * z
-        ds.Rows, ds.Columns = size, size
-        ds.PixelData = np.round(hu_img + 1024).astype(np.int16).tobytes()  # slope 1, intercept -1024
-        ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID = patient, study, series
-        ds.SOPInstanceUID = generate_uid(entropy_srcs=[patient, str(z)])
-        ds.ImagePositionPatient = [0.0, 0.0, 5.0 * z]
-        ds.InstanceNumber = z + 1
-        ds.save_as(folder / f"img{n_slices - z:03d}.dcm")
 
 
 def make_png_patients(root, patients=("p1", "p2", "p3", "p4"), per_patient=2, size=(40, 48)):

@@ -80,6 +80,10 @@ def test_benchmarks_and_tests_import_the_installed_package_without_editing_sys_p
              and p.relative_to(REPO).parts[0] in ("benchmarks", "tests") and p.name != Path(__file__).name
              for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if edits.search(line)]
     assert not found, f"import from bagel_sr.testing instead: {found}"
+    crossed = [f"{p.name}:{n}" for p in (REPO / "tests").glob("test_*.py")
+               for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+               if re.match(r"\s*(from|import) test_\w+", line)]
+    assert not crossed, f"a test module imports another; move what they share to bagel_sr/testing/: {crossed}"
     helpers = sorted(p.name for p in (REPO / "tests").glob("*.py")
                      if not p.name.startswith("test_") and p.name not in ("conftest.py", "docs_blocks.py"))
     assert not helpers, f"shared test support belongs in bagel_sr/testing/: {helpers}"

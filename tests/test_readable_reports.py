@@ -14,8 +14,7 @@ from bagel_sr.errors import cli_main
 from bagel_sr.eval import ablate, report
 from bagel_sr.eval import evaluate as E
 from bagel_sr.eval.readable import fit_console, small_sample_note
-
-from test_eval_ablate_infer import make_grid
+from bagel_sr.testing.ablate_grids import make_grid
 
 
 @pytest.fixture

@@ -6,7 +6,8 @@
 - :mod:`.fork_checkout`: fork-shaped checkouts generated from that checkout by small named edits;
 - :mod:`.two_ranks`: run a function on two CPU ranks (gloo);
 - :mod:`.user_pngs`: synthetic CT/MR exports as users bring them;
-- :mod:`.builder_inputs`: tiny image trees, build configs and evaluation folders.
+- :mod:`.builder_inputs`: tiny image trees, DICOM series, build configs and evaluation folders;
+- :mod:`.ablate_grids`: an ablation grid whose training and inference are stand-in scripts.
 
 The top layer of the package: nothing in ``bagel_sr`` imports it. It needs ``pytest`` and the ``data`` extra.
 """

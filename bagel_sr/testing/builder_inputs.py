@@ -1,4 +1,4 @@
-"""Small inputs for the data builder, the evaluation and ``infer``: trees of PNGs, build configs, result folders.
+"""Small inputs for the data builder, the evaluation and ``infer``: PNG trees, CT series, build configs, results.
 
 Images are 2-D ``(h, w)`` arrays written as PNG (8-bit by default, 16-bit with ``dtype=np.uint16``); evaluation
 folders hold ``.npy`` arrays in [0, 1].
@@ -9,7 +9,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from PIL import Image
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
 
 
 def png(path, value=100, size=(32, 32), dtype=np.uint8, seed=0):
@@ -62,3 +65,21 @@ def infer_inputs(tmp: Path, n=4):
     """``n`` input images ``tmp/in/x<i>.png`` for ``infer``."""
     for i in range(n):
         png(tmp / "in" / f"x{i}.png", value=10 * i, seed=i)
+
+
+def make_ct_series(folder, patient, n_slices=4, size=32, hu=40):
+    """A fake CT series (CT_small.dcm as template): flat ``hu`` with a bright square, files named in reverse z."""
+    folder.mkdir(parents=True, exist_ok=True)
+    template = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    study, series = generate_uid(entropy_srcs=[patient, "study"]), generate_uid(entropy_srcs=[patient, "series"])
+    for z in range(n_slices):
+        ds = template.copy()
+        hu_img = np.full((size, size), float(hu))
+        hu_img[8:16, 8:16] = 200 + 10 * z
+        ds.Rows, ds.Columns = size, size
+        ds.PixelData = np.round(hu_img + 1024).astype(np.int16).tobytes()  # slope 1, intercept -1024
+        ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID = patient, study, series
+        ds.SOPInstanceUID = generate_uid(entropy_srcs=[patient, str(z)])
+        ds.ImagePositionPatient = [0.0, 0.0, 5.0 * z]
+        ds.InstanceNumber = z + 1
+        ds.save_as(folder / f"img{n_slices - z:03d}.dcm")
