@@ -1,4 +1,5 @@
 """ablate: planning commands, a resumable sequential run, and a two-run report end to end on synthetic outputs."""
+import shlex
 import sys
 import textwrap
 
@@ -8,6 +9,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from bagel_sr.config import PixelLossConfig
+from bagel_sr.embedded.experiment import parse
 from bagel_sr.eval import ablate
 from bagel_sr.errors import cli_main
 
@@ -187,3 +190,16 @@ def test_ablate_refuses_a_bad_plan_in_one_line_before_any_run(tmp_path, capsys, 
     import re
     assert re.search(message, err[0]), err[0]
     assert not (tmp_path / "runs").exists()
+
+
+SETS = ["l2:1", "l2:1,ssim:0.1", "l2:1,grad:0.1", "l2:1,lpl:0.05", "l2:1,ssim:0.1,grad:0.1,lpl:0.05"]
+
+
+def test_a_grid_over_terms_plans_one_parsable_run_per_term_set():
+    runs = ablate.build_runs({"grid": {"pixel_loss_terms": SETS, "seed": [0, 1]}, "output_root": "/x"})
+    assert len({r.name for r in runs}) == len(SETS) * 2
+    for run in runs:
+        words = shlex.split(run.train_command)[len(shlex.split(ablate.DEFAULT_BASE_COMMAND)):]
+        _, pixel = parse(words)
+        assert pixel.term_weights == PixelLossConfig(terms=run.flags["pixel_loss_terms"]).term_weights
+        assert ":" not in run.name and "," not in run.name
