@@ -23,3 +23,19 @@ def checkout_shape(request):
         yield request.param
     finally:
         use_checkout("upstream")
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """Every matplotlib figure saved during the test (inspected instead of the PNG's pixels)."""
+    import matplotlib.figure
+
+    saved = []
+    original = matplotlib.figure.Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        saved.append(fig)
+        return original(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    return saved

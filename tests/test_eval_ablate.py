@@ -13,6 +13,7 @@ from bagel_sr.config import PixelLossConfig
 from bagel_sr.embedded.experiment import parse
 from bagel_sr.eval import ablate
 from bagel_sr.errors import cli_main
+from bagel_sr.testing.ablate_grids import make_grid
 
 # Stand-in for training + inference: writes outputs = reference + noise that shrinks with the pixel-loss weight.
 FAKE_TRAIN = textwrap.dedent("""
@@ -203,3 +204,23 @@ def test_a_grid_over_terms_plans_one_parsable_run_per_term_set():
         _, pixel = parse(words)
         assert pixel.term_weights == PixelLossConfig(terms=run.flags["pixel_loss_terms"]).term_weights
         assert ":" not in run.name and "," not in run.name
+
+
+def test_ablate_report_console_fits_120_columns_and_notes_a_small_sample(tmp_path, capsys, figures):
+    grid = make_grid(tmp_path)
+    assert cli_main(ablate.main, ["run", str(grid), "--no_progress"]) == 0
+    capsys.readouterr()
+    assert cli_main(ablate.main, ["report", str(grid), "--no_progress"]) == 0
+    console = capsys.readouterr().out
+    lines = console.splitlines()
+    assert max(len(line) for line in lines) <= 120, max(lines, key=len)
+    assert sum(line.startswith("weight0.") for line in lines) == 8  # every row shown
+    assert "note: small sample: 4 image(s)" in console
+    md = (tmp_path / "runs" / "report" / "report.md").read_text()
+    assert "**Note: small sample" in md
+    variant = "start_t=0.3,num_samples=4"
+    summary = (tmp_path / "runs" / "weight0.1" / "eval" / variant / "summary.md").read_text()
+    assert f"# Evaluation of run weight0.1/{variant}" in summary
+    plot = next(f for f in figures if f.axes[0].get_xlabel() == "pixel_loss_weight"
+                and f.axes[0].get_ylabel().startswith("psnr"))
+    assert len(plot.axes[0].containers) == 4 and plot.axes[0].get_legend() is not None

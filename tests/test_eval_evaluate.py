@@ -1,6 +1,8 @@
 """evaluate: folders and manifests, per-volume aggregation, paired comparison, reports."""
 import json
 import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,6 +20,7 @@ from bagel_sr.eval.images import load_image
 from bagel_sr.errors import cli_main
 from bagel_sr.eval import evaluate
 from bagel_sr.testing.builder_inputs import eval_folders as _eval_folders
+from bagel_sr.testing.builder_inputs import two_runs
 
 
 def _smooth(rng, shape):
@@ -304,3 +307,42 @@ def test_paired_comparison_scores_a_failure_as_a_loss(tmp_path):
                                   compare=good, n_boot=50, progress=False, allow_nonfinite=True)
     psnr = res["comparison"].set_index("metric").loc["psnr"]
     assert psnr["n"] == 3 and psnr["n_b_higher"] == 1 and psnr["n_ties"] == 2 and psnr["mean_diff"] < 0
+
+
+def test_labels_come_from_run_paths_or_flags_not_the_folder_name(tmp_path, capsys):
+    two_runs(tmp_path)
+    out = tmp_path / "rep"
+    assert E.main(["--outputs", str(tmp_path / "runs/a/outputs"), "--compare", str(tmp_path / "runs/b/outputs"),
+                   "--references", str(tmp_path / "refs"), "--out", str(out), "--n_boot", "100",
+                   "--no_progress", "--worst", "2"]) == 0
+    md = (out / "summary.md").read_text()
+    assert "A = a, B = b" in md and "A = outputs" not in md
+    assert E.main(["--outputs", str(tmp_path / "runs/a/outputs"), "--compare", str(tmp_path / "runs/b/outputs"),
+                   "--references", str(tmp_path / "refs"), "--out", str(tmp_path / "rep2"), "--n_boot", "100",
+                   "--no_progress", "--worst", "0", "--label", "pixel loss 0.05", "--compare_label", "flow only"]) == 0
+    assert "A = pixel loss 0.05, B = flow only" in (tmp_path / "rep2" / "summary.md").read_text()
+    console = capsys.readouterr().out
+    assert max(len(line) for line in console.splitlines()) <= 120
+    assert "note: small sample: 4 image(s)" in console  # 4 images < 10
+
+
+def test_hu_evaluation_summary_explains_dc_metrics_and_small_sample(tmp_path):
+    from bagel_sr.data import build_dataset
+
+    from bagel_sr.testing.user_pngs import make_ct_pngs, template_copy
+
+    make_ct_pngs(tmp_path / "CT_exports")
+    build_dataset(template_copy("ct_png_hu.yaml", tmp_path), progress=False, log=lambda m: None)
+    rows = [__import__("json").loads(x) for x in (tmp_path / "ct" / "manifest.jsonl").read_text().splitlines()]
+    (tmp_path / "restored").mkdir()
+    for r in rows:
+        if r["split"] == "test":
+            shutil.copyfile(tmp_path / "ct" / r["heldout"]["lr"], tmp_path / "restored" / f"{r['pair_id']}.png")
+    E.run_evaluation(tmp_path / "restored", tmp_path / "rep", E.EvalSettings(hu_window=(40, 400)),
+                     manifest=tmp_path / "ct" / "manifest.jsonl", split="test", n_boot=100, progress=False)
+    md = (tmp_path / "rep" / "summary.md").read_text()
+    assert "small sample: 3 image(s) from 1 subject(s)" in md
+    assert "- dc_nrmse: " in md and "- dc_ref_nrmse: dc_nrmse of the ground truth itself" in md
+    per = pd.read_csv(tmp_path / "rep" / "per_image.csv")
+    assert (per["dc_ref_nrmse"] > per["dc_nrmse"]).all()  # the copied input is "more consistent" than the truth
+    assert Path(tmp_path / "rep" / "worst_cases.png").is_file()

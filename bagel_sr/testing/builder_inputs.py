@@ -83,3 +83,15 @@ def make_ct_series(folder, patient, n_slices=4, size=32, hu=40):
         ds.ImagePositionPatient = [0.0, 0.0, 5.0 * z]
         ds.InstanceNumber = z + 1
         ds.save_as(folder / f"img{n_slices - z:03d}.dcm")
+
+
+def two_runs(tmp, n=4, size=24):
+    """``tmp/refs``, ``tmp/inputs`` and the outputs of two runs ``tmp/runs/{a,b}/outputs`` (a closer than b)."""
+    rng = np.random.default_rng(0)
+    for d in ("refs", "inputs", "runs/a/outputs", "runs/b/outputs"):
+        (tmp / d).mkdir(parents=True)
+    for i in range(n):
+        ref = rng.integers(30, 220, (size, size)).astype(float)
+        for d, sigma in (("refs", 0), ("inputs", 30), ("runs/a/outputs", 5), ("runs/b/outputs", 15)):
+            img = np.clip(ref + rng.normal(0, sigma, ref.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(tmp / d / f"img{i}.png")
