@@ -1,4 +1,5 @@
-"""The non-finite guard: a decode whose value or gradient is not finite never reaches the model or the logs."""
+"""The pixel term's non-finite guard (bagel_sr.pixel_term): a decode whose value or gradient is not finite
+never reaches the model or the logs."""
 import logging
 
 import pytest
