@@ -39,6 +39,7 @@ setup(
         "bagel_sr.gpu_check",
         "bagel_sr.embedded",
         "bagel_sr.train",
+        "bagel_sr.testing",
     ],
     package_dir={
         "bagel_sr": "bagel_sr",

@@ -5,7 +5,6 @@ The dataclass is usable directly (``PixelLossConfig(weight=0.05)``) and its flag
 BAGEL training script's ``TrainingArguments``.
 """
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional
 
@@ -33,17 +32,15 @@ class PixelLossConfig:
     """
 
     weight: float = field(default=0.0, metadata={"help": "Weight lambda of the pixel term (0 = off)."})
-    loss_type: str = field(default="l2", metadata={"help": f"Pixel loss: one of {', '.join(LOSS_TYPES)}; aliases: mse = l2, mae = l1 (flag --pixel_loss_type)."})
+    loss_type: str = field(default="l2", metadata={"help": f"Pixel loss: one of {', '.join(LOSS_TYPES)} (aliases: mse = l2, mae = l1)."})
     terms: Optional[str] = field(
         default=None,
-        metadata={"help": "Fidelity terms and their relative weights, e.g. 'l2:1,ssim:0.1,grad:0.1,lpl:0.05' "
-                          f"(names: {', '.join(TERM_NAMES)}; a name alone takes its default weight); unset = "
-                          "the one term of --pixel_loss_type. The sum is weighted by --pixel_loss_weight."},
+        metadata={"help": f"Fidelity terms and their weights, e.g. 'l2:1,ssim:0.1' (names: {', '.join(TERM_NAMES)}); "
+                          "unset: --pixel_loss_type alone."},
     )
     term_grad_bound: float = field(
         default=1.0,
-        metadata={"help": "Each structural term's (ssim, grad, lpl) gradient at v_hat is clipped to at most this "
-                          "times the L2 term's, per micro-batch, before its weight."},
+        metadata={"help": "Clip each structural term's (ssim, grad, lpl) gradient at v_hat to at most this times the L2 term's."},
     )
     lpl_outlier_quantile: float = field(
         default=0.0,
@@ -178,21 +175,6 @@ def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
         raise ValueError(f"--{flag_name(name)}: got {value!r}; allowed: {allowed}.")
 
 
-def argparse_literal(text: Optional[str]) -> Optional[str]:
-    """``text`` as argparse shows it literally: a bare ``%`` doubled (argparse %-formats help and crashes on
-    ``53%``); ``%%`` and ``%(name)s`` kept, so applying it twice changes nothing."""
-    if not text:
-        return text
-    return re.sub(r"%%|%\([^)]*\)[a-z]|%", lambda m: "%%" if m.group(0) == "%" else m.group(0), text)
-
-
-def literal_help(parser):
-    """Make every help text of ``parser`` (an ``argparse.ArgumentParser``) literal; returns it."""
-    for action in parser._actions:
-        action.help = argparse_literal(action.help)
-    return parser
-
-
 def pixel_loss_fields(defaults: Optional[Mapping[str, Any]] = None) -> list:
     """``(name, type, dataclasses.field)`` triples of the ``pixel_loss_*`` flags, for ``make_dataclass``.
 
@@ -206,8 +188,7 @@ def pixel_loss_fields(defaults: Optional[Mapping[str, Any]] = None) -> list:
     out = []
     for f in dataclasses.fields(PixelLossConfig):
         default = defaults.get(f.name, f.default)
-        metadata = dict(f.metadata, help=argparse_literal(f.metadata.get("help")))  # a checkout's parser shows it
-        out.append((flag_name(f.name), f.type, field(default=default, metadata=metadata)))
+        out.append((flag_name(f.name), f.type, field(default=default, metadata=f.metadata)))
     return out
 
 

@@ -2,16 +2,14 @@
 random weights, one decode + backward per configuration (part a), the best step time of a model (parts c, d) and
 one fidelity-term set through the contract model (part d). Each returns what its process measured."""
 import resource
-import sys
 import time
-from pathlib import Path
 from typing import Dict
 
 import torch
 
 from bagel_sr import PixelLossConfig, decoding, losses, with_pixel_loss
+from bagel_sr.testing.contract_model import ContractModel, forward_kwargs, pack, set_timesteps
 
-ROOT = Path(__file__).resolve().parents[1]
 SCALE, SHIFT = 0.3611, 0.1159  # BAGEL's AutoEncoderParams
 MODES = {  # name -> (crop?, checkpointing?)
     "whole": (False, False),
@@ -95,9 +93,6 @@ def best_step_time(model, kw: dict, extra: dict, repeats: int) -> float:
 
 def term_worker(args) -> Dict:
     """One term set (``args.mode``; 'flow' = flow only) in this process: best step time and peak RSS."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from contract_model import ContractModel, forward_kwargs, pack, set_timesteps
-
     torch.set_num_threads(args.threads)
     vae = flux_vae()
     n = args.d_tokens

@@ -13,27 +13,23 @@ same computation).
 """
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bagel_sr.embedded import _compat  # noqa: E402,F401
-from bagel_sr.embedded import data  # noqa: E402
-from bagel_sr.embedded.backbone import TinyBagel, TinyBagelConfig  # noqa: E402
+from bagel_sr.embedded import _compat  # noqa: F401
+from bagel_sr.embedded import data
+from bagel_sr.embedded.backbone import TinyBagel, TinyBagelConfig
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--batch_size", type=int, default=16, help="samples per micro-batch")
     parser.add_argument("--steps", type=int, default=10, help="training steps per timing")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--num_hidden_layers", type=int, default=TinyBagelConfig.num_hidden_layers)
-    parser.add_argument("--hidden_size", type=int, default=TinyBagelConfig.hidden_size)
+    parser.add_argument("--repeats", type=int, default=3, help="timings of each way, alternated")
+    parser.add_argument("--num_hidden_layers", type=int, default=TinyBagelConfig.num_hidden_layers, help="backbone depth")
+    parser.add_argument("--hidden_size", type=int, default=TinyBagelConfig.hidden_size, help="backbone width")
     args = parser.parse_args()
 
     tokenizer = data.WordTokenizer.default()

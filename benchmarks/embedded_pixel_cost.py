@@ -14,20 +14,16 @@ target: <= 1.3x).
 import argparse
 import dataclasses
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bagel_sr.embedded import _compat  # noqa: E402,F401
-from bagel_sr.config import PixelLossConfig  # noqa: E402
-from bagel_sr.embedded import data  # noqa: E402
-from bagel_sr.embedded.experiment_settings import (EMBEDDED_DEFAULTS, ExperimentArguments,  # noqa: E402
-                                                   model_config_for, train_config_for)
-from bagel_sr.embedded.train import LatentPool, train  # noqa: E402
-from bagel_sr.embedded.vae import load_vae  # noqa: E402
+from bagel_sr.embedded import _compat  # noqa: F401
+from bagel_sr.config import PixelLossConfig
+from bagel_sr.embedded import data
+from bagel_sr.embedded.experiment_settings import (EMBEDDED_DEFAULTS, ExperimentArguments, model_config_for,
+                                                   train_config_for)
+from bagel_sr.embedded.train import LatentPool, train
+from bagel_sr.embedded.vae import load_vae
 
 ARMS = {
     "flow only": dict(weight=0.0),
@@ -40,8 +36,8 @@ ARMS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=150, help="training steps per timing")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--num_threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="timings of each arm")
+    parser.add_argument("--num_threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args()
 
     torch.set_num_threads(args.num_threads)

@@ -11,18 +11,13 @@ data range 1, as the experiment) of: the bicubic input, the VAE round trip of th
 context, on the val and held-out splits.  The lambda of the ridge is chosen on val.
 """
 import argparse
-import sys
-from pathlib import Path
 from typing import Dict, List, Sequence
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from bagel_sr.embedded import data, sampling  # noqa: E402
-from bagel_sr.embedded.vae import load_vae  # noqa: E402
+from bagel_sr.embedded import data, sampling
+from bagel_sr.embedded.vae import load_vae
 
 P = 2  # latent pixels per token side (TinyBagelConfig.latent_patch_size)
 
@@ -62,11 +57,11 @@ def metrics(pred: torch.Tensor, pairs: Sequence[data.Sample]) -> Dict[str, float
 
 def main(argv: List[str] = None) -> Dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--train_pairs", type=int, default=4000)
-    p.add_argument("--context", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--lambdas", type=float, nargs="+", default=[0.1, 1.0, 10.0])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num_threads", type=int, default=2)
+    p.add_argument("--train_pairs", type=int, default=4000, help="training pairs the ridge is fitted on")
+    p.add_argument("--context", type=int, nargs="+", default=[0, 1, 2], help="latent pixels around each cell, one estimator each")
+    p.add_argument("--lambdas", type=float, nargs="+", default=[0.1, 1.0, 10.0], help="ridge lambdas to choose from on val")
+    p.add_argument("--seed", type=int, default=0, help="seed of the training stream")
+    p.add_argument("--num_threads", type=int, default=2, help="torch CPU threads")
     args = p.parse_args(argv)
     torch.set_num_threads(args.num_threads)
     vae = load_vae(None)

@@ -31,15 +31,14 @@ from typing import Dict, List, Optional
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from bagel_sr.embedded import _compat  # noqa: E402,F401  (a torchvision that cannot load is treated as absent: all parts)
-from bagel_sr import PixelLossConfig, with_pixel_loss  # noqa: E402
-from bagel_sr.config import CONSERVATIVE_DEFAULTS  # noqa: E402
+from bagel_sr.embedded import _compat  # noqa: F401  (a torchvision that cannot load is treated as absent: all parts)
+from bagel_sr import PixelLossConfig, with_pixel_loss
+from bagel_sr.config import CONSERVATIVE_DEFAULTS
 
-from cost_workers import MODES, best_step_time, decode_worker, flux_vae, term_worker  # noqa: E402
-TARGET_SIZE, TARGET_MEM, TARGET_TIME = 512, 0.3, 1.3  # the target: crop+ckpt vs whole at 512 px
+from cost_workers import MODES, best_step_time, decode_worker, flux_vae, term_worker
+
+TARGET_SIZE, TARGET_MEM, TARGET_TIME = 512, 0.3, 1.3  # the cost goal: crop+ckpt vs whole at 512 px (memory, time ratios)
 
 
 # ------------------------------------------------------------------------------------------ (a) decode
@@ -160,8 +159,7 @@ def part_b(args) -> None:
     if not os.environ.get("BAGEL_ROOT"):
         print("skipped: set BAGEL_ROOT to a BAGEL checkout to run this part")
         return
-    sys.path.insert(0, str(ROOT / "tests"))
-    import bagel_tiny as bt
+    from bagel_sr.testing import bagel_tiny as bt
 
     ae = bt.build_tiny_autoencoder()
     config = PixelLossConfig(**CONSERVATIVE_DEFAULTS)
@@ -216,8 +214,7 @@ def time_steps(bt, ae, config: Optional[PixelLossConfig], batches: List[Dict]) -
 
 def part_c(args) -> Dict:
     print("\n## (c) pixel-term cost vs target images per micro-batch\n", flush=True)
-    sys.path.insert(0, str(ROOT / "tests"))
-    from contract_model import ContractModel, forward_kwargs, pack, set_timesteps
+    from bagel_sr.testing.contract_model import ContractModel, forward_kwargs, pack, set_timesteps
 
     vae = flux_vae(block_out_channels=(32, 32, 64, 64), layers_per_block=1)
     side = args.c_tokens * 16

@@ -16,27 +16,23 @@ import math
 import os
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bagel_sr.config import CONSERVATIVE_DEFAULTS, DEFAULT_TERM_WEIGHTS, PixelLossConfig  # noqa: E402
-from bagel_sr.embedded import data, sampling  # noqa: E402
-from bagel_sr.embedded.backbone import TinyBagelConfig  # noqa: E402
-from bagel_sr.embedded.train import TrainConfig, train  # noqa: E402
-from bagel_sr.embedded.vae import load_vae  # noqa: E402
+from bagel_sr.config import CONSERVATIVE_DEFAULTS, DEFAULT_TERM_WEIGHTS, PixelLossConfig
+from bagel_sr.embedded import data, sampling
+from bagel_sr.embedded.backbone import TinyBagelConfig
+from bagel_sr.embedded.train import TrainConfig, train
+from bagel_sr.embedded.vae import load_vae
 
 TEN_X = ",".join(f"{k}:{10 * DEFAULT_TERM_WEIGHTS[k]:g}" for k in ("ssim", "grad", "lpl"))
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps per arm")
     p.add_argument("--terms", default=TEN_X, help="one arm per comma-separated term:weight")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split", default="heldout", choices=("val", "heldout"))
-    p.add_argument("--output_dir", default="outputs/term_safety")
+    p.add_argument("--seed", type=int, default=0, help="seed of every arm (model, data, noise)")
+    p.add_argument("--split", default="heldout", choices=("val", "heldout"), help="split the flow loss is measured on")
+    p.add_argument("--output_dir", default="outputs/term_safety", help="folder of term_safety.json")
     return p.parse_args(argv)
 
 

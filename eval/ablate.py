@@ -203,14 +203,14 @@ def execute(runs: Sequence[Run], keep_going: bool = False, dry_run: bool = False
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bagel_sr.eval.ablate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("action", choices=("plan", "run", "report"))
+    p.add_argument("action", choices=("plan", "run", "report"), help="plan, run or report the grid")
     p.add_argument("grid", help="grid YAML")
     p.add_argument("--keep_going", action="store_true", help="run: continue after a failed run")
     p.add_argument("--dry_run", action="store_true", help="run: only list what would run")
     p.add_argument("--only", nargs="+", help="run: only these run names")
     p.add_argument("--out", help="report: folder (default OUTPUT_ROOT/report)")
     p.add_argument("--n_boot", type=int, help="report: bootstrap resamples (default eval.n_boot or 10000)")
-    p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--no_progress", action="store_true", help="hide the progress bars")
     p.add_argument("--no_flag_check", action="store_true", help="plan/run: skip checking flags against BASE --help")
     p.add_argument("--overwrite", action="store_true", help="plan/run: redo runs whose command changed (deletes only "
                    "the files ablate wrote in their folders)")

@@ -292,10 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--convention", choices=("plain", "fastmri"), default="plain",
                    help="fastmri: data_range = max of the ground truth per volume, volume PSNR/NMSE")
     p.add_argument("--hu_window", type=_hu, help="CT: LEVEL,WIDTH in HU; metrics on the window mapped to [0, 1]")
-    p.add_argument("--ssim_window", choices=M.SSIM_WINDOWS, default="uniform7")
-    p.add_argument("--color", choices=COLOR_MODES, default="gray")
+    p.add_argument("--ssim_window", choices=M.SSIM_WINDOWS, default="uniform7", help="SSIM window (default uniform7)")
+    p.add_argument("--color", choices=COLOR_MODES, default="gray", help="how colour images are compared (default gray)")
     p.add_argument("--volume_pattern", help=r"folder mode: regex on the stem, e.g. '(?P<volume>.+)_(?P<slice>\d+)'")
-    p.add_argument("--no_data_consistency", action="store_true")
+    p.add_argument("--no_data_consistency", action="store_true", help="skip the data-consistency metrics")
     p.add_argument("--lpips_weights", help="local LPIPS weights file (optional; never downloaded)")
     p.add_argument("--hallucination_threshold", type=float, default=0.1,
                    help="halluc_share counts pixels with |error| > this x data_range (default 0.1)")
@@ -305,10 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lesions", help="lesions.json of a lesion set: also measure kept, erased and invented lesions")
     p.add_argument("--lesion_fp_per_image", type=float, default=0.25,
                    help="detector threshold: false detections per lesion-free image (default 0.25)")
-    p.add_argument("--n_boot", type=int, default=10000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n_boot", type=int, default=10000, help="bootstrap resamples (default 10000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
     p.add_argument("--worst", type=int, default=6, help="rows in worst_cases.png (0: none)")
-    p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     p.add_argument("--out", required=True, help="report folder")
     return p
 

@@ -222,15 +222,15 @@ def add_common_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="manifest split to restore (default test; 'all' for every held-out row)")
     p.add_argument("--out", required=True, help="folder for <pair_id>.png outputs")
     p.add_argument("--instruction", default=None, help="instruction for every input (default: the manifest's first variant)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default 0)")
+    p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     p.add_argument("--resize_output", action="store_true",
                    help="resize an output generated at another size to its input's size (bicubic); without it such "
                    "an output stops infer")
     p.add_argument("--overwrite", action="store_true",
                    help="redo a folder made with other settings or weights (deletes only the outputs infer wrote)")
     for name, value in asdict(SamplingArgs()).items():
-        p.add_argument(f"--{name}", type=type(value), default=value, help="BAGEL inference setting")
+        p.add_argument(f"--{name}", type=type(value), default=value, help=f"BAGEL's inference setting {name} (default {value})")
     g = p.add_argument_group("fidelity-aware sampling")
     g.add_argument("--start_t", type=float, default=1.0,
                    help="start from the input noised to this flow time (1 = from pure noise, the stock sampler)")

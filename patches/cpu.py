@@ -17,7 +17,7 @@ What each ``apply``/``install`` function replaces:
 ``patch_flash_attn`` and ``patch_sdpa`` are the same two as rows of :mod:`bagel_sr.patches.registry` (they take
 a :class:`~bagel_sr.patches.context.PatchContext`).
 
-What the patches do *not* do, and callers must (see ``tests/bagel_tiny.py``): on a CPU the model must be cast to
+What the patches do *not* do, and callers must (see ``bagel_sr/testing/bagel_tiny.py``): on a CPU the model must be cast to
 bf16 (``model.to(torch.bfloat16)``, as FSDP's bf16 params are on a GPU) *and* its forward run under
 ``torch.autocast("cpu", dtype=torch.bfloat16)``. Without autocast the timestep embedder's fp32 sinusoidal
 frequencies (and fp32 noised latents) meet bf16 linear weights ("mat1 and mat2 must have the same dtype"); with an

@@ -12,9 +12,9 @@ import pytest  # noqa: E402
 
 @pytest.fixture(params=("upstream", "fork"))
 def checkout_shape(request):
-    """Runs a ``bagel`` test on ``$BAGEL_ROOT`` and on the fork generated from it (tests/fork_checkout.py);
+    """Runs a ``bagel`` test on ``$BAGEL_ROOT`` and on the fork generated from it (bagel_sr/testing/fork_checkout.py);
     yields the shape's name and switches back to upstream afterwards."""
-    from bagel_tiny import upstream_root, use_checkout
+    from bagel_sr.testing.bagel_tiny import upstream_root, use_checkout
 
     if upstream_root() is None:
         pytest.skip("set BAGEL_ROOT to a BAGEL checkout to run")
@@ -23,3 +23,19 @@ def checkout_shape(request):
         yield request.param
     finally:
         use_checkout("upstream")
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """Every matplotlib figure saved during the test (inspected instead of the PNG's pixels)."""
+    import matplotlib.figure
+
+    saved = []
+    original = matplotlib.figure.Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        saved.append(fig)
+        return original(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    return saved

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from bagel_sr import PixelLossConfig, with_pixel_loss
-from bagel_tiny import (build_tiny_autoencoder, build_tiny_bagel, checkout_shape, encode_batch, forward_kwargs,
-                        import_bagel, import_training_script, make_packed_batch, requires_bagel)
+from bagel_sr.testing.bagel_tiny import (build_tiny_autoencoder, build_tiny_bagel, checkout_shape, encode_batch,
+                                         forward_kwargs, import_bagel, import_training_script, make_packed_batch,
+                                         requires_bagel)
 
-#: Every test runs on upstream and on the fork shape (tests/fork_checkout.py: a decoder that checkpoints its own
+#: Every test runs on upstream and on the fork shape (bagel_sr/testing/fork_checkout.py: a decoder that checkpoints its own
 #: levels, a forward with its own pixel term and outputs, no --gradient_accumulation_steps).
 pytestmark = [pytest.mark.bagel, requires_bagel, pytest.mark.usefixtures("checkout_shape")]
 

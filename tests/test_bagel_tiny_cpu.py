@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bagel_sr.patches import checkout, cpu
-from bagel_tiny import (
+from bagel_sr.testing.bagel_tiny import (
     SPECIAL_TOKENS, TOKEN_DIM, build_tiny_autoencoder, build_tiny_bagel, encode_batch, import_bagel,
     make_packed_batch, num_target_tokens, requires_bagel, run_forward, sample_plan,
 )

@@ -4,10 +4,10 @@ import sys
 
 import pytest
 
-import fake_checkout
+from bagel_sr.testing import fake_checkout
 from bagel_sr.patches import checkout, launch
 from bagel_sr.train import main_sr_pixel_loss as main_job
-from bagel_tiny import bagel_root, import_bagel, requires_bagel
+from bagel_sr.testing.bagel_tiny import bagel_root, import_bagel, requires_bagel
 
 
 def test_without_a_checkout_the_wrapper_says_how_to_point_at_one(monkeypatch, capsys):

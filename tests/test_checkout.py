@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from bagel_sr.patches import checkout
-from bagel_tiny import import_training_script, requires_bagel
+from bagel_sr.testing.bagel_tiny import import_training_script, requires_bagel
 
 
 # ------------------------------------------------------------------------------------------------- checkout

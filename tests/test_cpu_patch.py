@@ -14,7 +14,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bagel_sr.patches import cpu
-from fake_checkout import navit_module as fake_navit_module
+from bagel_sr.testing.fake_checkout import navit_module as fake_navit_module
 
 real_flash_attn = pytest.mark.skipif(
     importlib.util.find_spec("flash_attn") is not None and not cpu.is_stand_in_installed(),

@@ -9,40 +9,22 @@ import nibabel as nib
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pydicom
 import pytest
 import yaml
 from PIL import Image
 from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
 
 from bagel_sr.data import build as build_mod
 from bagel_sr.data import build_dataset, load_build_config
 from bagel_sr.data.__main__ import main as cli_main
 from bagel_sr.data.errors import BuildError, ConfigError, OutputExistsError
 from bagel_sr.data.writer import BuildState
+from bagel_sr.errors import UserError
 from bagel_sr.patches.datasets import DatasetRegistrationError, register_built_datasets
+from bagel_sr.testing.builder_inputs import cfg_for, make_ct_series, png, tree
 
 NIBABEL_DATA = os.path.join(os.path.dirname(nib.__file__), "tests", "data")
 BAGEL_KEYS = {"dataset_names", "image_transform_args", "vit_image_transform_args", "is_mandatory", "num_used_data", "weight"}
-
-
-def make_ct_series(folder, patient, n_slices=4, size=32, hu=40):
-    """A fake CT series (CT_small.dcm as template): flat ``hu`` with a bright square, files named in reverse z."""
-    folder.mkdir(parents=True, exist_ok=True)
-    template = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    study, series = generate_uid(entropy_srcs=[patient, "study"]), generate_uid(entropy_srcs=[patient, "series"])
-    for z in range(n_slices):
-        ds = template.copy()
-        hu_img = np.full((size, size), float(hu))
-        hu_img[8:16, 8:16] = 200 + 10 * z
-        ds.Rows, ds.Columns = size, size
-        ds.PixelData = np.round(hu_img + 1024).astype(np.int16).tobytes()  # slope 1, intercept -1024
-        ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID = patient, study, series
-        ds.SOPInstanceUID = generate_uid(entropy_srcs=[patient, str(z)])
-        ds.ImagePositionPatient = [0.0, 0.0, 5.0 * z]
-        ds.InstanceNumber = z + 1
-        ds.save_as(folder / f"img{n_slices - z:03d}.dcm")
 
 
 def make_png_patients(root, patients=("p1", "p2", "p3", "p4"), per_patient=2, size=(40, 48)):
@@ -366,3 +348,46 @@ def test_the_output_ledger_lists_every_file_of_a_build_and_overwrite_removes_the
     (out / "notes.txt").write_text("mine")
     build_dataset(cfg, progress=False, overwrite=True)
     assert (out / "notes.txt").read_text() == "mine" and Ledger.read(out).complete
+
+
+@pytest.mark.parametrize("inp, out, message", [
+    ("imgs", "imgs/built", "'output_dir'.*lies inside input.path"),
+    ("data/imgs", "data", "'input.path'.*lies inside output_dir"),
+    ("imgs", "imgs", "lies inside input.path"),
+])
+def test_nested_input_and_output_are_refused(tmp_path, inp, out, message):
+    tree(tmp_path / inp, ["p1/a.png", "p2/a.png"])
+    with pytest.raises(UserError, match=message):
+        build_dataset(cfg_for(tmp_path, inp=inp, out=out), progress=False)
+
+
+def test_builder_overwrite_keeps_a_users_file(tmp_path):
+    tree(tmp_path / "imgs", ["p1/a.png", "p2/a.png", "p3/a.png", "p4/a.png"])
+    build_dataset(cfg_for(tmp_path), progress=False)
+    (tmp_path / "out" / "my_notes.txt").write_text("keep")
+    (tmp_path / "out" / "heldout" / "mine.png").write_bytes(b"keep")
+    build_dataset(cfg_for(tmp_path), overwrite=True, progress=False)
+    assert (tmp_path / "out" / "my_notes.txt").read_text() == "keep"
+    assert (tmp_path / "out" / "heldout" / "mine.png").read_bytes() == b"keep"
+    assert (tmp_path / "out" / "manifest.jsonl").is_file()
+
+
+def test_builder_resume_refuses_changed_inputs(tmp_path, monkeypatch):
+    from bagel_sr.data import build as build_mod
+
+    tree(tmp_path / "imgs", ["p1/a.png", "p2/a.png", "p3/a.png", "p4/a.png"])
+    real, calls = build_mod.make_pairs, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(build_mod, "make_pairs", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_dataset(cfg_for(tmp_path, output={"rows_per_shard": 1}), progress=False)
+    monkeypatch.setattr(build_mod, "make_pairs", real)
+    png(tmp_path / "imgs" / "p4" / "a.png", value=7, size=(48, 48))         # a file changed since
+    with pytest.raises(UserError, match="inputs under .* changed since the interrupted build"):
+        build_dataset(cfg_for(tmp_path, output={"rows_per_shard": 1}), progress=False)

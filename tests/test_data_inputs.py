@@ -6,14 +6,18 @@ import nibabel as nib
 import numpy as np
 import pytest
 import tifffile
+import yaml
 from PIL import Image
 from pydicom.data import get_testdata_file
 
+from bagel_sr.data import build_dataset
+from bagel_sr.data.__main__ import main as data_main
 from bagel_sr.data.config import load_build_config
 from bagel_sr.data.errors import ConfigError, SourceError
 from bagel_sr.data.instructions import instructions_for, load_templates
 from bagel_sr.data.intensity import CT_WINDOWS, compute_mapping
 from bagel_sr.data.readers import read_source, scan_sources
+from bagel_sr.testing.builder_inputs import cfg_for, manifest, tree
 
 INPUT = {"modality": "auto", "volume_index": 0, "rescale": {"slope": 1.0, "intercept": 0.0}, "color": "gray"}
 NIBABEL_DATA = os.path.join(os.path.dirname(nib.__file__), "tests", "data")
@@ -157,3 +161,40 @@ def test_config_volumetric_steps_first_and_paths(tmp_path):
             {"name": "gaussian_noise", "sigma": 0.1}, {"name": "slice_thickness", "factor": 2}]))
     with pytest.raises(ConfigError, match="not found"):
         load_build_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("bits, value, high, note", [
+    (None, 3000, 65535.0, True),       # 12-bit values in a 16-bit PNG: warned about
+    (12, 3000, 4095.0, False),         # declared: scaled over 12 bits
+    (None, 40000, 65535.0, False),     # full-range 16-bit data: no note
+])
+def test_integer_images_are_scaled_by_their_bit_depth(tmp_path, bits, value, high, note):
+    tree(tmp_path / "imgs", ["p1/a.png", "p2/a.png"], dtype=np.uint16, value=value)
+    cfg = cfg_for(tmp_path, splits={"fractions": {"train": 1.0}}, input={"bits_stored": bits})
+    summary = build_dataset(cfg, progress=False)
+    row = manifest(tmp_path / "out")[0]
+    assert row["intensity"]["high"] == high and row["intensity"]["bits_stored"] == (bits or 16)
+    assert any("maximum fits in 12 bits" in n for n in summary.notes) == note
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"name": "1bad"}, "config key 'name'"),
+    ({"seed": "x"}, "config key 'seed'"),
+    ({"input": {"kind": "png"}}, "config key 'input.kind'"),
+    ({"input": {"slice_step": 0}}, "config key 'input.slice_step'"),
+    ({"input": {"bits_stored": 40}}, "config key 'input.bits_stored'"),
+    ({"degradations": []}, "config key 'degradations'"),
+    ({"splits": {"fractions": {"train": 0.5}}}, "config key 'splits.fractions'"),
+    ({"splits": {"group_by": "study"}}, "config key 'splits.group_by'"),
+    ({"output": {"rows_per_shard": 0}}, "config key 'output.rows_per_shard'"),
+    ({"colour": "gray"}, "unknown config key 'colour'"),
+])
+def test_builder_config_errors_are_one_line(tmp_path, capsys, change, message):
+    tree(tmp_path / "imgs", ["p1/a.png"])
+    cfg = cfg_for(tmp_path)
+    for k, v in change.items():
+        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert data_main(["build", str(tmp_path / "c.yaml"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]

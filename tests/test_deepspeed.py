@@ -1,6 +1,6 @@
 """A DeepSpeed port of BAGEL's loop (ZeRO-2 on CPU, gloo, 2 ranks): the wrapper's model class and the integration
 API for custom loops both give the gradients of the written-out loss ``flow + weight * pixel``; and (``bagel``)
-the wrapper trains BAGEL's own script ported to DeepSpeed (tests/fork_checkout.py) through the CPU dry run.
+the wrapper trains BAGEL's own script ported to DeepSpeed (bagel_sr/testing/fork_checkout.py) through the CPU dry run.
 
 The port: ``deepspeed.initialize``, ``engine(**data)``, the loop's own ``mse`` reduction, ``engine.backward(loss)``,
 ``engine.step()``.  Needs the ``deepspeed`` extra (``DS_ACCELERATOR=cpu`` is set for the ranks).
@@ -19,9 +19,9 @@ import torch.distributed as dist
 pytest.importorskip("deepspeed", reason="install the deepspeed extra: pip install -e '.[deepspeed]'")
 
 from bagel_sr import PixelLossConfig, with_pixel_loss  # noqa: E402
-from contract_model import ContractModel, LinearDecoder, forward_kwargs, pack, set_timesteps  # noqa: E402
-from two_ranks import run_ranks  # noqa: E402
-from bagel_tiny import requires_bagel, upstream_root  # noqa: E402
+from bagel_sr.testing.contract_model import ContractModel, LinearDecoder, forward_kwargs, pack, set_timesteps  # noqa: E402
+from bagel_sr.testing.two_ranks import run_ranks  # noqa: E402
+from bagel_sr.testing.bagel_tiny import requires_bagel, upstream_root  # noqa: E402
 
 CONFIG = dict(weight=0.05, max_t=0.3, max_images=0)
 DS_CONFIG = {
@@ -135,7 +135,7 @@ def test_zero2_gradients_equal_the_written_out_loss(monkeypatch):
 @requires_bagel
 def test_wrapper_trains_bagels_script_ported_to_deepspeed_with_the_pixel_term(tmp_path):
     from bagel_sr.smoke.dry_run import LaunchLog
-    from fork_checkout import DEEPSPEED_SCRIPT, make_deepspeed_fork
+    from bagel_sr.testing.fork_checkout import DEEPSPEED_SCRIPT, make_deepspeed_fork
 
     root = make_deepspeed_fork(upstream_root(), tmp_path / "checkout")  # each edit matches once, or it fails
     script = (root / DEEPSPEED_SCRIPT).read_text()

@@ -4,8 +4,8 @@ import torch
 import torch.distributed as dist
 
 from bagel_sr import PixelLossConfig, with_pixel_loss
-from contract_model import ContractModel, LinearDecoder, forward_kwargs, pack, set_timesteps
-from two_ranks import run_ranks
+from bagel_sr.testing.contract_model import ContractModel, LinearDecoder, forward_kwargs, pack, set_timesteps
+from bagel_sr.testing.two_ranks import run_ranks
 
 CONFIG = dict(weight=0.05, max_t=0.3, max_images=0)
 

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 import docs_blocks
-from bagel_tiny import upstream_root
+from bagel_sr.testing.bagel_tiny import upstream_root
 
 ALL_BLOCKS = [b for page in docs_blocks.pages() for b in docs_blocks.blocks(page)]
 

@@ -2,7 +2,7 @@
 
 Without BAGEL: the flag filter, the CUDA mapping (``bagel_sr/smoke/cpu_cuda.py``) on real torch objects, the reading of a
 launch log (``bagel_sr/smoke/launch_errors.py``). With BAGEL (``bagel``): the dry run to ``smoke: OK`` on forks generated
-by ``tests/fork_checkout.py`` (``make_trait_fork``): an older base without upstream's MFU and wandb-project flags,
+by ``bagel_sr/testing/fork_checkout.py`` (``make_trait_fork``): an older base without upstream's MFU and wandb-project flags,
 a script whose own FSDP helper asks CUDA itself and keeps the VAE in DDP, a DeepSpeed script started by
 ``deepspeed.init_distributed(dist_backend="nccl")``, and one fork with all three (whose default ``--layer_module``
 its registry lacks); and a fork asking CUDA for something the dry run cannot map (one line naming its file:line).
@@ -19,11 +19,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import fake_checkout
+from bagel_sr.testing import fake_checkout
 from bagel_sr.patches import registry
 from bagel_sr.smoke import checkout_flags, cpu_cuda, launch_errors
 from bagel_sr.patches.checkout import MARKER_FILES
-from bagel_tiny import requires_bagel, upstream_root
+from bagel_sr.testing.bagel_tiny import requires_bagel, upstream_root
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -212,7 +212,7 @@ def traits_workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def all_traits_fork(tmp_path_factory):
-    from fork_checkout import make_trait_fork
+    from bagel_sr.testing.fork_checkout import make_trait_fork
 
     if upstream_root() is None:
         pytest.skip("set BAGEL_ROOT to a BAGEL checkout to run")
@@ -242,7 +242,7 @@ def _assert_ok(code, out, line, workdir, traits, deepspeed):
 @requires_bagel
 @pytest.mark.parametrize("name", list(TRAIT_RUNS))
 def test_dry_run_passes_on_each_fork_trait(tmp_path, traits_workdir, name):
-    from fork_checkout import make_trait_fork
+    from bagel_sr.testing.fork_checkout import make_trait_fork
 
     traits, script, flags = TRAIT_RUNS[name]
     root = make_trait_fork(upstream_root(), tmp_path / "fork", traits)
@@ -253,7 +253,7 @@ def test_dry_run_passes_on_each_fork_trait(tmp_path, traits_workdir, name):
 @pytest.mark.bagel
 @requires_bagel
 def test_a_call_that_needs_a_gpu_stops_in_one_line_naming_the_forks_line(tmp_path, traits_workdir):
-    from fork_checkout import GPU_ONLY_LINE, GPU_ONLY_TRAIT, make_trait_fork
+    from bagel_sr.testing.fork_checkout import GPU_ONLY_LINE, GPU_ONLY_TRAIT, make_trait_fork
 
     root = make_trait_fork(upstream_root(), tmp_path / "fork", (GPU_ONLY_TRAIT,))
     code, out, line = _dry_run(root, "--workdir", str(traits_workdir), "--steps", "1", "--no_resume")

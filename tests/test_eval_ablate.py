@@ -1,4 +1,5 @@
 """ablate: planning commands, a resumable sequential run, and a two-run report end to end on synthetic outputs."""
+import shlex
 import sys
 import textwrap
 
@@ -8,8 +9,12 @@ import pytest
 import yaml
 from PIL import Image
 
+from bagel_sr.config import PixelLossConfig
+from bagel_sr.embedded.experiment import parse
 from bagel_sr.eval import ablate
 from bagel_sr.outputs import Ledger
+from bagel_sr.errors import cli_main
+from bagel_sr.testing.ablate_grids import make_grid
 
 # Stand-in for training + inference: writes outputs = reference + noise that shrinks with the pixel-loss weight.
 FAKE_TRAIN = textwrap.dedent("""
@@ -153,3 +158,70 @@ def test_a_run_folder_with_foreign_files_is_refused(synthetic_grid):
     with pytest.raises(UserError, match="not empty and was not written by bagel-sr"):
         ablate.main(["plan", str(grid), "--overwrite"])
     assert (run / "results.csv").read_text() == "someone else's" and not (run / "command.sh").exists()
+
+
+def _grid(tmp, text):
+    (tmp / "g.yaml").write_text(text)
+    return str(tmp / "g.yaml")
+
+
+TRAIN = "import argparse; p = argparse.ArgumentParser(); p.add_argument('--pixel_loss_weight'); p.parse_args()"
+
+
+@pytest.mark.parametrize("argv_of, message", [
+    (lambda t: ["plan", str(t / "none.yaml")], "grid .*none.yaml: no such file"),
+    (lambda t: ["plan", _grid(t, "grid: [unclosed")], "is not valid YAML"),
+    (lambda t: ["plan", _grid(t, "- a\n- b\n")], "expected a YAML mapping"),
+    (lambda t: ["plan", _grid(t, "grid: [1, 2]\n")], "'grid' must be a mapping"),
+    (lambda t: ["plan", _grid(t, "grdi: {a: [1]}\n")], "unknown keys"),
+    (lambda t: ["plan", _grid(t, "grid: {pixel_loss_weight: 0.1}\n")], "must be a non-empty list"),
+    (lambda t: ["plan", _grid(t, f"base_command: [{sys.executable!r}, {str(t / 'tr.py')!r}]\n"
+                                 f"output_root: {str(t / 'runs')!r}\n"
+                                 "grid: {pixel_loss_weigth: [0, 0.1]}\n")],
+     "flag --pixel_loss_weigth is not accepted.*did you mean --pixel_loss_weight"),
+    (lambda t: ["plan", _grid(t, f"base_command: [{sys.executable!r}, {str(t / 'missing.py')!r}]\n"
+                                 f"output_root: {str(t / 'runs')!r}\ngrid: {{pixel_loss_weight: [0]}}\n")],
+     "--help exited 2"),
+])
+def test_ablate_refuses_a_bad_plan_in_one_line_before_any_run(tmp_path, capsys, argv_of, message):
+    (tmp_path / "tr.py").write_text(TRAIN)
+    assert cli_main(ablate.main, argv_of(tmp_path)) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines()
+           if not line.startswith("ablate plan [")]  # plan's progress lines come first
+    assert len(err) == 1 and err[0].startswith("error: ")
+    import re
+    assert re.search(message, err[0]), err[0]
+    assert not (tmp_path / "runs").exists()
+
+
+SETS = ["l2:1", "l2:1,ssim:0.1", "l2:1,grad:0.1", "l2:1,lpl:0.05", "l2:1,ssim:0.1,grad:0.1,lpl:0.05"]
+
+
+def test_a_grid_over_terms_plans_one_parsable_run_per_term_set():
+    runs = ablate.build_runs({"grid": {"pixel_loss_terms": SETS, "seed": [0, 1]}, "output_root": "/x"})
+    assert len({r.name for r in runs}) == len(SETS) * 2
+    for run in runs:
+        words = shlex.split(run.train_command)[len(shlex.split(ablate.DEFAULT_BASE_COMMAND)):]
+        _, pixel = parse(words)
+        assert pixel.term_weights == PixelLossConfig(terms=run.flags["pixel_loss_terms"]).term_weights
+        assert ":" not in run.name and "," not in run.name
+
+
+def test_ablate_report_console_fits_120_columns_and_notes_a_small_sample(tmp_path, capsys, figures):
+    grid = make_grid(tmp_path)
+    assert cli_main(ablate.main, ["run", str(grid), "--no_progress"]) == 0
+    capsys.readouterr()
+    assert cli_main(ablate.main, ["report", str(grid), "--no_progress"]) == 0
+    console = capsys.readouterr().out
+    lines = console.splitlines()
+    assert max(len(line) for line in lines) <= 120, max(lines, key=len)
+    assert sum(line.startswith("weight0.") for line in lines) == 8  # every row shown
+    assert "note: small sample: 4 image(s)" in console
+    md = (tmp_path / "runs" / "report" / "report.md").read_text()
+    assert "**Note: small sample" in md
+    variant = "start_t=0.3,num_samples=4"
+    summary = (tmp_path / "runs" / "weight0.1" / "eval" / variant / "summary.md").read_text()
+    assert f"# Evaluation of run weight0.1/{variant}" in summary
+    plot = next(f for f in figures if f.axes[0].get_xlabel() == "pixel_loss_weight"
+                and f.axes[0].get_ylabel().startswith("psnr"))
+    assert len(plot.axes[0].containers) == 4 and plot.axes[0].get_legend() is not None

@@ -1,5 +1,8 @@
 """evaluate: folders and manifests, per-volume aggregation, paired comparison, reports."""
 import json
+import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,6 +17,10 @@ from bagel_sr.eval import pairs as pairs_mod
 from bagel_sr.eval import pairs as pairs_mod
 from bagel_sr.data import consistency as ops
 from bagel_sr.eval.images import load_image
+from bagel_sr.errors import cli_main
+from bagel_sr.eval import evaluate
+from bagel_sr.testing.builder_inputs import eval_folders as _eval_folders
+from bagel_sr.testing.builder_inputs import two_runs
 
 
 def _smooth(rng, shape):
@@ -254,3 +261,88 @@ def test_hallucination_share_background_and_std_calibration(tmp_path):
     assert comp.loc["halluc_share", "mean_diff"] == pytest.approx(0.1)
     md = (tmp_path / "rep/summary.md").read_text()
     assert "halluc_share" in md and "bg_mean" in md
+
+
+@pytest.mark.parametrize("bad, extra, rc, failed", [
+    ((1,), [], 1, 1),                        # one NaN output: exit 1, named
+    ((0, 1, 2), [], 1, 3),                   # every output non-finite: the same message, no KeyError
+    ((1,), ["--allow_nonfinite"], 0, 1),     # accepted on request, still counted
+    ((), [], 0, 0),
+])
+def test_evaluate_counts_and_refuses_nonfinite_outputs(tmp_path, capsys, bad, extra, rc, failed):
+    refs, outs = _eval_folders(tmp_path, bad)
+    argv = ["--outputs", str(outs), "--references", str(refs), "--data_range", "1", "--out", str(tmp_path / "rep"),
+            "--no_progress", "--n_boot", "50", *extra]
+    assert cli_main(evaluate.main, argv) == rc
+    err = capsys.readouterr().err
+    if rc:
+        line = [x for x in err.splitlines() if x.startswith("error:")]
+        assert len(line) == 1 and f"{failed} output(s) hold NaN/Inf" in line[0]
+        assert all(f"a{i}.npy" in line[0] for i in bad)
+    summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    assert len(summary["nonfinite_outputs"]["A"]) == failed
+    assert all(r["n_failed"] == failed and r["n"] == 3 - failed for r in summary["summary"])
+    assert f"A: {failed}" in (tmp_path / "rep" / "summary.md").read_text()
+
+
+def test_nonfinite_volume_slice_fails_the_volume(tmp_path):
+    refs, outs = _eval_folders(tmp_path, (1,))
+    for d in (refs, outs):
+        for i in range(3):
+            os.rename(d / f"a{i}.npy", d / f"vol_{i}.npy")
+    res = evaluate.run_evaluation(outs, tmp_path / "rep", evaluate.EvalSettings(data_range=1.0), references=refs,
+                                  volume_pattern=r"(?P<volume>vol)_(?P<slice>\d)", n_boot=50, progress=False,
+                                  allow_nonfinite=True)
+    assert res["unit"] == "volume" and bool(res["per_volume"]["nonfinite"].iloc[0])
+    assert res["summary"]["n_failed"].eq(1).all() and res["summary"]["n"].eq(0).all()
+
+
+def test_paired_comparison_scores_a_failure_as_a_loss(tmp_path):
+    refs, outs = _eval_folders(tmp_path, (1,))
+    good = tmp_path / "good"
+    good.mkdir()
+    for i in range(3):
+        np.save(good / f"a{i}.npy", np.load(refs / f"a{i}.npy") + 0.01)
+    res = evaluate.run_evaluation(outs, tmp_path / "rep", evaluate.EvalSettings(data_range=1.0), references=refs,
+                                  compare=good, n_boot=50, progress=False, allow_nonfinite=True)
+    psnr = res["comparison"].set_index("metric").loc["psnr"]
+    assert psnr["n"] == 3 and psnr["n_b_higher"] == 1 and psnr["n_ties"] == 2 and psnr["mean_diff"] < 0
+
+
+def test_labels_come_from_run_paths_or_flags_not_the_folder_name(tmp_path, capsys):
+    two_runs(tmp_path)
+    out = tmp_path / "rep"
+    assert E.main(["--outputs", str(tmp_path / "runs/a/outputs"), "--compare", str(tmp_path / "runs/b/outputs"),
+                   "--references", str(tmp_path / "refs"), "--out", str(out), "--n_boot", "100",
+                   "--no_progress", "--worst", "2"]) == 0
+    md = (out / "summary.md").read_text()
+    assert "A = a, B = b" in md and "A = outputs" not in md
+    assert E.main(["--outputs", str(tmp_path / "runs/a/outputs"), "--compare", str(tmp_path / "runs/b/outputs"),
+                   "--references", str(tmp_path / "refs"), "--out", str(tmp_path / "rep2"), "--n_boot", "100",
+                   "--no_progress", "--worst", "0", "--label", "pixel loss 0.05", "--compare_label", "flow only"]) == 0
+    assert "A = pixel loss 0.05, B = flow only" in (tmp_path / "rep2" / "summary.md").read_text()
+    console = capsys.readouterr().out
+    assert max(len(line) for line in console.splitlines()) <= 120
+    assert "note: small sample: 4 image(s)" in console  # 4 images < 10
+
+
+def test_hu_evaluation_summary_explains_dc_metrics_and_small_sample(tmp_path):
+    from bagel_sr.data import build_dataset
+
+    from bagel_sr.testing.user_pngs import make_ct_pngs, template_copy
+
+    make_ct_pngs(tmp_path / "CT_exports")
+    build_dataset(template_copy("ct_png_hu.yaml", tmp_path), progress=False, log=lambda m: None)
+    rows = [__import__("json").loads(x) for x in (tmp_path / "ct" / "manifest.jsonl").read_text().splitlines()]
+    (tmp_path / "restored").mkdir()
+    for r in rows:
+        if r["split"] == "test":
+            shutil.copyfile(tmp_path / "ct" / r["heldout"]["lr"], tmp_path / "restored" / f"{r['pair_id']}.png")
+    E.run_evaluation(tmp_path / "restored", tmp_path / "rep", E.EvalSettings(hu_window=(40, 400)),
+                     manifest=tmp_path / "ct" / "manifest.jsonl", split="test", n_boot=100, progress=False)
+    md = (tmp_path / "rep" / "summary.md").read_text()
+    assert "small sample: 3 image(s) from 1 subject(s)" in md
+    assert "- dc_nrmse: " in md and "- dc_ref_nrmse: dc_nrmse of the ground truth itself" in md
+    per = pd.read_csv(tmp_path / "rep" / "per_image.csv")
+    assert (per["dc_ref_nrmse"] > per["dc_nrmse"]).all()  # the copied input is "more consistent" than the truth
+    assert Path(tmp_path / "rep" / "worst_cases.png").is_file()

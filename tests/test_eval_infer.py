@@ -96,7 +96,7 @@ def test_resize_output_is_recorded_in_the_folders_settings(tmp_path):
 def test_checkout_inferencer_restores_through_the_checkout(tmp_path, checkout_shape):
     """The fork's inferencer ignores the input's size (it would generate at its 1024x1024 default): infer passes
     the size through ``image_shapes``, and the output has the input's size without any resize."""
-    from bagel_tiny import SPECIAL_TOKENS, build_tiny_autoencoder, build_tiny_bagel, import_bagel
+    from bagel_sr.testing.bagel_tiny import SPECIAL_TOKENS, build_tiny_autoencoder, build_tiny_bagel, import_bagel
 
     transforms, inferencer_mod = _checkout_inference_modules(import_bagel)
 
@@ -149,7 +149,8 @@ def test_embedded_restorer_through_the_cli(tmp_path):
 
 
 def _tiny_inferencer():
-    from bagel_tiny import SPECIAL_TOKENS, build_tiny_autoencoder, build_tiny_bagel, import_bagel, requires_bagel
+    from bagel_sr.testing.bagel_tiny import (SPECIAL_TOKENS, build_tiny_autoencoder, build_tiny_bagel, import_bagel,
+                                             requires_bagel)
 
     if requires_bagel.args[0]:
         pytest.skip(requires_bagel.kwargs["reason"])

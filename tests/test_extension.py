@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bagel_sr import MissingGroundTruthError, PixelLossConfig, flow, packing, with_pixel_loss
-from contract_model import ContractModel, LinearDecoder, forward_kwargs, pack, set_timesteps
+from bagel_sr.testing.contract_model import ContractModel, LinearDecoder, forward_kwargs, pack, set_timesteps
 
 Extended = with_pixel_loss(ContractModel)
 # t2i | edit | edit with dropped condition | two-step chain

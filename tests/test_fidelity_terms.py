@@ -9,7 +9,7 @@ from bagel_sr.embedded.train import TrainConfig, micro_step_loss
 from bagel_sr.embedded.vae import load_vae
 from bagel_sr.pixel_term import bound_gradients
 from bagel_sr.config import DEFAULT_TERM_WEIGHTS
-from contract_model import ContractModel, LinearDecoder, forward_kwargs, pack, set_timesteps
+from bagel_sr.testing.contract_model import ContractModel, LinearDecoder, forward_kwargs, pack, set_timesteps
 from eval.metrics import ssim as eval_ssim
 
 
@@ -251,7 +251,7 @@ def test_adaptive_weight_and_norms_per_term(vae):
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.usefixtures("checkout_shape")
 def test_lpl_taps_each_level_of_bagels_autoencoder_once(checkpointing):
-    import bagel_tiny
+    from bagel_sr.testing import bagel_tiny
     from bagel_sr import decoding
 
     if bagel_tiny.bagel_root() is None:

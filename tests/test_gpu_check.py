@@ -20,7 +20,7 @@ from bagel_sr.gpu_check import step as gpu_step
 from bagel_sr.patches import launch
 from bagel_sr.smoke import dry_run as smoke
 from bagel_sr.smoke.dry_run import SmokeFailure
-from bagel_tiny import bagel_root, requires_bagel
+from bagel_sr.testing.bagel_tiny import bagel_root, requires_bagel
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -14,8 +14,8 @@ from bagel_sr.data.errors import ConfigError
 from bagel_sr.errors import cli_main
 from bagel_sr.eval import lesions as LS
 from bagel_sr.eval.evaluate import main as evaluate_main
+from bagel_sr.testing.builder_inputs import make_ct_series
 
-from test_data_build import make_ct_series
 
 CFG = {"splits": ["test"], "per_slice": [2, 3], "radius": [1.5, 6.0], "contrast_hu": [10, 80],
        "contrast_fraction": [0.15, 0.4], "sign": "both", "shapes": list(L.SHAPES), "seed": None}

@@ -4,12 +4,13 @@ import os
 import pytest
 import torch
 
-import fake_checkout
+from bagel_sr.testing import fake_checkout
 from bagel_sr import PixelLossConfig, monitoring, with_pixel_loss
+from bagel_sr.monitoring import NoImageWatch
 from bagel_sr.patches.registry import apply_pixel_loss_training
 from bagel_sr.weighting import grad_norms_due
-from contract_model import ContractModel, LinearDecoder, forward_kwargs, pack, set_timesteps
-from two_ranks import run_ranks
+from bagel_sr.testing.contract_model import ContractModel, LinearDecoder, forward_kwargs, pack, set_timesteps
+from bagel_sr.testing.two_ranks import run_ranks
 
 SPEC = [[("cond", 2, 2), ("text", 2), ("target", 2, 2)], [("text", 3), ("target", 1, 2)],
         [("cond", 1, 2), ("text", 1), ("target", 1, 2)]]
@@ -193,8 +194,8 @@ def test_real_bagel_logged_norms_match_parameter_gradients():
     import sys
 
     from bagel_sr.patches import checkout
-    from bagel_tiny import (build_tiny_autoencoder, build_tiny_bagel, checkout_shape, encode_batch, import_bagel,
-                            make_packed_batch)
+    from bagel_sr.testing.bagel_tiny import (build_tiny_autoencoder, build_tiny_bagel, checkout_shape, encode_batch,
+                                             import_bagel, make_packed_batch)
 
     root = import_bagel().root
     sys.modules.pop(checkout.TRAINING_MODULE_NAME, None)
@@ -230,3 +231,23 @@ def test_real_bagel_logged_norms_match_parameter_gradients():
     # bf16 parameters and gradients: a few per cent
     torch.testing.assert_close(out[key("grad_norm_flow")], norm(g_flow), rtol=3e-2, atol=0)
     torch.testing.assert_close(out[key("grad_norm_pixel")], norm(g_pix), rtol=3e-2, atol=0)
+
+
+@pytest.mark.parametrize("images, weight, warns", [([0] * 8, 0.05, True), ([0, 0, 1, 0, 0, 0, 0, 0], 0.05, False),
+                                                   ([0] * 8, 0.0, False), ([0] * 4, 0.05, False)])
+def test_no_image_admitted_warns_once(images, weight, warns):
+    watch = NoImageWatch(steps=5)
+    with pytest.warns(RuntimeWarning, match="admitted no image in the first 5") if warns else _no_warning():
+        msgs = [watch.observe(n, weight, "typo") for n in images]
+    assert sum(m is not None for m in msgs) == int(warns)   # once only
+
+
+class _no_warning:
+    def __enter__(self):
+        import warnings
+        self.c = warnings.catch_warnings()
+        self.c.__enter__()
+        warnings.simplefilter("error")
+
+    def __exit__(self, *exc):
+        self.c.__exit__(*exc)

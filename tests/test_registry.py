@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-import fake_checkout
+from bagel_sr.testing import fake_checkout
 from bagel_sr.patches import cpu, datasets, inference, registry, training
 from bagel_sr.smoke import cpu_cuda, cpu_main
 from bagel_sr.smoke import rows as smoke_rows

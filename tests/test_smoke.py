@@ -18,9 +18,9 @@ import torch.distributed.fsdp
 from bagel_sr.patches import registry
 from bagel_sr.smoke import cpu_main
 from bagel_sr.smoke import model as smoke_model
-import fake_checkout
+from bagel_sr.testing import fake_checkout
 from bagel_sr.smoke.dry_run import LaunchLog, SmokeFailure, check_finite, check_pixel_term, check_resume
-from bagel_tiny import bagel_root, requires_bagel
+from bagel_sr.testing.bagel_tiny import bagel_root, requires_bagel
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -147,9 +147,9 @@ def smoke_workdir(tmp_path_factory):
 @requires_bagel
 @pytest.mark.parametrize("shape", ["upstream", "fork"])
 def test_dry_run_of_the_checkouts_main_passes(smoke_workdir, tmp_path, shape):
-    """Upstream, and the fork shape of tests/fork_checkout.py (its own pixel/SSIM term, which ours switches off;
+    """Upstream, and the fork shape of bagel_sr/testing/fork_checkout.py (its own pixel/SSIM term, which ours switches off;
     its forward returns ``pixel`` itself, so ours is logged as ``bagel_sr_pixel``; no GA flag; train/main.py)."""
-    from fork_checkout import make_fork
+    from bagel_sr.testing.fork_checkout import make_fork
 
     root = bagel_root() if shape == "upstream" else str(make_fork(bagel_root(), tmp_path / "fork"))
     code, out = run_cli("-m", "bagel_sr.smoke", "--bagel_root", root, "--workdir", str(smoke_workdir),

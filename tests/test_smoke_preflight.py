@@ -17,7 +17,7 @@ from PIL import Image
 from bagel_sr.data import build_dataset
 from bagel_sr.data.feeding import feed_note, row_group_size, rows_per_worker
 from bagel_sr.smoke.watch import KEEP_PER_KIND, SmokeStop, watch
-from bagel_tiny import bagel_root, requires_bagel
+from bagel_sr.testing.bagel_tiny import bagel_root, requires_bagel
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ import yaml
 
 import docs_blocks
 from bagel_sr.outputs import Ledger
-from user_pngs import make_ct_pngs
+from bagel_sr.testing.user_pngs import make_ct_pngs
 
 README = docs_blocks.REPO / "README.md"
 

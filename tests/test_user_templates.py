@@ -13,7 +13,7 @@ from bagel_sr.errors import BadInput
 from bagel_sr.eval import evaluate as E
 from bagel_sr.eval.hu import windowed
 
-from user_pngs import make_ct_pngs, make_mr_images, phantom_hu, template_copy
+from bagel_sr.testing.user_pngs import make_ct_pngs, make_mr_images, phantom_hu, template_copy
 
 
 def rows(out):

@@ -5,12 +5,12 @@ import dataclasses
 import pytest
 import torch
 
-import fake_checkout
+from bagel_sr.testing import fake_checkout
 from bagel_sr import PixelLossConfig, with_pixel_loss
 from bagel_sr.embedded.train import TrainConfig, micro_step_loss
 from bagel_sr.patches.registry import apply_pixel_loss_training
 from bagel_sr.weighting import warmup_factor
-from contract_model import ContractModel, LinearDecoder, forward_kwargs, pack, set_timesteps
+from bagel_sr.testing.contract_model import ContractModel, LinearDecoder, forward_kwargs, pack, set_timesteps
 
 SPEC = [[("cond", 2, 2), ("text", 2), ("target", 2, 2)], [("text", 3), ("target", 1, 2)],
         [("cond", 1, 2), ("text", 1), ("target", 1, 2)]]

@@ -7,7 +7,7 @@ from typing import Dict, Optional, Sequence
 
 from . import _compat  # noqa: F401
 
-from ..config import CONSERVATIVE_DEFAULTS, PixelLossConfig, literal_help, pixel_loss_arguments_class
+from ..config import CONSERVATIVE_DEFAULTS, PixelLossConfig, pixel_loss_arguments_class
 from ..errors import BadInput
 from ..names import check_names
 from . import data
@@ -20,19 +20,16 @@ from .train import TrainConfig, validate_train_config
 class ExperimentArguments(TrainConfig):
     steps: int = field(
         default=2800,
-        metadata={"help": "Optimizer steps per arm (the demo's own default; the embedded loop's is 2000)."})
+        metadata={"help": "Optimizer steps per arm."})
     timestep_shift: float = field(
         default=0.4,
-        metadata={"help": "Training timestep shift s: t = s*t/(1+(s-1)*t); below 1 puts more training targets at "
-                          "low t, where the inference modes start (1 = BAGEL's logit-normal)."})
+        metadata={"help": "Training timestep shift s: t = s*t/(1+(s-1)*t); below 1 puts more targets at low t."})
     t2i_ratio: float = field(
         default=0.1,
-        metadata={"help": "Share of unpaired text-to-image samples in a batch (the loop's default is 0.25); "
-                          "--pixel_loss_paired_only excludes their targets."})
+        metadata={"help": "Share of unpaired text-to-image samples in a batch."})
     vae_cond_dropout_prob: float = field(
         default=0.0,
-        metadata={"help": "Probability of dropping the condition image (BAGEL's 0.1 trains the unconditional branch "
-                          "for CFG, which the demo's samplers do not use)."})
+        metadata={"help": "Probability of dropping the condition image."})
     output_dir: str = field(default="outputs/embedded", metadata={"help": "Where metrics.json, grid.png, checkpoints go."})
     seeds: int = field(default=1, metadata={"help": "Repeat the experiment over this many seeds (seed, seed+1, ...)."})
     seed: int = field(default=0, metadata={"help": "First seed (model init, data order, noise)."})
@@ -43,15 +40,10 @@ class ExperimentArguments(TrainConfig):
     sample_modes: str = field(
         default="1:1:0,0.3:8:0,0.3:16:0,0.3:16:1,0.3:16:0:1",
         metadata={"help": "Inference modes measured for every arm, comma-separated START_T:NUM_SAMPLES:DC[:ONE_STEP] "
-                          "(DC 1: back-projection onto the input, 10 steps; ONE_STEP 1: one Euler step from the start "
-                          "to 0, the model's clean estimate), e.g. 1:1:0,0.3:4:0,0.3:4:1,0.3:8:0:1. The mode chosen on "
-                          "the val split (+ pixel arm): the cheapest of those whose PSNR is within the paired 95% "
-                          "interval of the best. Empty: only the stock sampler."})
+                          "(empty: only the stock sampler)."})
     term_arms: str = field(
         default="",
-        metadata={"help": "More + pixel arms, ';'-separated, each the + pixel arm with --pixel_loss_terms replaced, "
-                          "e.g. 'ssim:1;grad:1;lpl:1;l2:1,ssim:0.1,grad:0.1,lpl:0.05' (each term alone and a "
-                          "combination, against the + pixel arm's terms); compared with the + pixel arm per image."})
+        metadata={"help": "More + pixel arms, ';'-separated, each with --pixel_loss_terms replaced (e.g. 'ssim:1;grad:1')."})
     # the backbone's size: TinyBagelConfig holds the defaults
     hidden_size: int = field(default=TinyBagelConfig.hidden_size, metadata={"help": "Backbone width."})
     num_hidden_layers: int = field(default=TinyBagelConfig.num_hidden_layers, metadata={"help": "Backbone depth."})
@@ -60,15 +52,13 @@ class ExperimentArguments(TrainConfig):
     intermediate_size: int = field(default=TinyBagelConfig.intermediate_size, metadata={"help": "MLP width."})
     aligned_condition: bool = field(
         default=True,
-        metadata={"help": "Add each target token's condition token (same grid cell) to its input embedding, as SR "
-                          "diffusion models concatenate the input (BAGEL sees the condition through attention only)."})
+        metadata={"help": "Add each target token's condition token (same grid cell) to its input embedding."})
     vae_dir: Optional[str] = field(default=None, metadata={"help": "VAE directory (default: the shipped one)."})
     save_checkpoints: bool = field(default=True, metadata={"help": "Write model/ema safetensors per arm."})
     grid_rows: int = field(default=8, metadata={"help": "Examples in grid.png."})
     lesion_images: int = field(
         default=16,
-        metadata={"help": "Held-out patches of the lesion line (synthetic lesions and lesion-free twins, restored by "
-                          "both arms in the chosen mode; seed 0 only); 0: no lesion line."})
+        metadata={"help": "Held-out patches with synthetic lesions that both arms restore (seed 0 only; 0: none)."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
     overwrite: bool = field(
         default=False,
@@ -111,7 +101,7 @@ def parse(argv: Optional[Sequence[str]] = None):
     from transformers import HfArgumentParser
 
     classes = (ExperimentArguments, pixel_loss_arguments_class(defaults=EMBEDDED_DEFAULTS))
-    parser = literal_help(HfArgumentParser(classes))
+    parser = HfArgumentParser(classes)
     args, pixel_args = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
     if args.eval_split not in ("heldout", "val"):
         raise BadInput(f"--eval_split: got {args.eval_split!r}; allowed: 'heldout', 'val'")

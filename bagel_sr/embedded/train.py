@@ -55,9 +55,8 @@ class TrainConfig:
     text_cond_dropout_prob: float = field(default=0.1, metadata={"help": "Drop the instruction text (as BAGEL)."})
     pool_size: int = field(
         default=2048,
-        metadata={"help": "Training samples drawn once and VAE-encoded once (posterior mean/std cached, a fresh "
-                  "sample per use; std 0 for a deterministic encoder such as the shipped one); 0 = a fresh "
-                  "sample and a VAE encode every step, as BAGEL's loop."},
+        metadata={"help": "Training samples drawn and VAE-encoded once, then reused (0 = fresh samples and encodes "
+                  "every step)."},
     )
     log_every: int = field(default=50, metadata={"help": "Record the losses every N optimizer steps."})
     save_every: int = field(default=0, metadata={"help": "Checkpoint every N steps (0 = only at the end)."})

@@ -91,15 +91,14 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, List[str]]:
     p.add_argument("--save_at", type=int, default=None, help="step of the checkpoint the second launch resumes "
                    "from (default steps // 2)")
     p.add_argument("--nproc", type=int, default=2, help="processes (ranks) of torchrun (default 2)")
-    p.add_argument("--workdir", default=None, help="folder for the model, data, logs and checkpoints (default: a "
-                   "temporary folder, removed on success); a model folder or data set already there is reused")
+    p.add_argument("--workdir", default=None, help="folder for the model, data, logs and checkpoints, reused when "
+                   "present (default: a temporary folder, removed on success)")
     p.add_argument("--stock", action="store_true", help="run the checkout's main() without the bagel-sr wrapper")
     p.add_argument("--no_resume", action="store_true", help="one launch of --steps steps, no resume check")
     p.add_argument("--timeout", type=int, default=900, help="seconds per launch before it is stopped (default 900)")
     p.add_argument("--stall_timeout", type=int, default=120, help="seconds without a new step line after which a "
                    "launch is stopped, with the reason (default 120)")
-    p.add_argument("--no_preflight", action="store_true", help="launch without checking the data configs first "
-                   "(for a fork whose loader deals data out differently; a stalled launch is still stopped)")
+    p.add_argument("--no_preflight", action="store_true", help="launch without checking the data configs first")
     smoke_preflight.add_data_flags(p)
     args, rest = p.parse_known_args(argv)
     rest = smoke_preflight.data_flags_back(args) + rest

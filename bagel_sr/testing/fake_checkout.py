@@ -9,7 +9,7 @@ from torch.nn.attention import sdpa_kernel
 from transformers import HfArgumentParser
 
 from bagel_sr.patches.context import PatchContext
-from contract_model import ContractModel, LinearDecoder
+from .contract_model import ContractModel, LinearDecoder
 
 
 @dataclass

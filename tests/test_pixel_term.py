@@ -1,12 +1,13 @@
-"""The non-finite guard: a decode whose value or gradient is not finite never reaches the model or the logs."""
+"""The pixel term's non-finite guard (bagel_sr.pixel_term): a decode whose value or gradient is not finite
+never reaches the model or the logs."""
 import logging
 
 import pytest
 import torch
 
 from bagel_sr import PixelLossConfig, with_pixel_loss
-from contract_model import ContractModel, LinearDecoder, forward_kwargs, pack, set_timesteps
-from two_ranks import run_ranks
+from bagel_sr.testing.contract_model import ContractModel, LinearDecoder, forward_kwargs, pack, set_timesteps
+from bagel_sr.testing.two_ranks import run_ranks
 
 Extended = with_pixel_loss(ContractModel)
 # two paired targets at t = 0.1 and 0.2: both eligible under max_t = 0.3

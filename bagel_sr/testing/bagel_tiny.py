@@ -36,7 +36,7 @@ NOT_FORWARD_KEYS = ("batch_data_indexes", "ce_loss_weights", "padded_images")
 
 
 #: The checkout shapes the ``bagel`` tests run on where it matters (fixture ``checkout_shape`` in conftest.py):
-#: ``$BAGEL_ROOT`` itself, and a fork generated from it (tests/fork_checkout.py).
+#: ``$BAGEL_ROOT`` itself, and a fork generated from it (bagel_sr/testing/fork_checkout.py).
 CHECKOUT_SHAPES = ("upstream", "fork")
 _SHAPE = {"name": "upstream", "fork_root": None}
 
@@ -67,7 +67,7 @@ def use_checkout(shape: str) -> str:
     import sys
     import tempfile
 
-    import fork_checkout
+    from . import fork_checkout
 
     if shape not in CHECKOUT_SHAPES:
         raise ValueError(f"unknown checkout shape {shape!r}; use one of {CHECKOUT_SHAPES}")
