@@ -14,8 +14,8 @@ import sys
 import pytest
 import torch
 
-from bagel_tiny import requires_bagel, upstream_root
-from validation_sets import build_val_set
+from bagel_sr.testing.bagel_tiny import requires_bagel, upstream_root
+from bagel_sr.testing.validation_sets import build_val_set
 
 pytestmark = [pytest.mark.bagel, requires_bagel]
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def test_upstream_validates_at_the_first_step_and_every_n_and_writes_csv_and_gri
 def test_a_fork_shape_validates_the_same_way_here_its_ema(tmp_path, val_yaml):
     """The fork shape of tests/fork_checkout.py (train/main.py, its own pixel term), validating the EMA weights
     (the EMA model is called through its own FSDP root)."""
-    from fork_checkout import make_fork
+    from bagel_sr.testing.fork_checkout import make_fork
 
     root = make_fork(upstream_root(), tmp_path / "fork")
     code, out, line = dry_run(root, tmp_path / "work", "--steps", "4", "--nproc", "2",
@@ -124,7 +124,7 @@ def test_in_loop_val_psnr_equals_the_offline_restoration_of_the_saved_checkpoint
     from bagel_sr.patches.context import PatchContext
     from bagel_sr.patches.validation_set import load_val_set
     from bagel_sr.validation.loop import SAMPLING, set_transforms
-    from bagel_tiny import import_bagel
+    from bagel_sr.testing.bagel_tiny import import_bagel
 
     workdir, _, _ = upstream_run
     in_loop = {int(r["step"]): r for r in _rows(workdir)}[3]
@@ -170,7 +170,7 @@ def test_in_loop_val_psnr_equals_the_offline_restoration_of_the_saved_checkpoint
 
 def test_the_deepspeed_port_validates_through_its_engine(tmp_path, val_yaml):
     """The DeepSpeed port of tests/fork_checkout.py (ZeRO-2 engine, its own resume): the step comes from its loop."""
-    from fork_checkout import make_trait_fork
+    from bagel_sr.testing.fork_checkout import make_trait_fork
 
     root = make_trait_fork(upstream_root(), tmp_path / "fork", ("deepspeed_init",))
     code, out, line = dry_run(root, tmp_path / "work", "--steps", "4", "--nproc", "2", "--bagel_train_script",

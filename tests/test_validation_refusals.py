@@ -11,7 +11,7 @@ from bagel_sr.errors import BadInput
 from bagel_sr.patches.validation_set import check_val_sets, load_val_set
 from bagel_sr.validation.fits import check_fits
 from bagel_sr.smoke.data import write_source_tiles
-from validation_sets import build_val_set
+from bagel_sr.testing.validation_sets import build_val_set
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

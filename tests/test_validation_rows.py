@@ -4,7 +4,7 @@ import types
 
 import pytest
 
-import fake_checkout
+from bagel_sr.testing import fake_checkout
 from bagel_sr.patches import registry
 from bagel_sr.patches.context import RunState
 from bagel_sr.patches.training import IncompatibleCheckoutError
