@@ -18,8 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 #: Run in a fresh interpreter with the laid-out tree first on sys.path: prints the strongly connected components
 #: (more than one node) of the module graph and of the graph of packages, as JSON.
 GRAPH_SCRIPT = textwrap.dedent("""
-    import json, sys
-    sys.path.insert(0, sys.argv[1])
+    import json, sys  # run with cwd = the laid-out tree, which is first on sys.path (python -c)
     import grimp
 
     def components(nodes, edges):
