@@ -16,6 +16,7 @@ setup(
         "bagel_sr.embedded",
         "bagel_sr.patches",
         "bagel_sr.eval",
+        "bagel_sr.lora",
     ],
     package_dir={
         "bagel_sr": "bagel_sr",
@@ -49,6 +50,7 @@ setup(
         "deepspeed": ["deepspeed>=0.14"],  # tested: tests/test_deepspeed.py (ZeRO-2 on CPU, 2 ranks)
         "wandb": ["wandb>=0.17"],
         "lpips": ["lpips>=0.1.4"],
+        "lora": ["peft==0.15.*"],  # tested: peft 0.15.2 with transformers 4.49 (tests/test_lora_*.py)
         "dev": ["pytest>=8", "pytest-timeout"],
         # What a BAGEL checkout's training script and data code import (torchvision: match it to your torch).
         "checkout": ["torchvision", "opencv-python-headless", "decord", "wandb>=0.17"],

@@ -31,6 +31,7 @@ class RunState:
     banner: str = ""
     host: Any = None  # bagel_sr.patches.host.HostPixelLoss: the checkout's own pixel term, if any
     host_mode: str = "none"  # what was decided for it: "none" (no host term), "off" or "keep"
+    lora_config: Any = None  # peft's LoraConfig of the adapters injected (--bagel_sr_lora_rank > 0)
 
     @property
     def gradient_accumulation_steps(self) -> int:
@@ -61,6 +62,7 @@ class PatchContext:
     inferencer: Any = None
     start_t: float = 1.0
     one_step: bool = False
+    lora: Any = None  # bagel_sr.lora_settings.LoraSettings: the ``lora`` rows apply when its rank > 0
     run: RunState = field(default_factory=RunState)
 
     def module(self, attr: str, name: str) -> ModuleType:

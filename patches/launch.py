@@ -11,12 +11,14 @@ from types import ModuleType
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from bagel_sr.config import CONSERVATIVE_DEFAULTS, FLAG_PREFIX, PixelLossConfig, flag_name, pixel_loss_arguments_class
+from bagel_sr.lora_settings import LORA_FLAGS, LoraSettings, LoraSettingsError, settings_from_flags
 
 from . import checkout, host, registry
 from .checkout import CheckoutError
 from .context import PatchContext
 from .datasets import DatasetRegistrationError
 from .host import HostPixelLossError
+from .lora import MissingExtra, require_peft
 from .training import IncompatibleCheckoutError
 
 WRAPPER_FLAGS = {
@@ -26,6 +28,7 @@ WRAPPER_FLAGS = {
     "the checkout's DATASET_INFO at run time.",
     "bagel_sr_host_pixel_loss": "What to do when the checkout carries its own pixel loss: "
     + "; ".join(f"{k}: {v}" for k, v in host.HOST_MODES.items()) + f" (default {host.DEFAULT_HOST_MODE}).",
+    **LORA_FLAGS,
 }
 
 HOW_TO_POINT = (
@@ -42,7 +45,16 @@ class WrapperArgs:
     bagel_train_script: Optional[str] = None
     bagel_sr_datasets: Optional[str] = None
     bagel_sr_host_pixel_loss: str = host.DEFAULT_HOST_MODE
+    bagel_sr_lora_rank: Optional[str] = None
+    bagel_sr_lora_alpha: Optional[str] = None
+    bagel_sr_lora_dropout: Optional[str] = None
+    bagel_sr_lora_targets: Optional[str] = None
     help: bool = False
+
+    @property
+    def lora(self) -> LoraSettings:
+        """The ``--bagel_sr_lora_*`` flags as validated settings (rank 0 = off)."""
+        return settings_from_flags({name: getattr(self, name) for name in LORA_FLAGS})
 
 
 def split_wrapper_args(argv: Sequence[str]) -> Tuple[WrapperArgs, List[str]]:
@@ -91,20 +103,21 @@ def embedded_help_preamble(embedded_defaults: dict) -> str:
 
 
 def prepare_checkout(root: str, script: Optional[str] = None, dataset_yamls: Optional[str] = None, *,
-                     pixel_loss: bool = True, dry_run: bool = False, host_mode: str = host.DEFAULT_HOST_MODE
-                     ) -> Tuple[ModuleType, registry.Handle]:
+                     pixel_loss: bool = True, dry_run: bool = False, host_mode: str = host.DEFAULT_HOST_MODE,
+                     lora: Optional[LoraSettings] = None) -> Tuple[ModuleType, registry.Handle]:
     """Import the checkout's training script and apply every row of :data:`registry.PATCHES` that holds here.
 
     The ``checkout`` stage (CPU compatibility) goes first, since importing the script imports BAGEL's modelling
     code.  Returns ``(train_module, handle)``; ``handle.undo()`` undoes every patch, ``handle.run`` holds what they
     learn while ``main()`` runs.  ``pixel_loss=False`` leaves the ``training`` rows out (the stock script, for
     comparisons); ``dry_run=True`` adds the ``dryrun`` rows (``main()`` on CPU under gloo, ``bagel_sr.smoke``);
-    ``host_mode``: ``--bagel_sr_host_pixel_loss`` (:mod:`.host`).
+    ``host_mode``: ``--bagel_sr_host_pixel_loss`` (:mod:`.host`); ``lora``: the ``--bagel_sr_lora_*`` settings
+    (the ``lora`` rows apply when its rank > 0).
     """
     root_path = checkout.find_checkout(root)
     checkout.add_to_sys_path(root_path)
     ctx = PatchContext(dataset_yamls=[p for p in (dataset_yamls or "").split(",") if p.strip()],
-                       defaults=dict(CONSERVATIVE_DEFAULTS), dry_run=dry_run, host_mode=host.check_mode(host_mode))
+                       defaults=dict(CONSERVATIVE_DEFAULTS), dry_run=dry_run, host_mode=host.check_mode(host_mode), lora=lora)
     groups = [g for g in registry.GROUPS if pixel_loss or g != "training"]
     handle = registry.apply(ctx, stage="checkout", groups=groups)
     try:
@@ -166,11 +179,17 @@ def main(argv: Optional[Sequence[str]] = None, *, before_main: Optional[Callable
     root = wargs.bagel_root or os.environ.get("BAGEL_ROOT")
     try:
         host.check_mode(wargs.bagel_sr_host_pixel_loss)
+        lora = wargs.lora
+        if lora.enabled:
+            require_peft()
         if not wargs.help and wargs.bagel_sr_host_pixel_loss != "keep":  # under keep the flags are the host's
             validate_pixel_loss_flags(rest)
-    except (UsageError, HostPixelLossError) as err:
+    except (UsageError, HostPixelLossError, LoraSettingsError, MissingExtra) as err:
         raise SystemExit(f"bagel-sr: {err}") from None
     if not root:
+        if lora.enabled:
+            raise SystemExit(f"bagel-sr: --bagel_sr_lora_rank needs a BAGEL checkout (--bagel_root PATH); the "
+                             "embedded demo trains its small model in full")
         from bagel_sr.embedded import experiment
 
         if wargs.help:
@@ -182,7 +201,7 @@ def main(argv: Optional[Sequence[str]] = None, *, before_main: Optional[Callable
     try:
         module, _handle = prepare_checkout(root, wargs.bagel_train_script, wargs.bagel_sr_datasets,
                                            pixel_loss=pixel_loss, dry_run=dry_run,
-                                           host_mode=wargs.bagel_sr_host_pixel_loss)
+                                           host_mode=wargs.bagel_sr_host_pixel_loss, lora=lora)
     except (CheckoutError, IncompatibleCheckoutError, DatasetRegistrationError, HostPixelLossError) as err:
         raise SystemExit(f"bagel-sr: {err}") from None
     if wargs.help:

@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-from bagel_sr.patches import smoke_preflight
+from bagel_sr.patches import smoke_lora, smoke_preflight
 from bagel_sr.patches.smoke_watch import SmokeStop, watch
 from bagel_sr.state import KEY_PREFIX  # our log keys' prefix when a checkout returns the same keys
 
@@ -305,6 +305,11 @@ def run(argv: Sequence[str]) -> int:
         notes.append(f"{' and '.join(result['loaded'])} load into stock Bagel (strict)")
         if result.get("skipped"):
             notes.append(result["skipped"])
+        if smoke_lora.lora_rank(flags):
+            try:
+                notes += smoke_lora.read_check(workdir / smoke_lora.RESULT)
+            except RuntimeError as error:
+                raise SmokeFailure(str(error)) from None
         (workdir / "trajectory.json").write_text(json.dumps([log.trajectory() for log in logs]))
     except SmokeStop as failure:
         print(f"smoke: FAILED: {failure} (work folder kept: {workdir})", flush=True)
@@ -346,12 +351,18 @@ def worker(argv: Sequence[str]) -> None:
 
             register_chat_entry(args.register_chat)
         _record_model_config(module, recorded)
+        if smoke_lora.lora_rank(rest):
+            smoke_lora.record_initial(module, smoke_preflight.flag_value(rest, "checkpoint_dir"))
 
     wrapper_argv = ["--bagel_root", args.bagel_root] + (
         ["--bagel_train_script", args.bagel_train_script] if args.bagel_train_script else []) + list(rest)
     launch.main(wrapper_argv, before_main=before_main, pixel_loss=not args.stock, dry_run=True)
     if args.load_check and int(os.environ.get("RANK", "0")) == 0:
         _write_load_check(pathlib.Path(args.load_check), recorded, smoke_preflight.flag_value(rest, "checkpoint_dir"))
+        if smoke_lora.lora_rank(rest):
+            smoke_lora.write_check(pathlib.Path(args.load_check).parent / smoke_lora.RESULT,
+                                   lambda: smoke_lora.stock_model(recorded.get("config")),
+                                   smoke_preflight.flag_value(rest, "checkpoint_dir"))
 
 
 def _record_model_config(module, recorded: dict) -> None:
