@@ -6,9 +6,9 @@
 
 Grid YAML keys (relative paths are relative to the directory the command is started from; ``plan`` checks the
 flags and the ``eval`` block against the data before it writes anything, so ``report`` has nothing left to refuse):
-  base_command   string or list; default ``python -m bagel_sr.patches.launch`` (the wrapper, from any folder: the
+  base_command   string or list; default ``python -m bagel_sr.train.main_sr_pixel_loss`` (the wrapper, from any folder: the
                  embedded default on CPU, or the checkout of ``BAGEL_ROOT``). A checkout on 8 GPUs:
-                 ``torchrun --nproc_per_node 8 -m bagel_sr.patches.launch --bagel_root $BAGEL_ROOT ...``.
+                 ``torchrun --nproc_per_node 8 -m bagel_sr.train.main_sr_pixel_loss --bagel_root $BAGEL_ROOT ...``.
                  ``$VARS`` and ``~`` are expanded here and in ``eval.infer_command`` at plan time.
   output_root    folder of the run folders (default ``runs/ablation``).
   workdir        folder the commands run in (default: the current directory at plan time).
@@ -42,7 +42,7 @@ inference, not the training). Each run x variant is one report row ``RUN/VARIANT
 run compares each row with that run's row of the same variant. The report's first table shows PSNR, SSIM and the
 hallucination share (``halluc_share``) side by side for every row. Example::
 
-    base_command: torchrun --nproc_per_node 8 -m bagel_sr.patches.launch --bagel_root $BAGEL_ROOT
+    base_command: torchrun --nproc_per_node 8 -m bagel_sr.train.main_sr_pixel_loss --bagel_root $BAGEL_ROOT
       --model_path hf/BAGEL-7B-MoT --finetune_from_hf True --resume_model_only True --finetune_from_ema True
       --dataset_config_file ct/dataset_config.yaml --bagel_sr_datasets ct/bagel_sr_dataset.yaml
     common_flags: {checkpoint_dir: "{run_dir}/checkpoints", total_steps: 2000}

@@ -24,7 +24,9 @@ from typing import Any, Callable, Sequence
 from bagel_sr.errors import BadInput, MissingInput
 
 #: The wrapper (``train/main_sr_pixel_loss.py``) as a module of the installed package: runs from any folder.
-WRAPPER_MODULE = "bagel_sr.patches.launch"
+WRAPPER_MODULE = "bagel_sr.train.main_sr_pixel_loss"
+#: The two restoring commands (a checkout's model, the embedded demo's runs); both default to --split test.
+INFER_MODULES = ("bagel_sr.eval.infer", "bagel_sr.embedded.infer")
 #: Keys of a grid's ``eval`` block (``ablate report`` reads these; anything else is a typo).
 EVAL_KEYS = ("infer_command", "outputs", "references", "manifest", "split", "data_range", "convention",
              "ssim_window", "hu_window", "color", "hallucination_threshold", "baseline", "n_boot", "grid_images",
@@ -38,7 +40,7 @@ _TILDE = re.compile(r"(?<![^\s=])~(?=/|\s|$)")
 
 
 def default_base_command() -> list[str]:
-    """``python -m bagel_sr.patches.launch`` with the interpreter running ablate (embedded default without a
+    """``python -m bagel_sr.train.main_sr_pixel_loss`` with the interpreter running ablate (embedded default without a
     checkout; ``--bagel_root``/``BAGEL_ROOT`` for a checkout)."""
     return [sys.executable, "-m", WRAPPER_MODULE]
 
@@ -173,7 +175,7 @@ def check_eval_block(cfg: dict[str, Any], row_names: Sequence[str], run_names: S
     infer_words = shlex.split(ev["infer_command"]) if isinstance(ev.get("infer_command"), str) else [
         str(w) for w in ev.get("infer_command") or []]
     infer_split = next((infer_words[i + 1] for i, w in enumerate(infer_words[:-1]) if w == "--split"),
-                       "test" if "bagel_sr.eval.infer" in infer_words else None)  # infer's default split
+                       "test" if any(w in INFER_MODULES for w in infer_words) else None)  # infer's default split
     if ev.get("manifest") and infer_split and ev.get("split") and infer_split != ev.get("split"):
         raise BadInput(f"eval.split {ev['split']!r} differs from --split {infer_split} of eval.infer_command: the "
                        "report would look for outputs infer does not write")

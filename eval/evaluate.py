@@ -33,6 +33,7 @@ from . import readable, report
 from .images import COLOR_MODES, LoadedImage, load_image
 from .pairs import (Pair, collect_pairs, pairs_from_folders, pairs_from_manifest,  # noqa: F401 (re-exported)
                     read_manifest)
+from .lesion_report import run_lesion_study
 from .lpips_metric import make_lpips
 from .worst_cases import worst_cases_figure  # noqa: F401 (re-exported)
 from .tables import (_comparison_view, _summary_view, compare_tables, failed_units,  # noqa: F401 (re-exported)
@@ -278,7 +279,6 @@ def run_evaluation(outputs: str | Path, out_dir: str | Path, settings: EvalSetti
                              {p.pair_id: p for p in other_pairs} if other_pairs else None, labels=labels)
     result["nonfinite"] = bad
     if lesions:  # the lesion study (eval/lesion_report.py): its own tables, lesions.md and crops
-        from .lesion_report import run_lesion_study
 
         runs = {"A": {p.pair_id: p for p in pairs}, **({"B": {p.pair_id: p for p in other_pairs}} if other_pairs else {})}
         result["lesions"] = run_lesion_study(

@@ -9,6 +9,9 @@ from PIL import Image
 
 from bagel_sr.errors import UserError
 from bagel_sr.outputs import Ledger
+from bagel_sr.restoration import aggregate
+
+from .consistency import back_project
 
 
 @dataclass
@@ -44,8 +47,6 @@ def posterior_restorer(restore: Callable[..., Image.Image], num_samples: int, ho
     """``restore(image, instruction, seed=seed + j)`` for j < K -> :class:`Restored` (aggregate, per-pixel std)."""
     import torch
 
-    from bagel_sr.restoration import aggregate
-
     def restore_k(image: Image.Image, instruction: str) -> Restored:
         runs = [_unit(restore(image, instruction, seed=seed + j)) for j in range(num_samples)]
         size = runs[0].shape
@@ -58,7 +59,6 @@ def posterior_restorer(restore: Callable[..., Image.Image], num_samples: int, ho
 
 def project_on_input(result: Image.Image, degraded: Image.Image, degradations: list, steps: int) -> Tuple[Image.Image, str]:
     """Data consistency of an output with its input (``bagel_sr.eval.consistency``); (image, note; '' = applied)."""
-    from .consistency import back_project
 
     try:
         x, note = back_project(_unit(result), _unit(degraded), degradations, steps)

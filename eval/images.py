@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bagel_sr.data.readers import bit_depth
 from bagel_sr.errors import BadInput, MissingInput
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".npy")
@@ -59,7 +60,6 @@ def integer_scale(raw: np.ndarray, bits_stored: int | None, name: str) -> float:
     """Divisor that maps integer pixels to [0, 1]: ``2**bits_stored - 1`` when declared (values above it are
     refused), else the container's maximum, with a one-time warning when the data's maximum suggests fewer bits
     (12-bit values in a 16-bit PNG, as most MR/CT exports are)."""
-    from bagel_sr.data.readers import bit_depth
 
     top = int(raw.max()) if raw.size else 0
     if bits_stored:

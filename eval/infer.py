@@ -1,8 +1,8 @@
-"""Restoration over a held-out set: a BAGEL checkout with a checkpoint, or the embedded default on CPU.
+"""Restoration over a held-out set: a BAGEL checkout with a checkpoint (the embedded demo's runs: ``bagel_sr.embedded.infer``).
 
     python -m bagel_sr.eval.infer --inputs MANIFEST.jsonl|DIR --out OUTPUTS \
         --bagel_root PATH --model_path hf/BAGEL-7B-MoT [--checkpoint results/checkpoints/0005000/ema.safetensors]
-    python -m bagel_sr.eval.infer --inputs MANIFEST.jsonl|DIR --out OUTPUTS --embedded_run outputs/embedded/seed0/pixel
+    python -m bagel_sr.embedded.infer --inputs MANIFEST.jsonl|DIR --out OUTPUTS --embedded_run outputs/embedded/seed0/pixel
 
 Outputs are ``OUTPUTS/<pair_id>.png`` (what ``bagel_sr.eval.evaluate`` reads).  Resumable: the folder's ledger
 (``bagel_sr.outputs``) holds the sampling settings and a fingerprint of the weights; a rerun with the same ones
@@ -29,10 +29,15 @@ from PIL import Image
 
 from bagel_sr.errors import UserError, cli_main
 from bagel_sr.outputs import Ledger, claim, file_fingerprint
+from bagel_sr.patches import registry
+from bagel_sr.patches.context import PatchContext
+from bagel_sr.patches.released import load_checkout_inferencer
 
 from .fidelity import (FidelityArgs, Restored, check_fidelity, posterior_restorer,  # noqa: F401 (re-exported)
                        project_on_input, save_std)
 
+#: Flags naming weights (the embedded demo's run folder, a released model, a checkpoint): part of a folder's settings.
+WEIGHT_FLAGS = ("embedded_run", "model_path", "checkpoint")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DEFAULT_INSTRUCTION = "Restore this image: remove the noise and recover the fine detail."
 
@@ -163,14 +168,15 @@ def run_jobs(jobs: Sequence[Job], out: Path, restore: Callable[[Image.Image, str
 
 def run_settings(args: argparse.Namespace) -> Tuple[dict, Optional[str]]:
     """What an output folder's outputs depend on (flags) and a fingerprint of the weights they came from."""
-    keys = ["inputs", "split", "instruction", "seed", "embedded_run", "model_path", "checkpoint", "resize_output",
+    keys = ["inputs", "split", "instruction", "seed", *WEIGHT_FLAGS, "resize_output",
             *asdict(SamplingArgs()), *asdict(FidelityArgs())]
-    settings = {k: getattr(args, k) for k in keys}
+    settings = {k: getattr(args, k, None) for k in keys}
     if not settings["one_step"]:  # added later: off, folders made before it existed still resume
         del settings["one_step"]
     settings["inputs"] = str(Path(args.inputs).absolute())
-    weights = args.embedded_run or args.checkpoint or (
-        str(Path(args.model_path) / "ema.safetensors") if args.model_path else None)
+    model_path, checkpoint = getattr(args, "model_path", None), getattr(args, "checkpoint", None)
+    weights = getattr(args, "embedded_run", None) or checkpoint or (
+        str(Path(model_path) / "ema.safetensors") if model_path else None)
     fingerprint = file_fingerprint(weights) if weights and Path(weights).exists() else None
     return settings, fingerprint
 
@@ -208,82 +214,19 @@ def checkout_restorer(inferencer, sampling: SamplingArgs, seed: int = 0) -> Call
     return restore
 
 
-def load_checkout_inferencer(bagel_root: str, model_path: str, checkpoint: Optional[str] = None,
-                             max_latent_size: int = 64):
-    """Build BAGEL from ``model_path`` (configs, tokenizer, ``ae.safetensors``) with weights from ``checkpoint``
-    (default: ``model_path/ema.safetensors``; a fine-tuned ``ema.safetensors`` has the same keys) on the GPUs,
-    and return the checkout's ``InterleaveInferencer``.  Mirrors the checkout's own demo set-up."""
-    import importlib
-
-    import torch
-    from accelerate import infer_auto_device_map, init_empty_weights, load_checkpoint_and_dispatch
-
-    from bagel_sr.patches import checkout, cpu
-
-    root = checkout.find_checkout(bagel_root)
-    checkout.add_to_sys_path(root)
-    cpu.install_flash_attn_stand_in()
-    if not torch.cuda.is_available():
-        raise UserError("inference with a released BAGEL needs a GPU; use --embedded_run for the CPU demo")
-    bagel = importlib.import_module("modeling.bagel")
-    ae_mod = importlib.import_module("modeling.autoencoder")
-    qwen2 = importlib.import_module("modeling.qwen2")
-    data_utils = importlib.import_module("data.data_utils")
-    transforms = importlib.import_module("data.transforms")
-    inferencer_mod = importlib.import_module("inferencer")
-
-    mp = Path(model_path)
-    llm_config = bagel.Qwen2Config.from_json_file(str(mp / "llm_config.json"))
-    llm_config.qk_norm, llm_config.tie_word_embeddings = True, False
-    llm_config.layer_module = "Qwen2MoTDecoderLayer"
-    vit_config = bagel.SiglipVisionConfig.from_json_file(str(mp / "vit_config.json"))
-    vit_config.rope = False
-    vit_config.num_hidden_layers -= 1
-    vae_model, vae_config = ae_mod.load_ae(local_path=str(mp / "ae.safetensors"))
-    config = bagel.BagelConfig(
-        visual_gen=True, visual_und=True, llm_config=llm_config, vit_config=vit_config, vae_config=vae_config,
-        vit_max_num_patch_per_side=70, connector_act="gelu_pytorch_tanh", latent_patch_size=2,
-        max_latent_size=max_latent_size,
-    )
-    with init_empty_weights():
-        model = bagel.Bagel(bagel.Qwen2ForCausalLM(llm_config), bagel.SiglipVisionModel(vit_config), config)
-        model.vit_model.vision_model.embeddings.convert_conv2d_to_linear(vit_config, meta=True)
-    tokenizer = qwen2.Qwen2Tokenizer.from_pretrained(str(mp))
-    tokenizer, new_token_ids, _ = data_utils.add_special_tokens(tokenizer)
-    device_map = infer_auto_device_map(model, no_split_module_classes=["Bagel", "Qwen2MoTDecoderLayer"])
-    first = next(iter(device_map.values())) if device_map else "cuda:0"
-    for name in ("language_model.model.embed_tokens", "time_embedder", "latent_pos_embed", "vae2llm", "llm2vae",
-                 "connector", "vit_pos_embed"):
-        device_map[name] = device_map.get("language_model.model.embed_tokens", first)
-    model = load_checkpoint_and_dispatch(
-        model, checkpoint=checkpoint or str(mp / "ema.safetensors"), device_map=device_map,
-        offload_buffers=True, dtype=torch.bfloat16, force_hooks=True,
-    ).eval()
-    vae_model = vae_model.to(next(model.llm2vae.parameters()).device).eval()
-    return inferencer_mod.InterleaveInferencer(
-        model=model, vae_model=vae_model, tokenizer=tokenizer,
-        vae_transform=transforms.ImageTransform(1024, 512, 16), vit_transform=transforms.ImageTransform(980, 224, 14),
-        new_token_ids=new_token_ids,
-    )
-
-
 # ------------------------------------------------------------------------------------------------------ CLI
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bagel_sr.eval.infer", description=__doc__.split("\n\n")[0])
+def add_common_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags every restorer shares: inputs, outputs, sampling and fidelity-aware sampling."""
     p.add_argument("--inputs", required=True, help="manifest.jsonl of a bagel_sr.data build, or a folder of images")
     p.add_argument("--split", default="test", help="manifest split to restore (default test; 'all' for every held-out row)")
     p.add_argument("--out", required=True, help="folder for <pair_id>.png outputs")
     p.add_argument("--instruction", default=None, help="instruction for every input (default: the manifest's first variant)")
-    p.add_argument("--bagel_root", default=os.environ.get("BAGEL_ROOT"), help="BAGEL checkout (or BAGEL_ROOT)")
-    p.add_argument("--model_path", default=None, help="released model folder (configs, tokenizer, ae.safetensors)")
-    p.add_argument("--checkpoint", default=None, help="weights to use (default MODEL_PATH/ema.safetensors)")
-    p.add_argument("--embedded_run", default=None, help="a run folder of the embedded default (CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_progress", action="store_true")
     p.add_argument("--resize_output", action="store_true",
-                   help="resize an output the inferencer generated at another size to its input's size (bicubic; "
-                   "recorded in the folder's settings); without it such an output stops infer")
+                   help="resize an output generated at another size to its input's size (bicubic); without it such "
+                   "an output stops infer")
     p.add_argument("--overwrite", action="store_true",
                    help="redo a folder made with other settings or weights (deletes only the outputs infer wrote)")
     for name, value in asdict(SamplingArgs()).items():
@@ -292,61 +235,77 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--start_t", type=float, default=1.0,
                    help="start from the input noised to this flow time (1 = from pure noise, the stock sampler)")
     g.add_argument("--one_step", action="store_true",
-                   help="one Euler step from the start to 0 (the model's clean estimate z_t - t v_hat, what the pixel "
-                   "term trains at t <= max_t) instead of the rest of the grid; one model evaluation per sample")
+                   help="one Euler step from the start to 0 (the model's clean estimate z_t - t v_hat)")
     g.add_argument("--num_samples", type=int, default=1, help="samples per input; >1 writes the aggregate and std/")
     g.add_argument("--aggregate", choices=("mean", "median"), default="mean", help="how K samples are combined")
     g.add_argument("--data_consistency", action="store_true",
                    help="project each output onto its input's recorded degradation (manifest rows)")
     g.add_argument("--dc_steps", type=int, default=10, help="back-projection steps of --data_consistency")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bagel_sr.eval.infer", description=__doc__.split("\n\n")[0])
+    add_common_flags(p)
+    p.add_argument("--bagel_root", default=os.environ.get("BAGEL_ROOT"), help="BAGEL checkout (or BAGEL_ROOT)")
+    p.add_argument("--model_path", default=None, help="released model folder (configs, tokenizer, ae.safetensors)")
+    p.add_argument("--checkpoint", default=None, help="weights to use (default MODEL_PATH/ema.safetensors)")
     return p.parse_args(argv)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Tuple[int, int]:
-    """Restore the inputs into ``--out``; returns ``(restored, already there)``."""
-    args = parse_args(argv)
+#: ``make_restorer(args, sampling, fidelity) -> restore(image, instruction[, seed])``: what restores.
+MakeRestorer = Callable[[argparse.Namespace, SamplingArgs, FidelityArgs], Callable[..., Image.Image]]
+
+
+def restore_all(args: argparse.Namespace, make_restorer: MakeRestorer,
+                check_restorer: Callable[[argparse.Namespace], None] = lambda args: None) -> Tuple[int, int]:
+    """Check the flags (``check_restorer``: the restorer's own), claim ``--out``, restore every pending input;
+    returns ``(restored, already there)``."""
     inputs = Path(args.inputs)
     if not inputs.exists():
         raise UserError(f"--inputs {inputs}: no such file or folder")
     if args.num_timesteps < 1:
         raise UserError(f"--num_timesteps {args.num_timesteps}: expected an integer >= 1")
-    for flag in ("embedded_run", "model_path", "checkpoint"):
-        if getattr(args, flag) and not Path(getattr(args, flag)).exists():
+    for flag in WEIGHT_FLAGS:
+        if getattr(args, flag, None) and not Path(getattr(args, flag)).exists():
             raise UserError(f"--{flag} {getattr(args, flag)}: no such file or folder")
     split = None if args.split == "all" else args.split
     jobs = jobs_from_manifest(inputs, split, args.instruction) if inputs.is_file() else jobs_from_folder(inputs, args.instruction)
     sampling = SamplingArgs(**{k: getattr(args, k) for k in asdict(SamplingArgs())})
-    if not (args.embedded_run or (args.bagel_root and args.model_path)):
-        raise UserError("say what restores: --bagel_root PATH --model_path DIR [--checkpoint FILE] for BAGEL, "
-                        "or --embedded_run DIR for the embedded default")
+    check_restorer(args)
     fidelity = FidelityArgs(**{k: getattr(args, k) for k in asdict(FidelityArgs())})
     check_fidelity(fidelity)
     if fidelity.data_consistency and not inputs.is_file():
         print("note: --data_consistency needs the degradations a manifest records; a folder of images has none")
     settings, fingerprint = run_settings(args)
     ledger, _ = claim(args.out, "bagel_sr.eval.infer", settings, fingerprint, args.overwrite)
-    if args.embedded_run:
-        from bagel_sr.embedded.inference import embedded_restorer
-
-        restore = embedded_restorer(args.embedded_run, num_timesteps=sampling.num_timesteps,
-                                    timestep_shift=sampling.timestep_shift, seed=args.seed,
-                                    **({"start_t": fidelity.start_t} if fidelity.start_t < 1.0 else {}),
-                                    **({"one_step": True} if fidelity.one_step else {}))
-    else:
-        inferencer = load_checkout_inferencer(args.bagel_root, args.model_path, args.checkpoint)
-        if fidelity.start_t < 1.0 or fidelity.one_step:
-            from bagel_sr.patches import registry
-            from bagel_sr.patches.context import PatchContext
-
-            registry.apply(PatchContext(inferencer=inferencer, start_t=fidelity.start_t, one_step=fidelity.one_step),
-                           groups=("inference",))
-        restore = checkout_restorer(inferencer, sampling, args.seed)
+    restore = make_restorer(args, sampling, fidelity)
     if fidelity.num_samples > 1:
         restore = posterior_restorer(restore, fidelity.num_samples, fidelity.aggregate, args.seed)
     done, skipped = run_jobs(jobs, Path(args.out), restore, progress=not args.no_progress, ledger=ledger,
                              resize=args.resize_output, dc_steps=fidelity.dc_steps if fidelity.data_consistency else 0)
     print(f"restored {done} image(s), {skipped} already there, into {args.out}")
     return done, skipped
+
+
+def checkout_backend(args: argparse.Namespace, sampling: SamplingArgs, fidelity: FidelityArgs):
+    """The released model through the checkout's inferencer, with the ``inference`` rows for --start_t/--one_step."""
+    inferencer = load_checkout_inferencer(args.bagel_root, args.model_path, args.checkpoint)
+    if fidelity.start_t < 1.0 or fidelity.one_step:
+        registry.apply(PatchContext(inferencer=inferencer, start_t=fidelity.start_t, one_step=fidelity.one_step),
+                       groups=("inference",))
+    return checkout_restorer(inferencer, sampling, args.seed)
+
+
+def check_checkout_flags(args: argparse.Namespace) -> None:
+    if not (args.bagel_root and args.model_path):
+        raise UserError("say what restores: --bagel_root PATH --model_path DIR [--checkpoint FILE] "
+                        "(the embedded demo's runs: python -m bagel_sr.embedded.infer --embedded_run DIR)")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Tuple[int, int]:
+    """Restore the inputs into ``--out`` with a checkout; returns ``(restored, already there)``."""
+    return restore_all(parse_args(argv), checkout_backend, check_checkout_flags)
 
 
 if __name__ == "__main__":

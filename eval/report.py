@@ -12,6 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from . import metrics as M  # noqa: E402
+
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False, "nmse": False, "nrmse": False, "hfen": False,
                     "dc_nrmse": False, "dc_psnr": True, "dc_band_nrmse": False, "err_band_nrmse": False,
                     "err_null_nrmse": False, "halluc_share": False, "bg_mean": False}
@@ -74,7 +76,6 @@ def _show(ax, img: np.ndarray, vmin: float, vmax: float, cmap: str = "gray") -> 
 
 
 def _scores(ref: np.ndarray, img: np.ndarray, dr: float, window: str) -> str:
-    from . import metrics as M
 
     if not np.isfinite(img).all():
         return "NaN/Inf output"

@@ -23,8 +23,9 @@ from typing import Any, Callable, Iterable
 
 import yaml
 
-from bagel_sr.data import layout
+from bagel_sr import dataset_layout as layout
 from bagel_sr.names import check_names  # noqa: F401 (re-exported: the wrapper's name check)
+from bagel_sr.errors import UserError
 
 
 class DatasetRegistrationError(RuntimeError):
@@ -241,7 +242,6 @@ def dataset_config_names(parsed: Iterable[Any]) -> list[str] | None:
     for item in parsed:
         path = getattr(item, "dataset_config_file", None)
         if path and Path(path).is_file():
-            from bagel_sr.errors import UserError
 
             try:
                 meta = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}

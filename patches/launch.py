@@ -1,8 +1,8 @@
 """The wrapper's logic: find the checkout, patch its training script, run its own ``main()``.
 
-``python train/main_sr_pixel_loss.py [--bagel_root PATH] [--bagel_train_script PATH] [--bagel_sr_datasets YAML[,YAML]]
-[--bagel_sr_host_pixel_loss off|keep|refuse] <the checkout's own flags> [--pixel_loss_* ...]``.  Without a checkout (no flag, no ``BAGEL_ROOT``) it runs the
-embedded default experiment (``bagel_sr.embedded``) with the same ``--pixel_loss_*`` flags.
+Its flags (``--bagel_root``, ``--bagel_train_script``, ``--bagel_sr_datasets``, ``--bagel_sr_host_pixel_loss``) are
+taken out of the command line before the checkout's parser sees the rest; ``bagel_sr.train.main_sr_pixel_loss`` is
+the command that runs it (or the embedded demo without a checkout).
 """
 import os
 import sys
@@ -88,20 +88,6 @@ def wrapper_help() -> str:
     return "\n".join(lines)
 
 
-def embedded_help_preamble(embedded_defaults: dict) -> str:
-    """What ``--help`` says without a checkout: the wrapper's flags, then where the demo's defaults differ and why."""
-    stock = PixelLossConfig(**CONSERVATIVE_DEFAULTS)
-    differ = {k: v for k, v in embedded_defaults.items() if getattr(stock, k) != v}
-    lines = ["Without a checkout this command runs the embedded demo (a small BAGEL-shaped model on CPU, built-in data);",
-             "with --bagel_root PATH (or BAGEL_ROOT) it runs your checkout's training script and --help lists its flags.",
-             "", wrapper_help(), ""]
-    if differ:
-        lines.append("The demo's pixel-loss defaults differ from the wrapper's in the cost controls, because on its tiny "
-                     "model one decoder pass costs about as much as a training step:")
-        lines += [f"  --{flag_name(k)} {v} (wrapper: {getattr(stock, k)})" for k, v in differ.items()]
-    return "\n".join(lines)
-
-
 def prepare_checkout(root: str, script: Optional[str] = None, dataset_yamls: Optional[str] = None, *,
                      pixel_loss: bool = True, dry_run: bool = False, host_mode: str = host.DEFAULT_HOST_MODE,
                      lora: Optional[LoraSettings] = None) -> Tuple[ModuleType, registry.Handle]:
@@ -171,12 +157,9 @@ def print_checkout_help(module) -> None:
     parser.print_help()
 
 
-def main(argv: Optional[Sequence[str]] = None, *, before_main: Optional[Callable[[Any], Any]] = None,
-         pixel_loss: bool = True, dry_run: bool = False):
-    """The wrapper. ``pixel_loss=False`` runs the stock script (data-set registration only); ``dry_run=True``
-    adds the ``dryrun`` patches (``bagel_sr.smoke``); ``before_main(train_module)`` runs last before ``main()``."""
-    wargs, rest = split_wrapper_args(sys.argv[1:] if argv is None else argv)
-    root = wargs.bagel_root or os.environ.get("BAGEL_ROOT")
+def check_wrapper_flags(wargs: WrapperArgs, rest: Sequence[str]) -> None:
+    """The host mode and the ``--pixel_loss_*`` flags, checked before anything is imported or launched
+    (raises ``SystemExit`` with one line)."""
     try:
         host.check_mode(wargs.bagel_sr_host_pixel_loss)
         lora = wargs.lora
@@ -186,34 +169,39 @@ def main(argv: Optional[Sequence[str]] = None, *, before_main: Optional[Callable
             validate_pixel_loss_flags(rest)
     except (UsageError, HostPixelLossError, LoraSettingsError, MissingExtra) as err:
         raise SystemExit(f"bagel-sr: {err}") from None
-    if not root:
-        if lora.enabled:
-            raise SystemExit(f"bagel-sr: --bagel_sr_lora_rank needs a BAGEL checkout (--bagel_root PATH); the "
-                             "embedded demo trains its small model in full")
-        from bagel_sr.embedded import experiment
 
-        if wargs.help:
-            print(embedded_help_preamble(experiment.EMBEDDED_DEFAULTS) + "\n", flush=True)
-        else:
-            print("bagel-sr: no BAGEL checkout given; running the embedded default (a small BAGEL-shaped model on CPU).\n"
-                  + HOW_TO_POINT, flush=True)
-        return experiment.main(rest)
+
+def checkout_root(wargs: WrapperArgs) -> Optional[str]:
+    """The checkout to run: ``--bagel_root``, else ``BAGEL_ROOT``, else None."""
+    return wargs.bagel_root or os.environ.get("BAGEL_ROOT") or None
+
+
+def run(wargs: WrapperArgs, rest: List[str], *, before_main: Optional[Callable[[Any], Any]] = None,
+        pixel_loss: bool = True, dry_run: bool = False):
+    """The wrapper on already split flags: patch the checkout's script and run its ``main()`` with ``rest``.
+    ``pixel_loss=False`` runs the stock script (data-set registration only); ``dry_run=True`` adds the ``dryrun``
+    rows (``bagel_sr.smoke``); ``before_main(train_module)`` runs last before ``main()``."""
+    root = checkout_root(wargs)
+    check_wrapper_flags(wargs, rest)
+    if not root:
+        raise SystemExit("bagel-sr: no BAGEL checkout: pass --bagel_root PATH or set BAGEL_ROOT "
+                         "(python train/main_sr_pixel_loss.py runs the embedded demo without one)")
     try:
         module, _handle = prepare_checkout(root, wargs.bagel_train_script, wargs.bagel_sr_datasets,
                                            pixel_loss=pixel_loss, dry_run=dry_run,
-                                           host_mode=wargs.bagel_sr_host_pixel_loss, lora=lora)
+                                           host_mode=wargs.bagel_sr_host_pixel_loss, lora=wargs.lora)
     except (CheckoutError, IncompatibleCheckoutError, DatasetRegistrationError, HostPixelLossError) as err:
         raise SystemExit(f"bagel-sr: {err}") from None
     if wargs.help:
         print_checkout_help(module)
         return None
-    sys.argv = [str(module.__file__)] + rest
+    sys.argv = [str(module.__file__)] + list(rest)
     if before_main is not None:
         before_main(module)
     return module.main()
 
 
-if __name__ == "__main__":  # python -m bagel_sr.patches.launch: the wrapper from any folder (ablate's default)
-    from bagel_sr.errors import cli_main
-
-    sys.exit(cli_main(main))
+def main(argv: Optional[Sequence[str]] = None, **options: Any):
+    """The wrapper on a command line (``sys.argv[1:]`` when None); ``options`` as for :func:`run`."""
+    wargs, rest = split_wrapper_args(sys.argv[1:] if argv is None else argv)
+    return run(wargs, rest, **options)

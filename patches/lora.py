@@ -25,7 +25,7 @@ import functools
 import inspect
 import os
 import pathlib
-from typing import Any, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -35,11 +35,12 @@ from bagel_sr import distributed
 from bagel_sr.errors import BadInput, UserError
 from bagel_sr.lora_settings import EXTRA_HINT, FLAG_PREFIX, LoraSettings
 
-from . import cpu_main, lora_files
+from . import lora_files
 from .context import PatchContext, Undo, replace_attribute
 from .training import require
 
 UNIT_MARK = "_bagel_sr_lora_unit"
+FSDP_MODULE = "train.fsdp_utils"
 INIT_SEED = 0  # the adapters' initial values do not depend on the rank (FSDP shards each rank's own copy)
 
 
@@ -241,10 +242,23 @@ class AdapterUnitsFSDP:
 
 def patch_lora_fsdp_units(ctx: PatchContext) -> Undo:
     """``train.fsdp_utils.FSDP`` -> :class:`AdapterUnitsFSDP` of it (the model and the EMA copy alike)."""
-    module = cpu_main.fsdp_module(ctx)
+    module = fsdp_module(ctx)
     require(module is not None and hasattr(module, "FSDP"),
             "`train.fsdp_utils` has no module-level `FSDP`, which LoRA wraps to make the adapters their own units")
     return replace_attribute(module, "FSDP", AdapterUnitsFSDP(module.FSDP))
+
+
+def fsdp_module(ctx: PatchContext) -> Optional[Any]:
+    """The checkout's ``train.fsdp_utils`` (None where the loop has none, e.g. a DeepSpeed port)."""
+    try:
+        return ctx.module("fsdp_module", FSDP_MODULE)
+    except ImportError:
+        return None
+
+
+def fsdp_name(name: str) -> Callable[[PatchContext], Any]:
+    """How the registry reads ``train.fsdp_utils.<name>``."""
+    return lambda ctx: vars(fsdp_module(ctx) or ctx).get(name)
 
 
 def lora_on(ctx: PatchContext) -> bool:

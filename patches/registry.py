@@ -5,9 +5,8 @@ name it replaces, its group (``cpu``, ``training``, ``datasets``, ``dryrun``: th
 restoring ``InterleaveInferencer``, ``lora``: LoRA fine-tuning, :mod:`.lora`), its stage (``checkout``: needs only the checkout
 on ``sys.path``, applied before the training script is imported; ``script``: needs the imported script), when it
 applies, and how to read the replaced name (how the tests check that ``undo`` restores it).  To add a patch, write
-one function ``patch_x(ctx) -> undo`` and one row.  The start-up banner lists the rows in force.
-
-{table}
+one function ``patch_x(ctx) -> undo`` and one row.  The start-up banner lists the rows in force;
+``python -c "from bagel_sr.patches import registry; print(registry.describe())"`` prints the table.
 """
 from __future__ import annotations
 
@@ -17,7 +16,7 @@ from typing import Any, Callable, Collection, List, Optional, Tuple
 
 import torch
 
-from . import cpu, cpu_cuda, cpu_main, datasets, inference, lora, training
+from . import cpu, datasets, inference, lora, training
 from .context import PatchContext, RunState, Undo, noop
 
 STAGES = ("checkout", "script")
@@ -43,19 +42,12 @@ def _script_name(name: str) -> Callable[[PatchContext], Any]:
     return lambda ctx: vars(ctx.train_module).get(name)
 
 
-def _fsdp_name(name: str) -> Callable[[PatchContext], Any]:
-    return lambda ctx: vars(cpu_main.fsdp_module(ctx) or ctx).get(name)
-
-
 def _copy(group: Optional[dict]) -> Optional[dict]:
     return None if group is None else dict(group)
 
 
-def _dry_run(ctx: PatchContext) -> bool:
-    return ctx.dry_run
-
-
-PATCHES: Tuple[Patch, ...] = (
+#: The table, in the order the rows apply; layers above the patches add theirs with :func:`register`.
+PATCHES: List[Patch] = [
     Patch("patch_torchvision_ops", "torch.ops.torchvision (nms, qnms schemas)", "cpu", "checkout",
           "declares the two operators a CUDA-built torchvision registers against, next to a CPU-only torch",
           cpu.patch_torchvision_ops, lambda ctx: cpu._TORCHVISION_LIB,
@@ -89,39 +81,6 @@ PATCHES: Tuple[Patch, ...] = (
           datasets.register_datasets,
           lambda ctx: _copy(ctx.module("dataset_info_module", "data.dataset_info").DATASET_INFO.get("unified_edit")),
           when=lambda ctx: bool(ctx.dataset_yamls), condition="--bagel_sr_datasets given"),
-    Patch("patch_cuda_queries", "<script>.torch, train.fsdp_utils.torch", "dryrun", "script",
-          "torch.cuda seen as available, one device whose rank-derived id is the CPU, no-op sync/cache",
-          cpu_main.patch_cuda_queries, _script_name("torch"), when=_dry_run, condition="dry run"),
-    Patch("patch_cuda_autocast", "<script>.torch", "dryrun", "script",
-          "torch.amp.autocast('cuda', ...) runs as CPU autocast (same dtype)",
-          cpu_main.patch_cuda_autocast, _script_name("torch"), when=_dry_run, condition="dry run"),
-    Patch("patch_nccl", "<script>.dist", "dryrun", "script",
-          "dist.init_process_group('nccl') uses gloo",
-          cpu_main.patch_nccl, _script_name("dist"), when=_dry_run, condition="dry run"),
-    Patch("patch_state_dict_offload", "train.fsdp_utils.FullStateDictConfig", "dryrun", "script",
-          "full state dicts without offload_to_cpu (fails when parameters already live on the CPU)",
-          cpu_main.patch_state_dict_offload, _fsdp_name("FullStateDictConfig"), when=_dry_run, condition="dry run"),
-    Patch("patch_device_mesh", "train.fsdp_utils.init_device_mesh", "dryrun", "script",
-          "the HYBRID_SHARD device mesh on 'cpu'",
-          cpu_main.patch_device_mesh, _fsdp_name("init_device_mesh"), when=_dry_run, condition="dry run"),
-    Patch("patch_cuda_tensors", "torch function mode of the thread that runs main()", "dryrun", "script",
-          "torch calls given a CUDA device (device=, .to('cuda:N'), Tensor.cuda, Module.cuda) get the CPU",
-          cpu_cuda.patch_cuda_tensors, lambda ctx: cpu_cuda.function_modes(), when=_dry_run, condition="dry run"),
-    Patch("patch_parallel_device_ids", "DistributedDataParallel.__init__, FullyShardedDataParallel.__init__",
-          "dryrun", "script", "DDP without device_ids/output_device, FSDP's int or CUDA device_id read as the CPU",
-          cpu_cuda.patch_parallel_device_ids, lambda ctx: cpu_cuda.parallel_inits(), when=_dry_run,
-          condition="dry run"),
-    Patch("patch_checkout_torch", "<other checkout modules>.torch", "dryrun", "script",
-          "the script's torch view (torch.cuda queries, set_device, CUDA autocast) in every loaded checkout module",
-          cpu_cuda.patch_checkout_torch, cpu_cuda.checkout_torch_names,
-          when=lambda ctx: ctx.dry_run and cpu_cuda.checkout_root(ctx) is not None, condition="dry run"),
-    Patch("patch_process_group_backend", "torch.distributed.init_process_group", "dryrun", "script",
-          "init_process_group('nccl') uses gloo however the checkout reaches it",
-          cpu_cuda.patch_process_group_backend, cpu_cuda.process_group_names, when=_dry_run, condition="dry run"),
-    Patch("patch_deepspeed_init", "deepspeed.init_distributed", "dryrun", "script",
-          "deepspeed.init_distributed(dist_backend='nccl') uses gloo",
-          cpu_cuda.patch_deepspeed_init, cpu_cuda.deepspeed_names,
-          when=lambda ctx: ctx.dry_run and "deepspeed" in sys.modules, condition="dry run, deepspeed imported"),
     Patch("patch_start_t", "<inferencer>.model.generate_image, <inferencer>.update_context_image", "inference",
           "checkout", "sampling starts from the condition image noised to --start_t, optionally one step to 0",
           inference.patch_start_t,
@@ -134,8 +93,21 @@ PATCHES: Tuple[Patch, ...] = (
           condition="--bagel_sr_lora_rank > 0"),
     Patch("patch_lora_fsdp_units", "train.fsdp_utils.FSDP", "lora", "script",
           "each adapter matrix its own FSDP unit (flat parameters all frozen or all trainable)",
-          lora.patch_lora_fsdp_units, _fsdp_name("FSDP"), when=lora.lora_on, condition="--bagel_sr_lora_rank > 0"),
-)
+          lora.patch_lora_fsdp_units, lora.fsdp_name("FSDP"), when=lora.lora_on, condition="--bagel_sr_lora_rank > 0"),
+]
+
+
+def register(*patches: Patch) -> None:
+    """Add rows to :data:`PATCHES` (the dry run adds its ``dryrun`` rows when imported); a row already there by
+    name is left alone when it is the same row and refused when it is another."""
+    for patch in patches:
+        if patch.group not in GROUPS or patch.stage not in STAGES:
+            raise ValueError(f"patch {patch.name}: group {patch.group!r} / stage {patch.stage!r} not in {GROUPS} / {STAGES}")
+        same = [p for p in PATCHES if p.name == patch.name]
+        if same and same[0] is not patch:
+            raise ValueError(f"patch {patch.name} is already registered by another row")
+        if not same:
+            PATCHES.append(patch)
 
 
 class Handle:
@@ -213,7 +185,7 @@ def apply_pixel_loss_training(train_module: Any, batch_module: Any = None, **opt
 
 
 def describe(patches: Collection[Patch] = PATCHES) -> str:
-    """The table as reStructuredText-ish plain text (module docstring, README)."""
+    """The rows as a plain-text table (one line each: name, what it replaces, group, stage, when, what)."""
     header = ("patch", "replaces", "group", "stage", "when", "what")
     rows = [header] + [(p.name, p.target, p.group, p.stage, p.condition, p.does) for p in patches]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
@@ -221,5 +193,3 @@ def describe(patches: Collection[Patch] = PATCHES) -> str:
     rule = "  ".join("-" * w for w in widths) + "  " + "-" * 20
     return "\n".join([lines[0], rule] + lines[1:])
 
-
-__doc__ = __doc__.replace("{table}", describe())

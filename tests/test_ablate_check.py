@@ -102,8 +102,8 @@ def test_expand_and_torchrun_help_command(monkeypatch):
     assert (expand("run --a $BAGEL_ROOT --b ~/x --c=~/y --d a~b")
             == f"run --a /data/Bagel --b {home}/x --c={home}/y --d a~b")
     assert expand(["run", "${BAGEL_ROOT}/m", "~"]) == ["run", "/data/Bagel/m", home]
-    words = help_command("torchrun --nproc_per_node 8 --standalone -m bagel_sr.patches.launch --bagel_root /b --x 1")
-    assert words == [sys.executable, "-m", "bagel_sr.patches.launch", "--bagel_root", "/b", "--x", "1"]
+    words = help_command("torchrun --nproc_per_node 8 --standalone -m bagel_sr.train.main_sr_pixel_loss --bagel_root /b --x 1")
+    assert words == [sys.executable, "-m", "bagel_sr.train.main_sr_pixel_loss", "--bagel_root", "/b", "--x", "1"]
     assert help_command("torchrun --nproc-per-node=2 train/x.py --a 1") == [sys.executable, "train/x.py", "--a", "1"]
     assert help_command("python train/x.py") == ["python", "train/x.py"]
 
@@ -115,7 +115,7 @@ def test_default_base_command_runs_from_any_folder(tmp_path, monkeypatch):
     (tmp_path / "g.yaml").write_text(yaml.safe_dump({"grid": {"pixel_loss_weight": [0.0]},
                                                      "output_root": "runs"}))
     runs = ablate.plan("g.yaml", progress=False)
-    assert runs[0].train_command.startswith(f"{sys.executable} -m bagel_sr.patches.launch --pixel_loss_weight 0.0")
+    assert runs[0].train_command.startswith(f"{sys.executable} -m bagel_sr.train.main_sr_pixel_loss --pixel_loss_weight 0.0")
     assert Path(tmp_path / "runs" / "weight0.0" / "command.sh").is_file()
 
 

@@ -17,6 +17,7 @@ from PIL import Image
 from bagel_sr.data import build_dataset
 from bagel_sr.data.__main__ import main as data_main
 from bagel_sr.errors import UserError, cli_main
+from bagel_sr.embedded import infer as embedded_infer
 from bagel_sr.eval import ablate, evaluate, infer
 from bagel_sr.outputs import LEDGER, claim
 from bagel_sr.monitoring import NoImageWatch
@@ -280,7 +281,7 @@ def _infer_inputs(tmp, n=4):
 
 
 def _run(argv):
-    return infer.main(argv)
+    return embedded_infer.main(argv)
 
 
 def test_infer_rerun_with_other_settings_refuses_then_overwrite_redoes(tmp_path, monkeypatch):
@@ -422,7 +423,7 @@ def test_ablate_refuses_a_bad_plan_in_one_line_before_any_run(tmp_path, capsys, 
     ("evaluate", lambda t: ["--outputs", str(t / "bad"), "--references", str(t / "r"), "--out", str(t / "rep"),
                             "--data_range", "1", "--no_progress"], "image .*a0.png cannot be read"),
     ("infer", lambda t: ["--inputs", str(t / "nope"), "--out", str(t / "x")], "--inputs .*nope: no such file"),
-    ("infer", lambda t: ["--inputs", str(t / "r"), "--out", str(t / "x"), "--embedded_run", str(t / "zz")],
+    ("embedded-infer", lambda t: ["--inputs", str(t / "r"), "--out", str(t / "x"), "--embedded_run", str(t / "zz")],
      "--embedded_run .*zz: no such file or folder"),
     ("infer", lambda t: ["--inputs", str(t / "r"), "--out", str(t / "x"), "--num_timesteps", "0"],
      "--num_timesteps 0: expected an integer >= 1"),
@@ -436,7 +437,7 @@ def test_cli_user_errors_are_one_line_with_exit_2(tmp_path, capsys, tool, argv_o
     for i in (1, 2):
         np.save(tmp_path / "bad" / f"a{i}.npy", np.zeros((16, 16)))
     (tmp_path / "empty").mkdir()
-    main = {"evaluate": evaluate.main, "infer": infer.main, "data": data_main}[tool]
+    main = {"evaluate": evaluate.main, "infer": infer.main, "embedded-infer": embedded_infer.main, "data": data_main}[tool]
     rc = main(argv_of(tmp_path)) if tool == "data" else cli_main(main, argv_of(tmp_path))
     assert rc == 2
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]

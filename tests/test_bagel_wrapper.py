@@ -6,6 +6,7 @@ import pytest
 
 import fake_checkout
 from bagel_sr.patches import checkout, launch
+from bagel_sr.train import main_sr_pixel_loss as main_job
 from bagel_tiny import bagel_root, import_bagel, requires_bagel
 
 
@@ -13,12 +14,14 @@ def test_without_a_checkout_the_wrapper_says_how_to_point_at_one(monkeypatch, ca
     monkeypatch.delenv("BAGEL_ROOT", raising=False)
     called = {}
     monkeypatch.setattr("bagel_sr.embedded.experiment.main", lambda argv: called.setdefault("argv", argv))
-    launch.main(["--seeds", "1"])
+    main_job.main(["--seeds", "1"])
     out = capsys.readouterr().out
     assert "--bagel_root PATH" in out and "BAGEL_ROOT=PATH" in out
     assert called["argv"] == ["--seeds", "1"]  # the experiment's parser holds the defaults
     with pytest.raises(checkout.CheckoutError, match="BAGEL_ROOT"):
         launch.prepare_checkout("/nonexistent/bagel")
+    with pytest.raises(SystemExit, match="no BAGEL checkout: pass --bagel_root PATH"):
+        launch.main(["--seeds", "1"])  # the wrapper alone needs a checkout
 
 
 @pytest.mark.bagel

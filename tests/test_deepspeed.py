@@ -134,7 +134,7 @@ def test_zero2_gradients_equal_the_written_out_loss(monkeypatch):
 @pytest.mark.bagel
 @requires_bagel
 def test_wrapper_trains_bagels_script_ported_to_deepspeed_with_the_pixel_term(tmp_path):
-    from bagel_sr.patches.smoke import LaunchLog
+    from bagel_sr.smoke.dry_run import LaunchLog
     from fork_checkout import DEEPSPEED_SCRIPT, make_deepspeed_fork
 
     root = make_deepspeed_fork(upstream_root(), tmp_path / "checkout")  # each edit matches once, or it fails

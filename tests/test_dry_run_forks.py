@@ -1,7 +1,7 @@
 """The dry run on the forks users bring: flags the checkout declares, CUDA mapped wherever it asks, one-line failures.
 
-Without BAGEL: the flag filter, the CUDA mapping (``patches/cpu_cuda.py``) on real torch objects, the reading of a
-launch log (``patches/launch_errors.py``). With BAGEL (``bagel``): the dry run to ``smoke: OK`` on forks generated
+Without BAGEL: the flag filter, the CUDA mapping (``bagel_sr/smoke/cpu_cuda.py``) on real torch objects, the reading of a
+launch log (``bagel_sr/smoke/launch_errors.py``). With BAGEL (``bagel``): the dry run to ``smoke: OK`` on forks generated
 by ``tests/fork_checkout.py`` (``make_trait_fork``): an older base without upstream's MFU and wandb-project flags,
 a script whose own FSDP helper asks CUDA itself and keeps the VAE in DDP, a DeepSpeed script started by
 ``deepspeed.init_distributed(dist_backend="nccl")``, and one fork with all three (whose default ``--layer_module``
@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 
 import fake_checkout
-from bagel_sr.patches import checkout_flags, cpu_cuda, launch_errors, registry
+from bagel_sr.patches import registry
+from bagel_sr.smoke import checkout_flags, cpu_cuda, launch_errors
 from bagel_sr.patches.checkout import MARKER_FILES
 from bagel_tiny import requires_bagel, upstream_root
 

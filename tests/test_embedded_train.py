@@ -171,11 +171,11 @@ def test_term_arms_bad_input_names_the_flag(term_arms, message, tmp_path):
 
 def test_main_job_help_without_a_checkout_is_help_only_and_names_the_demo_defaults(capsys, monkeypatch):
     """``--help`` without a checkout prints no "running" banner and lists where the demo's defaults differ."""
-    from bagel_sr.patches import launch
+    from bagel_sr.train import main_sr_pixel_loss as main_job
 
     monkeypatch.delenv("BAGEL_ROOT", raising=False)
     with pytest.raises(SystemExit) as exit_:
-        launch.main(["--help"])
+        main_job.main(["--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "running the embedded default" not in out and out.startswith("Without a checkout")

@@ -252,13 +252,13 @@ def test_bad_inference_sweeps_are_refused_in_one_line_before_any_run(tmp_path, c
 
 
 def test_planned_variants_parse_with_the_real_infer_parser(tmp_path):
-    """The flags checked against ``bagel_sr.eval.infer --help`` and appended to its command mean what the grid says
-    (a true boolean is infer's bare switch)."""
-    from bagel_sr.eval import infer
+    """The flags checked against ``bagel_sr.embedded.infer --help`` and appended to its command mean what the grid
+    says (a true boolean is infer's bare switch)."""
+    from bagel_sr.embedded import infer
 
     grid = make_grid(tmp_path, infer_grid={"start_t": [0.3], "num_samples": [4], "aggregate": ["median"],
                                            "data_consistency": [True, False]},
-                     eval={"infer_command": [sys.executable, "-m", "bagel_sr.eval.infer", "--inputs", "refs",
+                     eval={"infer_command": [sys.executable, "-m", "bagel_sr.embedded.infer", "--inputs", "refs",
                                              "--embedded_run", "{run_dir}", "--out", "{outputs}"],
                            "references": str(tmp_path / "refs")})
     runs = ablate.plan(grid)
@@ -267,7 +267,7 @@ def test_planned_variants_parse_with_the_real_infer_parser(tmp_path):
         "start_t=0.3,num_samples=4,aggregate=median,data_consistency=False"]
     for v, dc in zip(runs[1].variants, (True, False)):
         words = shlex.split(v.command)
-        args = infer.parse_args(words[words.index("bagel_sr.eval.infer") + 1:])
+        args = infer.parse_args(words[words.index("bagel_sr.embedded.infer") + 1:])
         assert (args.start_t, args.num_samples, args.aggregate, args.data_consistency) == (0.3, 4, "median", dc)
         assert args.out == str(tmp_path / "runs" / "weight0.1" / "outputs" / v.name)
         assert args.embedded_run == str(tmp_path / "runs" / "weight0.1")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bagel_sr.embedded import infer as embedded_infer
 from bagel_sr.eval import infer
 from bagel_sr.errors import UserError
 
@@ -81,7 +82,7 @@ def test_run_jobs_is_resumable_and_keeps_sizes(tmp_path):
 
 def test_cli_needs_a_restorer(tmp_path):
     _image(tmp_path / "a.png", 1)
-    with pytest.raises(UserError, match="--embedded_run"):
+    with pytest.raises(UserError, match="say what restores: --bagel_root PATH --model_path DIR.*embedded_run"):
         infer.main(["--inputs", str(tmp_path), "--out", str(tmp_path / "o"), "--bagel_root", ""])
 
 
@@ -121,7 +122,7 @@ def test_checkout_inferencer_restores_through_the_checkout(tmp_path, checkout_sh
 
 
 def test_embedded_restorer_through_the_cli(tmp_path):
-    """A saved embedded model restores a folder of inputs through ``python -m bagel_sr.eval.infer --embedded_run``."""
+    """A saved embedded model restores a folder of inputs through ``python -m bagel_sr.embedded.infer``."""
     import dataclasses
 
     from bagel_sr.embedded.backbone import TinyBagelConfig
@@ -136,14 +137,14 @@ def test_embedded_restorer_through_the_cli(tmp_path):
     src = tmp_path / "in"
     src.mkdir()
     _image(src / "a.png", 90, size=(40, 72))  # not a multiple of 16: cropped for the model, padded back
-    done, skipped = infer.main(["--inputs", str(src), "--out", str(tmp_path / "out"), "--embedded_run", str(run),
+    done, skipped = embedded_infer.main(["--inputs", str(src), "--out", str(tmp_path / "out"), "--embedded_run", str(run),
                                 "--num_timesteps", "2", "--timestep_shift", "1.0", "--no_progress"])
     assert (done, skipped) == (1, 0)
     with Image.open(tmp_path / "out/a.png") as im:
         assert im.size == (72, 40)
         arr = np.asarray(im)
     assert arr.dtype == np.uint8 and (arr[..., 0] == arr[..., 1]).all()
-    assert infer.main(["--inputs", str(src), "--out", str(tmp_path / "out"), "--embedded_run", str(run),
+    assert embedded_infer.main(["--inputs", str(src), "--out", str(tmp_path / "out"), "--embedded_run", str(run),
                        "--num_timesteps", "2", "--timestep_shift", "1.0", "--no_progress"]) == (0, 1)
 
 
@@ -284,7 +285,7 @@ def test_embedded_one_step_through_infer(tmp_path):
     image.save(tmp_path / "in/a.png")
     for one_step in (False, True):
         out = tmp_path / f"out{int(one_step)}"
-        infer.main(["--inputs", str(tmp_path / "in"), "--out", str(out), "--embedded_run", str(tmp_path / "run"),
+        embedded_infer.main(["--inputs", str(tmp_path / "in"), "--out", str(out), "--embedded_run", str(tmp_path / "run"),
                     "--num_timesteps", "10", "--timestep_shift", "1", "--start_t", "0.5", "--no_progress"]
                    + (["--one_step"] if one_step else []))
     restore = embedded_restorer(str(tmp_path / "run"), num_timesteps=10, start_t=0.5, one_step=True)
@@ -339,7 +340,7 @@ def test_embedded_posterior_mean_writes_a_std_map_and_projects_on_the_input(tmp_
     Image.fromarray((lr * 255).round().astype(np.uint8)).convert("RGB").save(build / "lr/p.png")
     row = {"pair_id": "p", "split": "test", "degradations": band, "heldout": {"lr": "lr/p.png", "hr": "hr/p.png"}}
     (build / "manifest.jsonl").write_text(json.dumps(row) + "\n")
-    infer.main(["--inputs", str(build / "manifest.jsonl"), "--out", str(tmp_path / "out"), "--embedded_run",
+    embedded_infer.main(["--inputs", str(build / "manifest.jsonl"), "--out", str(tmp_path / "out"), "--embedded_run",
                 str(tmp_path / "run"), "--num_timesteps", "4", "--start_t", "0.5", "--num_samples", "2",
                 "--data_consistency", "--dc_steps", "1", "--no_progress"])
     std = np.load(tmp_path / "out/std/p.npy")
@@ -351,5 +352,5 @@ def test_embedded_posterior_mean_writes_a_std_map_and_projects_on_the_input(tmp_
     measured = np.asarray(Image.open(build / "lr/p.png").convert("L"), np.float64) / 255
     assert np.abs(operators.apply_forward(out, band)[0] - measured).mean() < 0.01  # the measured band is the input's
     with pytest.raises(UserError, match="--start_t"):
-        infer.main(["--inputs", str(build / "manifest.jsonl"), "--out", str(tmp_path / "o2"), "--embedded_run",
+        embedded_infer.main(["--inputs", str(build / "manifest.jsonl"), "--out", str(tmp_path / "o2"), "--embedded_run",
                     str(tmp_path / "run"), "--start_t", "1.5"])

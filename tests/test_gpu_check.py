@@ -14,8 +14,12 @@ import sys
 import pytest
 import torch
 
-from bagel_sr.patches import gpu_check, gpu_report, gpu_step, launch, smoke
-from bagel_sr.patches.smoke import SmokeFailure
+from bagel_sr.gpu_check import check as gpu_check
+from bagel_sr.gpu_check import report as gpu_report
+from bagel_sr.gpu_check import step as gpu_step
+from bagel_sr.patches import launch
+from bagel_sr.smoke import dry_run as smoke
+from bagel_sr.smoke.dry_run import SmokeFailure
 from bagel_tiny import bagel_root, requires_bagel
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -107,7 +111,7 @@ def test_launches_go_through_this_worker_while_the_check_runs_and_back_after(mon
     monkeypatch.delenv(gpu_check.DEVICE_ENV, raising=False)
     with gpu_check._smoke_through_this_worker(smoke, "cuda"):
         assert smoke.WORKER_MODULE == gpu_check.WORKER_MODULE and os.environ[gpu_check.DEVICE_ENV] == "cuda"
-    assert smoke.WORKER_MODULE == "bagel_sr.patches.smoke" and gpu_check.DEVICE_ENV not in os.environ
+    assert smoke.WORKER_MODULE == "bagel_sr.smoke" and gpu_check.DEVICE_ENV not in os.environ
 
 
 def test_a_part_that_hangs_is_killed_at_its_deadline_and_one_that_ends_is_left_alone():

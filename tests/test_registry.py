@@ -1,11 +1,14 @@
 """The patch registry: one table lists every patch, ``apply`` puts them in force, one handle undoes them all."""
+import dataclasses
 import inspect
 import sys
 
 import pytest
 
 import fake_checkout
-from bagel_sr.patches import cpu, cpu_cuda, cpu_main, datasets, inference, registry, training
+from bagel_sr.patches import cpu, datasets, inference, registry, training
+from bagel_sr.smoke import cpu_cuda, cpu_main
+from bagel_sr.smoke import rows as smoke_rows
 from bagel_sr.patches.context import PatchContext
 
 
@@ -13,14 +16,18 @@ def _snapshot(ctx, rows):
     return {p.name: p.read(ctx) for p in rows}
 
 
-def test_every_patch_function_has_a_row_and_the_docstring_lists_the_table():
+def test_every_patch_function_has_a_row_and_the_dry_run_adds_its_own():
     functions = {name for mod in (cpu, cpu_cuda, cpu_main, training, datasets, inference) for name, fn in inspect.getmembers(mod, inspect.isfunction)
                  if fn.__module__ == mod.__name__ and (name.startswith("patch_") or name == "register_datasets")}
     rows = {p.name: p for p in registry.PATCHES}
     assert functions == set(rows)
     assert all(rows[name].apply.__name__ == name for name in rows)  # the row runs the function of its name
+    assert {p.name for p in rows.values() if p.group == "dryrun"} == {p.name for p in smoke_rows.DRY_RUN_PATCHES}
+    registry.register(*smoke_rows.DRY_RUN_PATCHES)  # the same rows again: left alone
+    assert len(registry.PATCHES) == len(rows)
+    with pytest.raises(ValueError, match="already registered by another row"):
+        registry.register(dataclasses.replace(rows["patch_nccl"], does="something else"))
     for p in registry.PATCHES:
-        assert p.name in registry.__doc__ and p.target in registry.__doc__
         assert p.stage in registry.STAGES
 
 

@@ -15,9 +15,11 @@ import pytest
 import torch
 import torch.distributed.fsdp
 
-from bagel_sr.patches import cpu_main, registry
+from bagel_sr.patches import registry
+from bagel_sr.smoke import cpu_main
+from bagel_sr.smoke import model as smoke_model
 import fake_checkout
-from bagel_sr.patches.smoke import LaunchLog, SmokeFailure, check_finite, check_pixel_term, check_resume
+from bagel_sr.smoke.dry_run import LaunchLog, SmokeFailure, check_finite, check_pixel_term, check_resume
 from bagel_tiny import bagel_root, requires_bagel
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -217,8 +219,6 @@ def test_a_checkout_without_a_fact_fails_before_any_launch(tmp_path, rel, patter
 
 
 def test_shrink_model_folder_cuts_sizes_keeps_the_rest_and_links_tokenizer_and_vae(tmp_path):
-    from bagel_sr.patches import smoke_model
-
     released = tmp_path / "released"
     released.mkdir()
     llm = dict(smoke_model.tiny_llm_config(152064), hidden_size=3584, num_hidden_layers=28, rope_theta=1e6)
@@ -240,8 +240,6 @@ def test_shrink_model_folder_cuts_sizes_keeps_the_rest_and_links_tokenizer_and_v
 
 def test_byte_tokenizer_round_trips_through_transformers(tmp_path):
     from transformers import GPT2Tokenizer
-
-    from bagel_sr.patches import smoke_model
 
     vocab = smoke_model.write_byte_tokenizer(tmp_path)
     tokenizer = GPT2Tokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))

@@ -16,7 +16,7 @@ from PIL import Image
 
 from bagel_sr.data import build_dataset
 from bagel_sr.data.feeding import feed_note, row_group_size, rows_per_worker
-from bagel_sr.patches.smoke_watch import KEEP_PER_KIND, SmokeStop, watch
+from bagel_sr.smoke.watch import KEEP_PER_KIND, SmokeStop, watch
 from bagel_tiny import bagel_root, requires_bagel
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -190,7 +190,7 @@ def test_steps_keep_a_launch_alive_and_a_silent_one_is_stopped(tmp_path):
 
 
 def test_too_long_samples_are_explained():
-    from bagel_sr.patches.smoke_watch import meaning_of
+    from bagel_sr.smoke.watch import meaning_of
 
     assert "--max_num_tokens_per_sample" in meaning_of("skip a sample with length 901")
 
@@ -199,8 +199,8 @@ def test_too_long_samples_are_explained():
 
 def _plan(tmp_path, cfg_dir: pathlib.Path, user: list, nproc: int = 2, nproc_given: bool = False):
     from bagel_sr.patches.checkout import add_to_sys_path
-    from bagel_sr.patches.smoke import DRY_RUN_FLAGS
-    from bagel_sr.patches.smoke_preflight import plan_dry_run
+    from bagel_sr.smoke.dry_run import DRY_RUN_FLAGS
+    from bagel_sr.smoke.preflight import plan_dry_run
 
     add_to_sys_path(bagel_root())
     flags = [x for k, v in DRY_RUN_FLAGS.items() for x in (f"--{k}", v)] + ["--num_shard", str(nproc)]
@@ -262,7 +262,7 @@ def test_preflight_counts_a_users_chat_lines_and_tokens(tmp_path):
     import json
 
     from bagel_sr.patches.checkout import add_to_sys_path
-    from bagel_sr.patches.smoke_feed import read_feed
+    from bagel_sr.smoke.feed import read_feed
 
     add_to_sys_path(bagel_root())
     import data.transforms

@@ -67,7 +67,7 @@ def test_the_readme_path_runs_as_written_and_its_report_reads_well(tmp_path):
 
     runs = work / "runs" / "ablation"                             # what plan wrote, and that it trained nothing
     script = (runs / "weight0.05" / "command.sh").read_text()
-    assert f"--bagel_root {root}" in script and "$BAGEL_ROOT" not in script and "-m bagel_sr.patches.launch" in script
+    assert f"--bagel_root {root}" in script and "$BAGEL_ROOT" not in script and "-m bagel_sr.train.main_sr_pixel_loss" in script
     assert "--checkpoint_dir" in script and "--total_steps 2000" in script
     assert sorted(p.name for p in (runs / "weight0.05" / "infer").iterdir()) == [
         "start_t=0.3,num_samples=1", "start_t=0.3,num_samples=4", "start_t=1.0,num_samples=1",

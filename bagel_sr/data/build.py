@@ -23,7 +23,9 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from . import feeding, layout, lesions
+from bagel_sr import dataset_layout as layout
+
+from . import feeding, lesions
 from .config import BuildConfig, load_build_config
 from .degradations import apply_chain
 from .errors import BuildError, ConfigError, OutputExistsError, SourceError

@@ -15,6 +15,7 @@ from .operators import (  # noqa: F401  (re-exported: the registry's operators)
     Array, Result, bicubic_downsample, gaussian_blur, gaussian_noise, jpeg_compression, kspace_truncation,
     low_dose_ct, rician_noise, slice_thickness,
 )
+from .errors import ConfigError
 
 
 # --------------------------------------------------------------------------------------- registry
@@ -158,7 +159,6 @@ def _yaml_number(v: Any) -> Any:
 
 def validate_step(entry: Any, key: str) -> DegradationStep:
     """Check one YAML chain entry (``{name: ..., <param>: ...}``); raise ``ConfigError`` naming ``key``."""
-    from .errors import ConfigError
 
     if not isinstance(entry, dict) or "name" not in entry:
         raise ConfigError.bad_value(key, entry, "a mapping with a 'name' key, e.g. {name: gaussian_noise, sigma: 0.02}")

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from . import layout
+from bagel_sr import dataset_layout as layout
 from .errors import ConfigError
 from .writer import atomic_write_text
 

@@ -23,7 +23,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import layout
+from bagel_sr import dataset_layout as layout
 from .feeding import row_group_size
 
 SCHEMA = pa.schema([

@@ -28,7 +28,8 @@ from ..config import CONSERVATIVE_DEFAULTS, PixelLossConfig, literal_help, pixel
 from ..errors import BadInput
 from ..names import check_names
 from ..outputs import Ledger, OutputFolderError, claim
-from ..restoration import visited_times
+from ..eval.stats import bootstrap_ci
+from ..restoration import aggregate, visited_times
 from . import data, sampling
 from .backbone import TinyBagelConfig
 from .train import LatentPool, TrainConfig, train, validate_train_config
@@ -172,7 +173,6 @@ def choose_mode(val_psnr: Dict[str, Sequence[float]], modes: Sequence[Mode], ste
     has a bootstrap 95% interval reaching 0 (as good as the best, within the noise of the split), the one with the
     fewest model evaluations per image, then without DC, then the best mean.  ``val_psnr``: mode name -> per-image
     PSNR on val, the same images in the same order."""
-    from ..eval.stats import bootstrap_ci
 
     best = max(val_psnr, key=lambda n: float(np.mean(val_psnr[n])))
     tied = [m for m in modes if m.name in val_psnr and
@@ -187,7 +187,6 @@ def sample_modes(model, vae, pairs, tokenizer, modes: Sequence[Mode], args, seed
     :func:`sampling.posterior_samples`; its seconds are that set's times K / K_max), and modes that differ only in
     DC share their samples.  ``stock``: ``(prediction, seconds)`` of the stock sampler on ``pairs`` with this seed,
     reused for ``T0=1 K=1`` (the same sample: one run from noise, its mean is itself)."""
-    from ..restoration import aggregate
 
     largest: Dict[tuple, int] = {}
     for mode in modes:
@@ -365,7 +364,6 @@ def paired_difference(a: Dict, b: Dict) -> Dict[str, np.ndarray]:
 
 
 def _difference_line(label: str, d: Dict[str, np.ndarray], width: int) -> str:
-    from ..eval.stats import bootstrap_ci
 
     ci = bootstrap_ci(d["psnr"], n_boot=2000, seed=0)
     lo, hi = ci.lo, ci.hi

@@ -19,6 +19,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 import torch
 
+from ..eval.metrics import hallucination_share
 from ..flow import shift_timesteps, unshift_timesteps
 from ..restoration import aggregate, check_start_t, start_latent, visited_times
 from . import data
@@ -161,8 +162,6 @@ def image_metrics(pred: torch.Tensor, target: torch.Tensor) -> Dict[str, np.ndar
     """Per-image PSNR (dB), SSIM and hallucination share (pixels with ``|error| > 0.1``) of (N, 3, H, W) images in
     [-1, 1], on grayscale [0, 1] with data_range 1."""
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-
-    from ..eval.metrics import hallucination_share
 
     p = data.to_unit_gray(pred).numpy().astype(np.float64)
     t = data.to_unit_gray(target).numpy().astype(np.float64)

@@ -26,6 +26,7 @@ from ..extension import with_pixel_loss
 from ..names import check_names
 from . import data
 from .backbone import TinyBagel, TinyBagelConfig
+from ..errors import BadInput
 
 #: ``with_pixel_loss(TinyBagel)``: the embedded model, extended exactly as ``Bagel`` is.
 TinyBagelWithPixelLoss = with_pixel_loss(TinyBagel)
@@ -71,7 +72,6 @@ _FRACTIONS = ("t2i_ratio", "vae_cond_dropout_prob", "text_cond_dropout_prob", "e
 
 def validate_train_config(cfg: TrainConfig) -> None:
     """One line naming the flag for a count/size out of range (``--steps 0``, ``--batch_size -1`` ...)."""
-    from ..errors import BadInput
 
     for name, low in _MINIMUM.items():
         value = getattr(cfg, name)

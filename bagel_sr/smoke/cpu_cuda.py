@@ -42,8 +42,9 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.nn.parallel import DistributedDataParallel
 from torch.overrides import TorchFunctionMode
 
-from .checkout import MARKER_FILES
-from .context import Undo, noop, replace_attribute
+from bagel_sr.patches.checkout import MARKER_FILES
+from bagel_sr.patches.context import Undo, noop, replace_attribute
+
 from .cpu_main import CPU, CPU_CUDA, NameView, cpu_autocast
 
 DEEPSPEED_MODULES = ("deepspeed", "deepspeed.comm", "deepspeed.comm.comm")

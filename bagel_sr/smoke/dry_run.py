@@ -5,7 +5,7 @@
                              [BAGEL flags] [--pixel_loss_* flags]
 
 It launches ``torchrun --nproc_per_node N`` twice on the wrapper (``train/main_sr_pixel_loss.py``'s logic) with
-the ``dryrun`` rows of :mod:`bagel_sr.patches.registry` (:mod:`bagel_sr.patches.cpu_main`): first to step ``K`` (checkpoint), then with
+the ``dryrun`` rows of :mod:`bagel_sr.patches.registry` (:mod:`bagel_sr.smoke.cpu_main`): first to step ``K`` (checkpoint), then with
 ``--auto_resume True`` to ``--steps``. It then checks, from the loop's own log lines and files:
 
 1. the pixel term acted (``pixel_images > 0`` on some step) and its keys reached the loop's log lines;
@@ -16,10 +16,10 @@ the ``dryrun`` rows of :mod:`bagel_sr.patches.registry` (:mod:`bagel_sr.patches.
    states, strictly; no EMA is checked, and the OK line says so).
 
 The last line is ``smoke: OK ...`` (exit 0) or ``smoke: FAILED: <what>`` (exit 1). Without ``--model_path`` a tiny
-random model folder of the checkout's architecture is written (:mod:`.smoke_model`); without
-``--dataset_config_file`` / ``--bagel_sr_datasets`` a tiny paired set is built (:mod:`.smoke_data`).
+random model folder of the checkout's architecture is written (:mod:`.model`); without
+``--dataset_config_file`` / ``--bagel_sr_datasets`` a tiny paired set is built (:mod:`.data`).
 
-On your data, a preflight (:mod:`.smoke_preflight`) first checks what BAGEL's loader will do with your configs at
+On your data, a preflight (:mod:`.preflight`) first checks what BAGEL's loader will do with your configs at
 the dry run's ranks, workers and token limits, and adapts the dry run's own settings (one ``smoke:`` line each) or
 stops with one line naming the fix. Each launch's log is capped and a launch without a new step for
 ``--stall_timeout`` seconds is stopped with the reason (:mod:`.smoke_watch`).
@@ -43,11 +43,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-from bagel_sr.patches import smoke_lora, smoke_preflight
-from bagel_sr.patches.smoke_watch import SmokeStop, watch
+from bagel_sr.patches import checkout, launch
 from bagel_sr.state import KEY_PREFIX  # our log keys' prefix when a checkout returns the same keys
 
-WORKER_MODULE = "bagel_sr.patches.smoke"
+from . import checkout_flags, launch_errors
+from . import data as smoke_data
+from . import lora_checks as smoke_lora
+from . import model as smoke_model
+from . import preflight as smoke_preflight
+from .watch import SmokeStop, watch
+
+WORKER_MODULE = "bagel_sr.smoke"
 LOG_LINE = re.compile(r"\(step=(\d+)\) (.*)")
 LOSS_ITEM = re.compile(r"Train Loss (\w+): (\S+?),")
 START_LINE = re.compile(r"Training for (\d+) steps, starting at (\d+)")
@@ -196,8 +202,6 @@ def _flag_given(rest: Sequence[str], name: str) -> bool:
 def _preflight(args: argparse.Namespace):
     """Import the checkout and apply every patch of the launches once (then undo): a missing fact fails here,
     before any launch. Returns the checkout's ``load_ae``; ``args.accepted``: the flags its script declares."""
-    from bagel_sr.patches import checkout_flags, launch
-
     module, handle = launch.prepare_checkout(args.bagel_root, args.bagel_train_script, pixel_loss=not args.stock,
                                              dry_run=True)
     try:
@@ -209,8 +213,6 @@ def _preflight(args: argparse.Namespace):
 
 def _prepare_inputs(args: argparse.Namespace, rest: List[str], workdir: pathlib.Path, load_ae) -> List[str]:
     """Model folder and data set (unless the user gave theirs); returns the BAGEL flags of both launches."""
-    from bagel_sr.patches import checkout_flags, launch, smoke_data, smoke_model
-
     flags = dict(DRY_RUN_FLAGS, results_dir=str(workdir / "results"), checkpoint_dir=str(workdir / "checkpoints"),
                  num_shard=str(args.nproc))
     model_dir = workdir / "model"
@@ -260,8 +262,6 @@ def _launch(args: argparse.Namespace, flags: List[str], total_steps: int, save_e
     if code != 0:
         if "assert not training_args.visual_und" in log_path.read_text():
             raise SmokeFailure(VISUAL_UND_HINT + f" (log: {log_path})")
-        from bagel_sr.patches import checkout, launch_errors
-
         reason = launch_errors.explain_log(log_path.read_text(), checkout.find_checkout(args.bagel_root))
         raise SmokeFailure(f"torchrun exited with code {code}: {reason} (log: {log_path})")
     return LaunchLog.parse(log_path.read_text())
@@ -341,15 +341,11 @@ def worker(argv: Sequence[str]) -> None:
     argv = list(argv)
     own, rest = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     args = p.parse_args(own)
-    from bagel_sr.patches import launch
-
     recorded: dict = {}
 
     def before_main(module) -> None:
         if args.register_chat:
-            from bagel_sr.patches.smoke_data import register_chat_entry
-
-            register_chat_entry(args.register_chat)
+            smoke_data.register_chat_entry(args.register_chat)
         _record_model_config(module, recorded)
         if smoke_lora.lora_rank(rest):
             smoke_lora.record_initial(module, smoke_preflight.flag_value(rest, "checkpoint_dir"))

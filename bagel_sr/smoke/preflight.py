@@ -1,6 +1,6 @@
 """Before the dry run launches: will BAGEL's loader feed every rank with the given configs, at these token limits?
 
-:func:`plan_dry_run` reads the ``--dataset_config_file`` and its data (:mod:`.smoke_feed`) at the dry run's world
+:func:`plan_dry_run` reads the ``--dataset_config_file`` and its data (:mod:`.feed`) at the dry run's world
 size (``--nproc``), loader workers (``--num_workers``) and token limits, then either adapts the dry run's *own*
 settings, each with one ``smoke:`` line that says so, or stops with one line that names the fix:
 
@@ -22,8 +22,12 @@ from typing import Dict, List, Optional, Sequence
 
 import yaml
 
-from .smoke_feed import GroupFeed, read_feed
-from .smoke_watch import SmokeStop
+from bagel_sr import dataset_layout as layout
+from bagel_sr.patches.datasets import load_built_dataset, load_text_group
+
+from .data import write_chat_entry
+from .feed import GroupFeed, read_feed
+from .watch import SmokeStop
 
 TEXT_GROUP = "vlm_sft"
 #: BAGEL data flags a user passes through the dry run (listed in its --help; the checkout's main() reads them).
@@ -90,9 +94,6 @@ def _dataset_info(flags: Sequence[str], extra: Sequence[str]) -> Dict[str, Dict[
     """The checkout's ``DATASET_INFO`` (a copy) plus the built sets of ``--bagel_sr_datasets`` and the dry run's chat."""
     import json
 
-    from .datasets import load_built_dataset, load_text_group
-    from bagel_sr.data import layout
-
     info = copy.deepcopy(importlib.import_module("data.dataset_info").DATASET_INFO)
     for path in filter(None, (flag_value(flags, "bagel_sr_datasets") or "").split(",")):
         info.setdefault(layout.BAGEL_GROUP, {}).update(load_built_dataset(path.strip()))
@@ -116,8 +117,6 @@ def _ensure_text_group(plan: DryRunPlan, config: dict, workdir: Path) -> bool:
         plan.notes.append(f"your {TEXT_GROUP} group is not mandatory: the dry run makes it so (--visual_und True "
                           f"needs a text-loss sample in every batch; set `is_mandatory: true` for training)")
         return True
-    from .smoke_data import write_chat_entry
-
     entry_path, chat = write_chat_entry(workdir)
     config[TEXT_GROUP] = chat
     plan.extra += ["--register_chat", str(entry_path)]

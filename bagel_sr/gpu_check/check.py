@@ -6,7 +6,7 @@
    GPUs under ``torchrun`` with NCCL, FULL_SHARD and no CPU patches: its worker is this module's, which runs the
    same worker with the ``dryrun`` rows of the registry left out. The launch logs' start-up banner must list none
    of those rows (``--device cpu`` runs the same path with them, which is how CI tests this script).
-2. ``bench``: :mod:`.gpu_step` at BAGEL-7B-MoT's widths on the first GPU (a subprocess with the time left), then
+2. ``bench``: :mod:`.step` at BAGEL-7B-MoT's widths on the first GPU (a subprocess with the time left), then
    :mod:`.gpu_report`'s 28-layer extrapolation and the goal (pixel term <= 3% of the step, <= 2 GiB extra peak).
 
 It logs the environment first (GPUs, driver, CUDA, torch, NCCL, flash-attn or why SDPA, transformers), stops at
@@ -34,9 +34,13 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from bagel_sr.errors import BadInput, MissingInput, cli_main
 
-from . import gpu_env, gpu_report
+from bagel_sr.patches import launch, registry
+from bagel_sr.smoke import dry_run as smoke
 
-WORKER_MODULE = "bagel_sr.patches.gpu_check"
+from . import env as gpu_env
+from . import report as gpu_report
+
+WORKER_MODULE = "bagel_sr.gpu_check.check"
 DEVICE_ENV = "BAGEL_SR_GPU_CHECK_DEVICE"  # tells this module's worker which device the launch runs on
 BANNER = re.compile(r"patches in force: (.*)")
 #: Defaults per device: a GPU gets BAGEL-7B's widths, a CPU (tests of the script) toy ones.
@@ -47,8 +51,6 @@ DEFAULTS = {
 
 
 def dryrun_patches() -> List[str]:
-    from . import registry
-
     return [p.name for p in registry.select(groups=("dryrun",))]
 
 
@@ -128,17 +130,15 @@ def _smoke_through_this_worker(smoke_module, device: str):
 def banner_check(log_text: str, device: str) -> str:
     """The start-up banner of a launch lists the patches in force: on CUDA none of the ``dryrun`` rows may be
     among them, on a CPU they must be (else the run was not what it claims). Returns a note; raises on failure."""
-    from .smoke import SmokeFailure
-
     lines = BANNER.findall(log_text)
     if not lines:
-        raise SmokeFailure("no start-up banner ('patches in force: ...') in the launch log")
+        raise smoke.SmokeFailure("no start-up banner ('patches in force: ...') in the launch log")
     applied = {name.split(" (")[0].strip() for line in lines for name in line.split("), ")}
     cpu_rows = sorted(applied & set(dryrun_patches()))
     if device == "cuda" and cpu_rows:
-        raise SmokeFailure(f"CPU patches were in force in the CUDA run: {', '.join(cpu_rows)}")
+        raise smoke.SmokeFailure(f"CPU patches were in force in the CUDA run: {', '.join(cpu_rows)}")
     if device == "cpu" and not cpu_rows:
-        raise SmokeFailure("the CPU run had none of the dry run's CPU patches in force")
+        raise smoke.SmokeFailure("the CPU run had none of the dry run's CPU patches in force")
     return ("no CPU patch in force (CUDA, NCCL)" if device == "cuda"
             else f"CPU patches in force: {', '.join(cpu_rows)}")
 
@@ -146,8 +146,6 @@ def banner_check(log_text: str, device: str) -> str:
 def run_smoke(args: argparse.Namespace, out: pathlib.Path, seconds: float) -> Dict[str, Any]:
     """The dry run's own ``run`` with this module's worker, stopped after ``seconds``; its last line, the banner
     check, the launch logs."""
-    from . import smoke
-
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="bagel_sr_gpu_check_"))
     argv = ["--bagel_root", args.bagel_root, "--steps", str(args.steps), "--nproc", str(args.nproc),
             "--workdir", str(workdir), "--timeout", str(args.launch_timeout)]
@@ -179,8 +177,6 @@ def run_smoke(args: argparse.Namespace, out: pathlib.Path, seconds: float) -> Di
 
 def worker(argv: Sequence[str]) -> None:
     """One rank: the dry run's worker, with the ``dryrun`` rows only when the device is the CPU."""
-    from . import launch, smoke
-
     dry_run = os.environ.get(DEVICE_ENV, "cuda") == "cpu"
     wrapped = launch.main
 
@@ -198,10 +194,10 @@ def worker(argv: Sequence[str]) -> None:
 # ----------------------------------------------------------------------------------------------- part 2: bench
 
 def run_bench(args: argparse.Namespace, out: pathlib.Path, seconds: float) -> Dict[str, Any]:
-    """:mod:`.gpu_step` in a subprocess limited to ``seconds``; its JSON (partial if it stopped) plus ``error``."""
+    """:mod:`.step` in a subprocess limited to ``seconds``; its JSON (partial if it stopped) plus ``error``."""
     json_path = out / "gpu_step.json"
     json_path.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "bagel_sr.patches.gpu_step", "--bagel_root", args.bagel_root,
+    cmd = [sys.executable, "-m", "bagel_sr.gpu_check.step", "--bagel_root", args.bagel_root,
            "--device", "cuda:0" if args.device == "cuda" else "cpu", "--widths", args.widths, "--layers", args.layers,
            "--tokens", str(args.tokens), "--paired", str(args.paired), "--image_px", str(args.image_px),
            "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--json", str(json_path)]

@@ -22,7 +22,9 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import lora_files
+from bagel_sr.patches import lora_files
+
+from .preflight import flag_value
 
 INITIAL = "lora_initial.safetensors"
 RESULT = "lora_check.json"
@@ -32,8 +34,6 @@ POSITION_TABLES = ("latent_pos_embed.pos_embed", "vit_pos_embed.pos_embed")
 
 def lora_rank(flags: Sequence[str]) -> int:
     """The ``--bagel_sr_lora_rank`` among ``flags`` (0 when absent)."""
-    from .smoke_preflight import flag_value
-
     value = flag_value(flags, "bagel_sr_lora_rank")
     return int(value) if value not in (None, "") else 0
 

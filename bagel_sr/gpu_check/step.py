@@ -1,6 +1,6 @@
 """What the pixel term costs in one training step of BAGEL at BAGEL-7B-MoT's widths (the GPU benchmark).
 
-    python -m bagel_sr.patches.gpu_step --bagel_root PATH [--device cuda] [--layers 2,4] [--tokens 16384]
+    python -m bagel_sr.gpu_check.step --bagel_root PATH [--device cuda] [--layers 2,4] [--tokens 16384]
                                         [--paired 4] [--image_px 512] [--repeats 5] [--json FILE]
 
 The checkout's own ``Bagel`` (``Qwen2MoTDecoderLayer``, both experts) with random weights is built at the widths
@@ -17,7 +17,7 @@ loss (+ 0.05 x pixel), backward. Configurations, measured in alternation (round 
 (``--crop`` latent px + margin 4, checkpointing on), ``pixel_no_ckpt`` (whole image, checkpointing off). Time:
 median of ``--repeats`` after ``--warmup`` rounds; peak: ``torch.cuda.max_memory_allocated`` of the step (none
 on a CPU). ``--widths toy`` builds a tiny model (hidden 64, 64-px images, small VAE) for CPU tests of the code
-paths. :mod:`bagel_sr.patches.gpu_report` turns the JSON into the extrapolated 28-layer figures.
+paths. :mod:`bagel_sr.gpu_check.report` turns the JSON into the extrapolated 28-layer figures.
 """
 from __future__ import annotations
 
@@ -35,6 +35,10 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from bagel_sr.config import CONSERVATIVE_DEFAULTS, PixelLossConfig
+from bagel_sr.extension import with_pixel_loss
+from bagel_sr.patches import cpu, registry
+from bagel_sr.patches.checkout import add_to_sys_path, find_checkout
+from bagel_sr.patches.context import PatchContext
 
 CONFIGS = ("flow", "pixel", "pixel_crop", "pixel_no_ckpt")
 PAIRED_RAW_T = -2.0  # raw timestep of the paired targets: t = sigmoid(-2) = 0.12 <= default max_t 0.3
@@ -85,10 +89,6 @@ def import_checkout(root: str) -> Dict[str, Any]:
     """Import the checkout's modelling code with the registry's ``cpu`` rows that hold here (the flash-attn
     stand-in when flash-attn is not installed; without CUDA, SDPA's math backend and torchvision's operator
     schemas). Returns the modules used, what serves flash-attn and the rows applied."""
-    from . import cpu, registry
-    from .checkout import add_to_sys_path, find_checkout
-    from .context import PatchContext
-
     add_to_sys_path(find_checkout(root))
     handle = registry.apply(PatchContext(), stage="checkout", groups=("cpu",))
     return dict(bagel=importlib.import_module("modeling.bagel"),
@@ -116,8 +116,6 @@ def build_vae(mods: Dict[str, Any], widths: Widths, device: torch.device) -> tup
 def build_model(mods: Dict[str, Any], widths: Widths, layers: int, vae_params: Any, device: torch.device,
                 max_latent_size: int) -> torch.nn.Module:
     """``with_pixel_loss(Bagel)`` with random weights at ``widths`` and ``layers`` decoder layers, bf16, train mode."""
-    from bagel_sr import with_pixel_loss
-
     navit, bagel = mods["navit"], mods["bagel"]
     llm_config = navit.Qwen2Config(
         vocab_size=widths.vocab, hidden_size=widths.hidden, intermediate_size=widths.intermediate,
@@ -302,7 +300,7 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
 
 
 def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bagel_sr.patches.gpu_step", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bagel_sr.gpu_check.step", description=__doc__.split("\n\n")[0])
     p.add_argument("--bagel_root", default=os.environ.get("BAGEL_ROOT"), help="your BAGEL checkout (or BAGEL_ROOT)")
     p.add_argument("--device", default="cuda", help="torch device to run on (default cuda; cpu with --widths toy)")
     p.add_argument("--widths", choices=sorted(WIDTHS), default="7b", help="7b: BAGEL-7B-MoT's widths; toy: tiny")
