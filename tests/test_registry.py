@@ -6,7 +6,8 @@ import sys
 import pytest
 
 import fake_checkout
-from bagel_sr.patches import cpu, datasets, inference, registry, training
+from bagel_sr.lora_settings import LoraSettings
+from bagel_sr.patches import cpu, datasets, inference, lora, registry, training
 from bagel_sr.smoke import cpu_cuda, cpu_main
 from bagel_sr.smoke import rows as smoke_rows
 from bagel_sr.patches.context import PatchContext
@@ -17,7 +18,7 @@ def _snapshot(ctx, rows):
 
 
 def test_every_patch_function_has_a_row_and_the_dry_run_adds_its_own():
-    functions = {name for mod in (cpu, cpu_cuda, cpu_main, training, datasets, inference) for name, fn in inspect.getmembers(mod, inspect.isfunction)
+    functions = {name for mod in (cpu, cpu_cuda, cpu_main, training, datasets, inference, lora) for name, fn in inspect.getmembers(mod, inspect.isfunction)
                  if fn.__module__ == mod.__name__ and (name.startswith("patch_") or name == "register_datasets")}
     rows = {p.name: p for p in registry.PATCHES}
     assert functions == set(rows)
@@ -34,7 +35,8 @@ def test_every_patch_function_has_a_row_and_the_dry_run_adds_its_own():
 def test_one_handle_undoes_every_replaced_name_cpu_patches_included(tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, cpu.FLASH_ATTN_MODULE, raising=False)  # as on a machine without flash-attn
     monkeypatch.setattr(registry.torch.cuda, "is_available", lambda: False)
-    ctx = fake_checkout.context(dataset_yamls=[fake_checkout.built_set(tmp_path)], dry_run=True)
+    ctx = fake_checkout.context(dataset_yamls=[fake_checkout.built_set(tmp_path)], dry_run=True,
+                                lora=LoraSettings(rank=8))
     # torchvision's operator schemas are declared once per process (tests/conftest.py), so that row is a no-op here
     # the inference rows patch an inferencer (tests/test_eval_infer.py)
     # two rows need a real checkout's files or an imported deepspeed (tests/test_dry_run_forks.py): here where they hold
