@@ -189,6 +189,13 @@ def patch_lora_checkpoint(ctx: PatchContext) -> Undo:
             and callable(getattr(base, "fsdp_save_ckpt", None)),
             "the training script has no `FSDPCheckpoint` with `try_load_ckpt` and `fsdp_save_ckpt`, where LoRA "
             f"joins the loop (--{FLAG_PREFIX}rank)")
+    try:
+        source = inspect.getsource(ctx.train_module)
+    except (OSError, TypeError):
+        source = "try_load_ckpt"  # no source to read: trust the names checked above
+    require("try_load_ckpt" in source,
+            "the training script never calls `FSDPCheckpoint.try_load_ckpt`, where LoRA joins the loop (a DeepSpeed "
+            f"port?); --{FLAG_PREFIX}rank runs on FSDP loops that load weights through it")
     load_sig, save_sig = inspect.signature(base.try_load_ckpt), inspect.signature(base.fsdp_save_ckpt)
 
     class LoraCheckpoint(base):

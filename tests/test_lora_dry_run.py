@@ -1,0 +1,43 @@
+"""The CPU dry run with LoRA (``python -m bagel_sr.smoke --bagel_root PATH --bagel_sr_lora_rank 8``): the checkout's
+own ``main()``, two launches and a resume, ends ``smoke: OK`` with the LoRA checks in its last line, on upstream and
+on the fork shape (tests/fork_checkout.py); a DeepSpeed port is refused in one line before any launch."""
+import re
+
+import pytest
+
+from bagel_tiny import bagel_root, requires_bagel
+from test_smoke import last_line, run_cli
+
+pytest.importorskip("peft", reason='install the lora extra: pip install -e ".[lora]"')
+
+pytestmark = [pytest.mark.bagel, requires_bagel]
+
+LORA_NOTES = (
+    r"LoRA: resume restored 0000002/adapter",
+    r"base weights bit-identical in 0000004/model\.safetensors and ema\.safetensors",
+    r"adapters moved \(max \|change\| live [1-9][\d.]*e-\d+, EMA [1-9][\d.]*e-\d+\)",
+    r"optimizer state for the adapters only \(([\d,]+) exp_avg values, adapters \1\)",
+    r"base \+ EMA adapter merged loads into stock Bagel \(strict\)",
+)
+
+
+@pytest.fixture(scope="module")
+def lora_workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("lora_smoke")
+
+
+@pytest.mark.parametrize("shape", ["upstream", "fork"])
+def test_lora_dry_run_passes_with_its_checks(lora_workdir, tmp_path, shape):
+    from fork_checkout import make_fork
+
+    root = bagel_root() if shape == "upstream" else str(make_fork(bagel_root(), tmp_path / "fork"))
+    code, out = run_cli("-m", "bagel_sr.smoke", "--bagel_root", root, "--workdir", str(lora_workdir),
+                        "--steps", "4", "--nproc", "2", "--bagel_sr_lora_rank", "8", timeout=900)
+    line = last_line(out)
+    assert code == 0, out[-3000:]
+    assert line.startswith("smoke: OK") and re.search(r"pixel term acted on [1-9]\d*/3 steps", line), line
+    for note in LORA_NOTES:
+        assert re.search(note, line), (note, line)
+    checkpoint = lora_workdir / "checkpoints" / "0000004"
+    for sub in ("adapter", "adapter_ema"):
+        assert {p.name for p in (checkpoint / sub).iterdir()} == {"adapter_model.safetensors", "adapter_config.json"}
