@@ -36,7 +36,7 @@ from bagel_sr.errors import BadInput, UserError
 from bagel_sr.lora_settings import EXTRA_HINT, FLAG_PREFIX, LoraSettings
 
 from . import lora_files
-from .context import PatchContext, Undo, replace_attribute
+from .context import PatchContext, Undo, noop, replace_attribute
 from .training import require
 
 UNIT_MARK = "_bagel_sr_lora_unit"
@@ -176,10 +176,24 @@ def attach(ctx: PatchContext, model: nn.Module, ema_model: Optional[nn.Module], 
     return config
 
 
-def _config_json(config: Any) -> dict:
+def config_json(config: Any) -> dict:
+    """``adapter_config.json``'s content: peft's ``LoraConfig.to_dict()`` with the targets as a sorted list."""
     out = config.to_dict()
     out["target_modules"] = sorted(out.get("target_modules") or [])
     return out
+
+
+def _source(ctx: PatchContext) -> Optional[str]:
+    try:
+        return inspect.getsource(ctx.train_module)
+    except (OSError, TypeError):
+        return None  # no source to read (a module built in memory): the names checked are all we know
+
+
+def uses_deepspeed(ctx: PatchContext) -> bool:
+    """The script is a DeepSpeed port: it holds ``deepspeed`` and calls ``deepspeed.initialize(``."""
+    source = _source(ctx)
+    return hasattr(ctx.train_module, "deepspeed") and source is not None and "deepspeed.initialize(" in source
 
 
 def patch_lora_checkpoint(ctx: PatchContext) -> Undo:
@@ -189,13 +203,12 @@ def patch_lora_checkpoint(ctx: PatchContext) -> Undo:
             and callable(getattr(base, "fsdp_save_ckpt", None)),
             "the training script has no `FSDPCheckpoint` with `try_load_ckpt` and `fsdp_save_ckpt`, where LoRA "
             f"joins the loop (--{FLAG_PREFIX}rank)")
-    try:
-        source = inspect.getsource(ctx.train_module)
-    except (OSError, TypeError):
-        source = "try_load_ckpt"  # no source to read: trust the names checked above
-    require("try_load_ckpt" in source,
-            "the training script never calls `FSDPCheckpoint.try_load_ckpt`, where LoRA joins the loop (a DeepSpeed "
-            f"port?); --{FLAG_PREFIX}rank runs on FSDP loops that load weights through it")
+    source = _source(ctx)
+    if source is not None and "try_load_ckpt" not in source:
+        require(uses_deepspeed(ctx),
+                "the training script never calls `FSDPCheckpoint.try_load_ckpt` nor `deepspeed.initialize`, where "
+                f"LoRA joins the loop (--{FLAG_PREFIX}rank)")
+        return noop  # a DeepSpeed port: patch_lora_deepspeed brings LoRA in
     load_sig, save_sig = inspect.signature(base.try_load_ckpt), inspect.signature(base.fsdp_save_ckpt)
 
     class LoraCheckpoint(base):
@@ -213,7 +226,7 @@ def patch_lora_checkpoint(ctx: PatchContext) -> Undo:
             folder = pathlib.Path(bound["ckpt_dir"]) / f"{int(bound['train_steps']):07d}"
             if distributed.is_rank0():
                 for name in lora_files.ADAPTER_DIRS:
-                    lora_files.split_checkpoint_file(folder / name, _config_json(ctx.run.lora_config))
+                    lora_files.split_checkpoint_file(folder / name, config_json(ctx.run.lora_config))
             if dist.is_available() and dist.is_initialized():
                 dist.barrier()
             return result

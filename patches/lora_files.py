@@ -30,6 +30,8 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 #: Checkpoint file -> the adapter folder written beside it.
 ADAPTER_DIRS = {"model.safetensors": "adapter", "ema.safetensors": "adapter_ema"}
+#: A DeepSpeed engine's module states in its checkpoint folder; its adapters go to ``adapter/``.
+DEEPSPEED_STATES = "mp_rank_00_model_states.pt"
 _PARTS = (".lora_A.", ".lora_B.")
 
 StateDict = Dict[str, torch.Tensor]
@@ -159,5 +161,21 @@ def split_checkpoint_file(path: os.PathLike, config: Mapping) -> Optional[pathli
     folder = save_adapter(path.parent / ADAPTER_DIRS.get(path.name, path.stem + "_adapter"), adapters, config)
     tmp = path.with_name(path.name + ".tmp")
     save_file(base, str(tmp))
+    os.replace(tmp, path)
+    return folder
+
+
+def split_module_states(path: os.PathLike, config: Mapping) -> Optional[pathlib.Path]:
+    """The same for a DeepSpeed checkpoint's module states (``states["module"]``); adapters to ``adapter/``."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        return None
+    states = torch.load(path, map_location="cpu", weights_only=False)  # DeepSpeed's own file, written just now
+    if not any(is_adapter_key(k) for k in states["module"]):
+        return None
+    states["module"], adapters = split_state(states["module"])
+    folder = save_adapter(path.parent / "adapter", adapters, config)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(states, tmp)
     os.replace(tmp, path)
     return folder

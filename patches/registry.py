@@ -16,7 +16,7 @@ from typing import Any, Callable, Collection, List, Optional, Tuple
 
 import torch
 
-from . import cpu, datasets, inference, lora, training
+from . import cpu, datasets, inference, lora, lora_deepspeed, training
 from .context import PatchContext, RunState, Undo, noop
 
 STAGES = ("checkout", "script")
@@ -94,6 +94,10 @@ PATCHES: List[Patch] = [
     Patch("patch_lora_fsdp_units", "train.fsdp_utils.FSDP", "lora", "script",
           "each adapter matrix its own FSDP unit (flat parameters all frozen or all trainable)",
           lora.patch_lora_fsdp_units, lora.fsdp_name("FSDP"), when=lora.lora_on, condition="--bagel_sr_lora_rank > 0"),
+    Patch("patch_lora_deepspeed", "<script>.deepspeed", "lora", "script",
+          "deepspeed.initialize gets the model with adapters and the adapters only; checkpoints as with FSDP",
+          lora_deepspeed.patch_lora_deepspeed, _script_name("deepspeed"), when=lora_deepspeed.lora_deepspeed_on,
+          condition="--bagel_sr_lora_rank > 0, a DeepSpeed port"),
 ]
 
 

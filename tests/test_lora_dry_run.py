@@ -1,6 +1,6 @@
 """The CPU dry run with LoRA (``python -m bagel_sr.smoke --bagel_root PATH --bagel_sr_lora_rank 8``): the checkout's
 own ``main()``, two launches and a resume, ends ``smoke: OK`` with the LoRA checks in its last line, on upstream and
-on the fork shape (tests/fork_checkout.py); a DeepSpeed port is refused in one line before any launch."""
+on the fork shape (tests/fork_checkout.py) and on the DeepSpeed port."""
 import re
 
 import pytest
@@ -41,3 +41,21 @@ def test_lora_dry_run_passes_with_its_checks(lora_workdir, tmp_path, shape):
     checkpoint = lora_workdir / "checkpoints" / "0000004"
     for sub in ("adapter", "adapter_ema"):
         assert {p.name for p in (checkpoint / sub).iterdir()} == {"adapter_model.safetensors", "adapter_config.json"}
+
+
+def test_lora_dry_run_of_a_deepspeed_port(tmp_path):
+    """BAGEL's script ported to DeepSpeed (ZeRO-2, no EMA, no resume): LoRA joins at ``deepspeed.initialize``."""
+    pytest.importorskip("deepspeed", reason="install the deepspeed extra: pip install -e '.[deepspeed]'")
+    from fork_checkout import DEEPSPEED_SCRIPT, make_deepspeed_fork
+
+    root = make_deepspeed_fork(bagel_root(), tmp_path / "checkout")
+    code, out = run_cli("-m", "bagel_sr.smoke", "--bagel_root", str(root), "--bagel_train_script", DEEPSPEED_SCRIPT,
+                        "--workdir", str(tmp_path / "work"), "--no_resume", "--steps", "2", "--nproc", "2",
+                        "--bagel_sr_lora_rank", "8", env={"DS_ACCELERATOR": "cpu"})
+    line = last_line(out)
+    assert code == 0 and line.startswith("smoke: OK"), out[-3000:]
+    for note in (r"LoRA: base weights bit-identical in 0000002/mp_rank_00_model_states\.pt \(DeepSpeed\)",
+                 r"adapters moved \(max \|change\| [1-9][\d.]*e-\d+; no EMA in this loop\)",
+                 r"optimizer state for the adapters only \(([\d,]+) values per moment, adapters \1\)",
+                 r"base \+ adapter merged loads into stock Bagel \(strict\)"):
+        assert re.search(note, line), (note, line)

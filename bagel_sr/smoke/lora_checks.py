@@ -11,6 +11,10 @@ random base).  After the last launch:
 3. the optimizer held state for the adapters only (its shards' ``exp_avg`` values count the adapter parameters);
 4. merged: the recorded base with the EMA adapter merged in (``python -m bagel_sr.lora merge``'s arithmetic)
    loads into the checkout's stock ``Bagel`` with ``strict=True``.
+
+A DeepSpeed port (no EMA, no resume) is recorded by rank 0 right after ``deepspeed.initialize`` (the engine
+broadcasts rank 0's model) and checked the same way on its module states, its ``adapter/`` and ZeRO's fp32
+partitions.
 """
 from __future__ import annotations
 
@@ -59,6 +63,27 @@ def record_initial(module: Any, checkpoint_dir: Optional[str]) -> None:
             return model, ema_model
 
     module.FSDPCheckpoint = Recording
+    if hasattr(module, "deepspeed"):
+        _record_deepspeed_start(module, out)
+
+
+def _record_deepspeed_start(module: Any, out: pathlib.Path) -> None:
+    """A DeepSpeed port: rank 0 records the engine's module once ``initialize`` (with LoRA) broadcast it."""
+    real = module.deepspeed
+
+    class Recording:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        @staticmethod
+        def initialize(*args, **kwargs):
+            result = real.initialize(*args, **kwargs)
+            if int(os.environ.get("RANK", "0")) == 0 and not out.exists():
+                stock, adapters = lora_files.split_state(result[0].module.state_dict())
+                save_file({k: v.detach().cpu().contiguous() for k, v in {**stock, **adapters}.items()}, str(out))
+            return result
+
+    module.deepspeed = Recording()
 
 
 def stock_model(config: Any) -> torch.nn.Module:
@@ -86,53 +111,85 @@ def _max_change(now: dict, before: dict) -> float:
     return max(float((now[k].float() - before[k].float()).abs().max()) for k in now)
 
 
+def _split(initial: dict) -> tuple:
+    return ({k: v for k, v in initial.items() if not lora_files.is_adapter_key(k)},
+            {k: v for k, v in initial.items() if lora_files.is_adapter_key(k)})
+
+
+def _same_base(saved: dict, base: dict, where: str) -> None:
+    differ = [k for k in base if k not in POSITION_TABLES and not torch.equal(saved[k], base[k].to(saved[k].dtype))]
+    if differ or set(saved) != set(base):
+        raise RuntimeError(f"{where}: base weights changed ({(differ or ['names'])[0]}, {len(differ)} tensors)")
+
+
+def _moved(folder: pathlib.Path, before: dict) -> float:
+    adapters, _ = lora_files.load_adapter(folder)
+    if set(adapters) != set(before):
+        raise RuntimeError(f"{folder.parent.name}/{folder.name}: adapter names differ from the initial ones")
+    change = _max_change(adapters, before)
+    if not change > 0:
+        raise RuntimeError(f"{folder.parent.name}/{folder.name}: the adapters did not move")
+    return change
+
+
+def _optimizer_values(folder: pathlib.Path) -> int:
+    """Values of the first AdamW moment the optimizer shards hold (FSDP's ``optimizer.*.pt``), or of ZeRO's fp32
+    partitions (a DeepSpeed checkpoint)."""
+    values = 0
+    for shard in sorted(folder.glob("optimizer.*.pt")):
+        state = torch.load(shard, map_location="cpu", weights_only=True)["state"]
+        values += sum(s["exp_avg"].numel() for s in state.values() if "exp_avg" in s)
+    for shard in sorted(folder.glob("*_optim_states.pt")):  # DeepSpeed's own file
+        state = torch.load(shard, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        values += sum(t.numel() for t in state["single_partition_of_fp32_groups"])
+    return values
+
+
+def _merged_loads(build_stock: Callable[[], torch.nn.Module], base: dict, adapter: pathlib.Path) -> None:
+    model = build_stock()
+    merged = lora_files.merge_state(base, *lora_files.load_adapter(adapter))
+    merged.update({k: v for k, v in model.state_dict().items() if k in POSITION_TABLES and k not in merged})
+    model.load_state_dict(merged, strict=True)
+
+
 def check(build_stock: Callable[[], torch.nn.Module], checkpoint_dir: str) -> dict:
-    """The four checks on the last checkpoint; ``{"notes": [...]}`` or ``{"error": "..."}``."""
+    """The checks on the last checkpoint; ``{"notes": [...]}`` or ``{"error": "..."}``."""
     try:
         folder = _last_folder(checkpoint_dir)
         recorded = pathlib.Path(checkpoint_dir).parent / INITIAL
         if not recorded.is_file():
-            raise RuntimeError("no resumed launch recorded its start (the LoRA checks need the resume: drop --no_resume)")
-        initial = load_file(str(recorded))
-        base = {k: v for k, v in initial.items() if not lora_files.is_adapter_key(k)}
-        start = {k: v for k, v in initial.items() if lora_files.is_adapter_key(k)}
+            raise RuntimeError("no launch recorded the weights LoRA started from (the FSDP loop's checks need the "
+                               "resume: drop --no_resume)")
+        base, start = _split(load_file(str(recorded)))
+        adapter_values = sum(v.numel() for v in start.values())
+        state_values = _optimizer_values(folder)
+        if not adapter_values <= state_values < adapter_values + 1024 * max(1, len(start)):
+            raise RuntimeError(f"the optimizer holds {state_values} values per moment; the adapters have "
+                               f"{adapter_values}")
+        optimizer_note = f"optimizer state for the adapters only ({state_values:,} values per moment, adapters " \
+                         f"{adapter_values:,})"
+        if (folder / lora_files.DEEPSPEED_STATES).is_file() and not (folder / "model.safetensors").is_file():
+            states = torch.load(folder / lora_files.DEEPSPEED_STATES, map_location="cpu", weights_only=False)
+            _same_base(states["module"], base, f"{folder.name}/{lora_files.DEEPSPEED_STATES}")
+            moved = _moved(folder / "adapter", start)
+            _merged_loads(build_stock, base, folder / "adapter")
+            return {"notes": [
+                f"LoRA: base weights bit-identical in {folder.name}/{lora_files.DEEPSPEED_STATES} (DeepSpeed)",
+                f"adapters moved (max |change| {moved:.2e}; no EMA in this loop)", optimizer_note,
+                "base + adapter merged loads into stock Bagel (strict)"]}
         resumed = pathlib.Path((recorded.parent / (INITIAL + ".from")).read_text())
         restored, _ = lora_files.load_adapter(resumed / "adapter")
         if set(restored) != set(start) or any(not torch.equal(restored[k], start[k]) for k in start):
             raise RuntimeError(f"the resumed launch did not start from the adapters of {resumed.name}/adapter")
         for name in ("model.safetensors", "ema.safetensors"):
-            saved = load_file(str(folder / name))
-            differ = [k for k in base if k not in POSITION_TABLES and not torch.equal(saved[k], base[k])]
-            if differ or set(saved) != set(base):
-                raise RuntimeError(f"{folder.name}/{name}: base weights changed ({(differ or ['names'])[0]}, "
-                                   f"{len(differ)} tensors)")
-        moved = {}
-        for sub in ("adapter", "adapter_ema"):
-            adapters, _ = lora_files.load_adapter(folder / sub)
-            if set(adapters) != set(start):
-                raise RuntimeError(f"{folder.name}/{sub}: adapter names differ from the initial ones")
-            moved[sub] = _max_change(adapters, lora_files.load_adapter(resumed / sub)[0])
-            if not moved[sub] > 0:
-                raise RuntimeError(f"{folder.name}/{sub}: the adapters did not move")
-        adapter_values = sum(v.numel() for v in start.values())
-        state_values = 0
-        for shard in sorted(folder.glob("optimizer.*.pt")):
-            state = torch.load(shard, map_location="cpu", weights_only=True)["state"]
-            state_values += sum(s["exp_avg"].numel() for s in state.values() if "exp_avg" in s)
-        if not adapter_values <= state_values < adapter_values + 1024 * max(1, len(start)):
-            raise RuntimeError(f"the optimizer holds {state_values} exp_avg values; the adapters have "
-                               f"{adapter_values}")
-        model = build_stock()
-        merged = lora_files.merge_state(base, *lora_files.load_adapter(folder / "adapter_ema"))
-        merged.update({k: v for k, v in model.state_dict().items() if k in POSITION_TABLES and k not in merged})
-        model.load_state_dict(merged, strict=True)
+            _same_base(load_file(str(folder / name)), base, f"{folder.name}/{name}")
+        moved = {sub: _moved(folder / sub, lora_files.load_adapter(resumed / sub)[0]) for sub in ("adapter", "adapter_ema")}
+        _merged_loads(build_stock, base, folder / "adapter_ema")
         return {"notes": [
             f"LoRA: resume restored {resumed.name}/adapter",
             f"base weights bit-identical in {folder.name}/model.safetensors and ema.safetensors",
             f"adapters moved (max |change| live {moved['adapter']:.2e}, EMA {moved['adapter_ema']:.2e})",
-            f"optimizer state for the adapters only ({state_values:,} exp_avg values, adapters {adapter_values:,})",
-            "base + EMA adapter merged loads into stock Bagel (strict)",
-        ]}
+            optimizer_note, "base + EMA adapter merged loads into stock Bagel (strict)"]}
     except Exception as error:
         return {"error": f"{type(error).__name__}: {error}"}
 
