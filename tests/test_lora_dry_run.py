@@ -16,7 +16,7 @@ LORA_NOTES = (
     r"LoRA: resume restored 0000002/adapter",
     r"base weights bit-identical in 0000004/model\.safetensors and ema\.safetensors",
     r"adapters moved \(max \|change\| live [1-9][\d.]*e-\d+, EMA [1-9][\d.]*e-\d+\)",
-    r"optimizer state for the adapters only \(([\d,]+) exp_avg values, adapters \1\)",
+    r"optimizer state for the adapters only \(([\d,]+) values per moment, adapters \1\)",
     r"base \+ EMA adapter merged loads into stock Bagel \(strict\)",
 )
 
