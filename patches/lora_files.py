@@ -148,6 +148,20 @@ def merge_state(base: Mapping[str, torch.Tensor], adapters: Mapping[str, torch.T
     return merged
 
 
+@torch.no_grad()
+def merge_into_model(model: torch.nn.Module, adapters: Mapping[str, torch.Tensor], config: Mapping) -> int:
+    """Add ``scale * B @ A`` to each adapted ``weight`` of a built (stock) model in place, on the weight's device
+    and in its dtype (computed in fp32); returns the number of modules merged.  A mismatch is ``BadInput``."""
+    params = dict(model.named_parameters())
+    check_matches({k: tuple(v.shape) for k, v in params.items()}, adapters)
+    scale = scale_of(config)
+    pairs = adapter_pairs(adapters)
+    for module, (a, b) in pairs.items():
+        w = params[f"{module}.weight"]
+        w.add_((scale * (b.float() @ a.float())).to(device=w.device, dtype=w.dtype))
+    return len(pairs)
+
+
 def split_checkpoint_file(path: os.PathLike, config: Mapping) -> Optional[pathlib.Path]:
     """Rewrite one checkpoint file of a LoRA run as the base under stock names and write its adapters beside it
     (``ADAPTER_DIRS``); returns the adapter folder, None when the file holds no adapter (or is absent)."""

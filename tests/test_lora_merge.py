@@ -3,6 +3,8 @@ stock Bagel with ``strict=True`` and gives the outputs of base + adapter (peft's
 one line (``bagel``: needs ``BAGEL_ROOT``; peft from the ``lora`` extra)."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -81,3 +83,20 @@ def test_merge_refuses_an_adapter_of_another_model(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: adapter/base mismatch at") and "\n" not in err
     assert not (tmp_path / "merged").exists()
+
+
+def test_an_adapter_merges_into_a_built_model_as_infer_loads_it(tmp_path):
+    """``infer --adapter``: the adapter added in place to a stock model's weights (bf16, as dispatched) gives the
+    weights ``merge`` writes, within bf16 rounding."""
+    base, _, adapters, config = _adapted()
+    released = _released(tmp_path, base)
+    lora_files.save_adapter(tmp_path / "ckpt" / "adapter_ema", adapters, config)
+    lora_main(["merge", "--model_path", str(released), "--adapter", str(tmp_path / "ckpt"), "--out", str(tmp_path / "m")])
+    merged_file = load_file(str(tmp_path / "m" / "ema.safetensors"))
+    stock = build_tiny_bagel()
+    stock.load_state_dict(base, strict=True)
+    assert lora_files.merge_into_model(stock, *lora_files.load_adapter(tmp_path / "ckpt")) == len(adapters) // 2
+    for name, value in stock.state_dict().items():
+        assert torch.allclose(value.float(), merged_file[name].float(), atol=2e-2, rtol=2e-2), name
+    changed = [k for k in base if not torch.equal(base[k], merged_file[k])]
+    assert changed and [k for k in changed if not re.search(r"proj(_moe_gen)?\.weight$", k)] == []
