@@ -7,10 +7,11 @@
     pixel term on, one launch of ``--steps``), full fine-tuning and then ``--bagel_sr_lora_rank R``: the optimizer
     state the loop saved (bytes of its ``optimizer.*.pt`` shards' tensors, all ranks) and its logged
     ``Train Steps/Sec`` (median over the steps after the first).
-(b) In one process, the checkout's ``Bagel`` at a few widths (random weights, bf16 as FSDP computes, fp32 master
-    weights), one training step each (forward under CPU bf16 autocast, flow loss, backward, AdamW): parameters
-    the optimizer holds, AdamW state bytes after the step, and the step time (median of ``--repeats``), full
-    fine-tuning vs peft LoRA (``bagel_sr.patches.lora``) on the default targets.
+(b) In one process, the checkout's ``Bagel`` at a few widths (random bf16 weights, as FSDP's mixed precision
+    computes), one training step each (forward under CPU bf16 autocast, flow loss, backward, AdamW): parameters
+    the optimizer holds, its state after the step (the values of its state tensors, counted at fp32 as the loop
+    keeps them: 4 B each), and the step time (median of ``--repeats``), full fine-tuning vs peft LoRA
+    (``bagel_sr.patches.lora``) on the default targets.
 """
 import argparse
 import os
@@ -86,7 +87,7 @@ def build(bt, hidden: int, layers: int) -> torch.nn.Module:
                                     max_latent_size=bt.MAX_LATENT_SIZE, timestep_shift=1.0)
     model = mods.bagel.Bagel(language_model, None, config)
     torch.nn.init.normal_(model.llm2vae.weight, std=0.02)
-    return model.train()
+    return model.to(torch.bfloat16).train()
 
 
 def one_method(bt, batch, hidden: int, layers: int, rank: int, repeats: int) -> Dict[str, float]:
@@ -109,8 +110,7 @@ def one_method(bt, batch, hidden: int, layers: int, rank: int, repeats: int) -> 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
-    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
-                if torch.is_tensor(t) and t.dim() > 0)
+    state = 4 * sum(t.numel() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
     return {"trainable": sum(p.numel() for p in params), "total": sum(p.numel() for p in model.parameters()),
             "state_bytes": state, "sec": statistics.median(times[1:])}
 

@@ -152,14 +152,30 @@ def _merged_loads(build_stock: Callable[[], torch.nn.Module], base: dict, adapte
     model.load_state_dict(merged, strict=True)
 
 
+def _check_one_launch(build_stock: Callable[[], torch.nn.Module], folder: pathlib.Path) -> dict:
+    """``--no_resume`` on an FSDP loop: nothing recorded a start every rank shares (the tiny model starts from each
+    rank's own random base), so the base and resume checks are left out; the adapters moved from peft's zero
+    ``B``, the optimizer held adapter state only, and the checkpoint's base + EMA adapter loads strictly."""
+    adapters, _ = lora_files.load_adapter(folder / "adapter")
+    moved = max(float(v.abs().max()) for k, v in adapters.items() if ".lora_B." in k)
+    if not moved > 0:
+        raise RuntimeError(f"{folder.name}/adapter: the adapters did not move (every B is still 0)")
+    adapter_values, state_values = sum(v.numel() for v in adapters.values()), _optimizer_values(folder)
+    if not adapter_values <= state_values < adapter_values + 1024 * max(1, len(adapters)):
+        raise RuntimeError(f"the optimizer holds {state_values} values per moment; the adapters have {adapter_values}")
+    _merged_loads(build_stock, load_file(str(folder / "ema.safetensors")), folder / "adapter_ema")
+    return {"notes": [f"LoRA: adapters moved (max |B| {moved:.2e}; base and resume checks need the resume launch)",
+                      f"optimizer state for the adapters only ({state_values:,} values per moment, adapters "
+                      f"{adapter_values:,})", "base + EMA adapter merged loads into stock Bagel (strict)"]}
+
+
 def check(build_stock: Callable[[], torch.nn.Module], checkpoint_dir: str) -> dict:
     """The checks on the last checkpoint; ``{"notes": [...]}`` or ``{"error": "..."}``."""
     try:
         folder = _last_folder(checkpoint_dir)
         recorded = pathlib.Path(checkpoint_dir).parent / INITIAL
         if not recorded.is_file():
-            raise RuntimeError("no launch recorded the weights LoRA started from (the FSDP loop's checks need the "
-                               "resume: drop --no_resume)")
+            return _check_one_launch(build_stock, folder)
         base, start = _split(load_file(str(recorded)))
         adapter_values = sum(v.numel() for v in start.values())
         state_values = _optimizer_values(folder)
