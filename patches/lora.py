@@ -263,6 +263,8 @@ class AdapterUnitsFSDP:
 def patch_lora_fsdp_units(ctx: PatchContext) -> Undo:
     """``train.fsdp_utils.FSDP`` -> :class:`AdapterUnitsFSDP` of it (the model and the EMA copy alike)."""
     module = fsdp_module(ctx)
+    if (module is None or not hasattr(module, "FSDP")) and uses_deepspeed(ctx):
+        return noop  # a DeepSpeed port without BAGEL's FSDP helpers: nothing to wrap
     require(module is not None and hasattr(module, "FSDP"),
             "`train.fsdp_utils` has no module-level `FSDP`, which LoRA wraps to make the adapters their own units")
     return replace_attribute(module, "FSDP", AdapterUnitsFSDP(module.FSDP))
