@@ -8,7 +8,7 @@ EXTRAS = {
     "data": DATA,                                   # python -m bagel_sr.data; the dry run; validation in training
     "eval": EVAL,                                   # python -m bagel_sr.eval.*
     "demo": EVAL + ["diffusers>=0.32,<0.36"],     # the embedded demo (AutoencoderDC since diffusers 0.32)
-    "lora": ["peft>=0.13"],
+    "lora": ["peft>=0.17,<0.18"],  # --bagel_sr_lora_rank, bagel_sr.lora (tested: 0.17.1; diffusers 0.35 needs >= 0.17)
     "deepspeed": ["deepspeed>=0.14"],
     "wandb": ["wandb>=0.17"],
     "lpips": ["lpips>=0.1.4"],
@@ -34,6 +34,7 @@ setup(
         "bagel_sr.patches",
         "bagel_sr.data",
         "bagel_sr.eval",
+        "bagel_sr.lora",
         "bagel_sr.smoke",
         "bagel_sr.validation",
         "bagel_sr.gpu_check",

@@ -37,7 +37,7 @@ from .fidelity import (FidelityArgs, Restored, check_fidelity, posterior_restore
                        project_on_input, save_std)
 
 #: Flags naming weights (the embedded demo's run folder, a released model, a checkpoint): part of a folder's settings.
-WEIGHT_FLAGS = ("embedded_run", "model_path", "checkpoint")
+WEIGHT_FLAGS = ("embedded_run", "model_path", "checkpoint", "adapter")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DEFAULT_INSTRUCTION = "Restore this image: remove the noise and recover the fine detail."
 
@@ -173,6 +173,8 @@ def run_settings(args: argparse.Namespace) -> Tuple[dict, Optional[str]]:
     settings = {k: getattr(args, k, None) for k in keys}
     if not settings["one_step"]:  # added later: off, folders made before it existed still resume
         del settings["one_step"]
+    if not settings["adapter"]:  # the same
+        del settings["adapter"]
     settings["inputs"] = str(Path(args.inputs).absolute())
     model_path, checkpoint = getattr(args, "model_path", None), getattr(args, "checkpoint", None)
     weights = getattr(args, "embedded_run", None) or checkpoint or (
@@ -250,6 +252,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--bagel_root", default=os.environ.get("BAGEL_ROOT"), help="BAGEL checkout (or BAGEL_ROOT)")
     p.add_argument("--model_path", default=None, help="released model folder (configs, tokenizer, ae.safetensors)")
     p.add_argument("--checkpoint", default=None, help="weights to use (default MODEL_PATH/ema.safetensors)")
+    p.add_argument("--adapter", default=None, help="a LoRA run's checkpoint folder or a peft adapter folder, merged "
+                   "into the weights at load")
     return p.parse_args(argv)
 
 
@@ -290,7 +294,7 @@ def restore_all(args: argparse.Namespace, make_restorer: MakeRestorer,
 
 def checkout_backend(args: argparse.Namespace, sampling: SamplingArgs, fidelity: FidelityArgs):
     """The released model through the checkout's inferencer, with the ``inference`` rows for --start_t/--one_step."""
-    inferencer = load_checkout_inferencer(args.bagel_root, args.model_path, args.checkpoint)
+    inferencer = load_checkout_inferencer(args.bagel_root, args.model_path, args.checkpoint, adapter=args.adapter)
     if fidelity.start_t < 1.0 or fidelity.one_step:
         registry.apply(PatchContext(inferencer=inferencer, start_t=fidelity.start_t, one_step=fidelity.one_step),
                        groups=("inference",))

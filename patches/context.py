@@ -32,6 +32,7 @@ class RunState:
     host: Any = None  # bagel_sr.patches.host.HostPixelLoss: the checkout's own pixel term, if any
     host_mode: str = "none"  # what was decided for it: "none" (no host term), "off" or "keep"
     parsed: tuple = ()  # every dataclass the script's parser returned (ModelArguments, DataArguments, ...)
+    lora_config: Any = None  # peft's LoraConfig of the adapters injected (--bagel_sr_lora_rank > 0)
 
     @property
     def gradient_accumulation_steps(self) -> int:
@@ -66,6 +67,7 @@ class PatchContext:
     validation: Any = None
     val_sets: Sequence[Any] = ()
     validator: Any = None
+    lora: Any = None  # bagel_sr.lora_settings.LoraSettings: the ``lora`` rows apply when its rank > 0
     run: RunState = field(default_factory=RunState)
 
     def module(self, attr: str, name: str) -> ModuleType:

@@ -13,12 +13,14 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 from bagel_sr.config import CONSERVATIVE_DEFAULTS, FLAG_PREFIX, PixelLossConfig, flag_name, pixel_loss_arguments_class
 from bagel_sr.errors import UserError
 from bagel_sr.validation_config import ValidationConfig, val_flag, val_flag_help
+from bagel_sr.lora_settings import LORA_FLAGS, LoraSettings, LoraSettingsError, settings_from_flags
 
 from . import checkout, host, registry
 from .checkout import CheckoutError
 from .context import PatchContext
 from .datasets import DatasetRegistrationError
 from .host import HostPixelLossError
+from .lora import MissingExtra, require_peft
 from .training import IncompatibleCheckoutError
 from .validation_set import check_val_sets, load_val_set
 
@@ -30,6 +32,7 @@ WRAPPER_FLAGS = {
     "bagel_sr_host_pixel_loss": "What to do when the checkout carries its own pixel loss: "
     + "; ".join(f"{k}: {v}" for k, v in host.HOST_MODES.items()) + f" (default {host.DEFAULT_HOST_MODE}).",
     **val_flag_help(),
+    **LORA_FLAGS,
 }
 #: The registry row of validation during training (registered by ``bagel_sr.validation`` on import).
 VALIDATION_ROW = "patch_val_model"
@@ -56,7 +59,16 @@ class WrapperArgs:
     bagel_sr_val_start_t: Optional[str] = None
     bagel_sr_val_ema: Optional[str] = None
     bagel_sr_val_seed: Optional[str] = None
+    bagel_sr_lora_rank: Optional[str] = None
+    bagel_sr_lora_alpha: Optional[str] = None
+    bagel_sr_lora_dropout: Optional[str] = None
+    bagel_sr_lora_targets: Optional[str] = None
     help: bool = False
+
+    @property
+    def lora(self) -> LoraSettings:
+        """The ``--bagel_sr_lora_*`` flags as validated settings (rank 0 = off)."""
+        return settings_from_flags({name: getattr(self, name) for name in LORA_FLAGS})
 
 
 def split_wrapper_args(argv: Sequence[str]) -> Tuple[WrapperArgs, List[str]]:
@@ -94,7 +106,8 @@ def wrapper_help() -> str:
 
 def prepare_checkout(root: str, script: Optional[str] = None, dataset_yamls: Optional[str] = None, *,
                      pixel_loss: bool = True, dry_run: bool = False, host_mode: str = host.DEFAULT_HOST_MODE,
-                     validation: Optional[Tuple[ValidationConfig, list]] = None) -> Tuple[ModuleType, registry.Handle]:
+                     validation: Optional[Tuple[ValidationConfig, list]] = None,
+                     lora: Optional[LoraSettings] = None) -> Tuple[ModuleType, registry.Handle]:
     """Import the checkout's training script and apply every row of :data:`registry.PATCHES` that holds here.
 
     The ``checkout`` stage (CPU compatibility) goes first, since importing the script imports BAGEL's modelling
@@ -102,12 +115,14 @@ def prepare_checkout(root: str, script: Optional[str] = None, dataset_yamls: Opt
     learn while ``main()`` runs.  ``pixel_loss=False`` leaves the ``training`` rows out (the stock script, for
     comparisons); ``dry_run=True`` adds the ``dryrun`` rows (``main()`` on CPU under gloo, ``bagel_sr.smoke``);
     ``host_mode``: ``--bagel_sr_host_pixel_loss`` (:mod:`.host`); ``validation``: ``(settings, val sets)`` of
-    validation during training (:func:`validation_settings`; None: off).
+    validation during training (:func:`validation_settings`; None: off); ``lora``: the ``--bagel_sr_lora_*``
+    settings (the ``lora`` rows apply when its rank > 0).
     """
     root_path = checkout.find_checkout(root)
     checkout.add_to_sys_path(root_path)
     ctx = PatchContext(dataset_yamls=[p for p in (dataset_yamls or "").split(",") if p.strip()],
-                       defaults=dict(CONSERVATIVE_DEFAULTS), dry_run=dry_run, host_mode=host.check_mode(host_mode))
+                       defaults=dict(CONSERVATIVE_DEFAULTS), dry_run=dry_run, host_mode=host.check_mode(host_mode),
+                       lora=lora)
     if validation is not None:
         if not any(p.name == VALIDATION_ROW for p in registry.PATCHES):
             raise UsageError("--bagel_sr_val_datasets: validation's rows are not registered in this process; start "
@@ -196,12 +211,15 @@ def check_wrapper_flags(wargs: WrapperArgs, rest: Sequence[str]) -> Optional[Tup
     launched (raises ``SystemExit`` with one line); returns the validation settings and sets (None: off)."""
     try:
         host.check_mode(wargs.bagel_sr_host_pixel_loss)
+        lora = wargs.lora
+        if lora.enabled:
+            require_peft()
         if not wargs.help and wargs.bagel_sr_host_pixel_loss != "keep":  # under keep the flags are the host's
             validate_pixel_loss_flags(rest)
         if not checkout_root(wargs) and wargs.bagel_sr_val_datasets:
             raise UsageError("--bagel_sr_val_datasets validates inside a BAGEL checkout's loop: give --bagel_root PATH")
         return None if wargs.help else validation_settings(wargs, rest)
-    except (UsageError, HostPixelLossError, UserError, DatasetRegistrationError) as err:
+    except (UsageError, HostPixelLossError, UserError, DatasetRegistrationError, LoraSettingsError, MissingExtra) as err:
         raise SystemExit(f"bagel-sr: {err}") from None
 
 
@@ -223,7 +241,8 @@ def run(wargs: WrapperArgs, rest: List[str], *, before_main: Optional[Callable[[
     try:
         module, _handle = prepare_checkout(root, wargs.bagel_train_script, wargs.bagel_sr_datasets,
                                            pixel_loss=pixel_loss, dry_run=dry_run,
-                                           host_mode=wargs.bagel_sr_host_pixel_loss, validation=validation)
+                                           host_mode=wargs.bagel_sr_host_pixel_loss, validation=validation,
+                                           lora=wargs.lora)
     except (CheckoutError, IncompatibleCheckoutError, DatasetRegistrationError, HostPixelLossError, UsageError) as err:
         raise SystemExit(f"bagel-sr: {err}") from None
     if wargs.help:

@@ -2,7 +2,7 @@
 
 A row names the function that applies the patch (it checks the contract fact it needs and returns its undo), the
 name it replaces, its group (``cpu``, ``training``, ``datasets``, ``dryrun``: the CPU dry run of ``main()`` only, ``inference``: a
-restoring ``InterleaveInferencer``), its stage (``checkout``: needs only the checkout
+restoring ``InterleaveInferencer``, ``lora``: LoRA fine-tuning, :mod:`.lora`), its stage (``checkout``: needs only the checkout
 on ``sys.path``, applied before the training script is imported; ``script``: needs the imported script), when it
 applies, and how to read the replaced name (how the tests check that ``undo`` restores it).  To add a patch, write
 one function ``patch_x(ctx) -> undo`` and one row.  The start-up banner lists the rows in force;
@@ -16,11 +16,11 @@ from typing import Any, Callable, Collection, List, Optional, Tuple
 
 import torch
 
-from . import cpu, datasets, inference, training
+from . import cpu, datasets, inference, lora, lora_deepspeed, training
 from .context import PatchContext, RunState, Undo, noop
 
 STAGES = ("checkout", "script")
-GROUPS = ("cpu", "training", "datasets", "dryrun", "inference")
+GROUPS = ("cpu", "training", "datasets", "dryrun", "inference", "lora")
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,17 @@ PATCHES: List[Patch] = [
           lambda ctx: (vars(ctx.inferencer.model).get("generate_image"), vars(ctx.inferencer).get("update_context_image")),
           when=lambda ctx: ctx.inferencer is not None and (ctx.start_t < 1.0 or ctx.one_step),
           condition="--start_t < 1 or --one_step"),
+    Patch("patch_lora_checkpoint", "<script>.FSDPCheckpoint", "lora", "script",
+          "peft LoRA injected after try_load_ckpt (base frozen, --freeze_* kept); adapters saved in peft format",
+          lora.patch_lora_checkpoint, _script_name("FSDPCheckpoint"), when=lora.lora_on,
+          condition="--bagel_sr_lora_rank > 0"),
+    Patch("patch_lora_fsdp_units", "train.fsdp_utils.FSDP", "lora", "script",
+          "each adapter matrix its own FSDP unit (flat parameters all frozen or all trainable)",
+          lora.patch_lora_fsdp_units, lora.fsdp_name("FSDP"), when=lora.lora_on, condition="--bagel_sr_lora_rank > 0"),
+    Patch("patch_lora_deepspeed", "<script>.deepspeed", "lora", "script",
+          "deepspeed.initialize gets the model with adapters and the adapters only; checkpoints as with FSDP",
+          lora_deepspeed.patch_lora_deepspeed, _script_name("deepspeed"), when=lora_deepspeed.lora_deepspeed_on,
+          condition="--bagel_sr_lora_rank > 0, a DeepSpeed port"),
 ]
 
 

@@ -11,7 +11,7 @@ import torch
 
 from bagel_sr.errors import UserError
 
-from . import checkout, cpu
+from . import checkout, cpu, lora_files
 
 
 class NeedsGpu(UserError):
@@ -19,10 +19,11 @@ class NeedsGpu(UserError):
 
 
 def load_checkout_inferencer(bagel_root: str, model_path: str, checkpoint: Optional[str] = None,
-                             max_latent_size: int = 64):
+                             max_latent_size: int = 64, adapter: Optional[str] = None):
     """Build BAGEL from ``model_path`` (configs, tokenizer, ``ae.safetensors``) with weights from ``checkpoint``
     (default: ``model_path/ema.safetensors``; a fine-tuned ``ema.safetensors`` has the same keys) on the GPUs,
-    and return the checkout's ``InterleaveInferencer``.  Mirrors the checkout's own demo set-up."""
+    and return the checkout's ``InterleaveInferencer``.  Mirrors the checkout's own demo set-up.  ``adapter``: a
+    LoRA run's checkpoint folder (its ``adapter_ema/``) or a peft adapter folder, merged into the weights."""
     from accelerate import infer_auto_device_map, init_empty_weights, load_checkpoint_and_dispatch
 
     root = checkout.find_checkout(bagel_root)
@@ -65,6 +66,8 @@ def load_checkout_inferencer(bagel_root: str, model_path: str, checkpoint: Optio
         model, checkpoint=checkpoint or str(mp / "ema.safetensors"), device_map=device_map,
         offload_buffers=True, dtype=torch.bfloat16, force_hooks=True,
     ).eval()
+    if adapter:
+        lora_files.merge_into_model(model, *lora_files.load_adapter(adapter))
     vae_model = vae_model.to(next(model.llm2vae.parameters()).device).eval()
     return inferencer_mod.InterleaveInferencer(
         model=model, vae_model=vae_model, tokenizer=tokenizer,

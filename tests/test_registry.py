@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from bagel_sr.testing import fake_checkout
-from bagel_sr.patches import cpu, datasets, inference, registry, training
+from bagel_sr.lora_settings import LoraSettings
+from bagel_sr.patches import cpu, datasets, inference, lora, lora_deepspeed, registry, training
 from bagel_sr.smoke import cpu_cuda, cpu_main
 from bagel_sr.smoke import rows as smoke_rows
 from bagel_sr.validation import rows as validation_rows
@@ -18,7 +19,8 @@ def _snapshot(ctx, rows):
 
 
 def test_every_patch_function_has_a_row_and_the_dry_run_adds_its_own():
-    functions = {name for mod in (cpu, cpu_cuda, cpu_main, training, datasets, inference, validation_rows)
+    functions = {name for mod in (cpu, cpu_cuda, cpu_main, training, datasets, inference, lora, lora_deepspeed,
+                                  validation_rows)
                  for name, fn in inspect.getmembers(mod, inspect.isfunction)
                  if fn.__module__ == mod.__name__ and (name.startswith("patch_") or name == "register_datasets")}
     rows = {p.name: p for p in registry.PATCHES}
@@ -37,14 +39,15 @@ def test_every_patch_function_has_a_row_and_the_dry_run_adds_its_own():
 def test_one_handle_undoes_every_replaced_name_cpu_patches_included(tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, cpu.FLASH_ATTN_MODULE, raising=False)  # as on a machine without flash-attn
     monkeypatch.setattr(registry.torch.cuda, "is_available", lambda: False)
-    ctx = fake_checkout.context(dataset_yamls=[fake_checkout.built_set(tmp_path)], dry_run=True)
+    ctx = fake_checkout.context(dataset_yamls=[fake_checkout.built_set(tmp_path)], dry_run=True,
+                                lora=LoraSettings(rank=8))
     # torchvision's operator schemas are declared once per process (tests/conftest.py), so that row is a no-op here
     # the inference rows patch an inferencer (tests/test_eval_infer.py)
-    # two rows need a real checkout's files or an imported deepspeed (tests/test_dry_run_forks.py): here where they hold
+    # three rows need a real checkout's files or a DeepSpeed script (tests/test_dry_run_forks.py): here where they hold
     # validation's rows need a val set (tests/test_validation_rows.py)
     rows = [p for p in registry.PATCHES if p.name != "patch_torchvision_ops" and p.group != "inference"
             and p not in validation_rows.VALIDATION_PATCHES
-            and (p.name not in ("patch_checkout_torch", "patch_deepspeed_init") or p.when(ctx))]
+            and (p.name not in ("patch_checkout_torch", "patch_deepspeed_init", "patch_lora_deepspeed") or p.when(ctx))]
     before = _snapshot(ctx, rows)
     handle = registry.apply(ctx, stage="checkout")
     registry.apply(ctx, stage="script", handle=handle)

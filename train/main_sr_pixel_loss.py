@@ -38,6 +38,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Any:
     if launch.checkout_root(wargs):
         return launch.run(wargs, rest)
     launch.check_wrapper_flags(wargs, rest)
+    if wargs.lora.enabled:
+        raise SystemExit("bagel-sr: --bagel_sr_lora_rank needs a BAGEL checkout (--bagel_root PATH); the embedded "
+                         "demo trains its small model in full")
     if wargs.help:
         print(demo_help_preamble(experiment.EMBEDDED_DEFAULTS) + "\n", flush=True)
     else:

@@ -44,6 +44,7 @@ from bagel_sr.patches import checkout, launch
 
 from . import checkout_flags, launch_errors
 from . import data as smoke_data
+from . import lora_checks as smoke_lora
 from . import model as smoke_model
 from . import preflight as smoke_preflight
 from .log_checks import (LaunchLog, SmokeFailure, check_finite, check_pixel_term,  # noqa: F401 (re-exported)
@@ -231,6 +232,11 @@ def run(argv: Sequence[str]) -> int:
         notes.append(f"{' and '.join(result['loaded'])} load into stock Bagel (strict)")
         if result.get("skipped"):
             notes.append(result["skipped"])
+        if smoke_lora.lora_rank(flags):
+            try:
+                notes += smoke_lora.read_check(workdir / smoke_lora.RESULT)
+            except RuntimeError as error:
+                raise SmokeFailure(str(error)) from None
         (workdir / "trajectory.json").write_text(json.dumps([log.trajectory() for log in logs]))
     except SmokeStop as failure:
         print(f"smoke: FAILED: {failure} (work folder kept: {workdir})", flush=True)
@@ -268,12 +274,18 @@ def worker(argv: Sequence[str]) -> None:
         if args.register_chat:
             smoke_data.register_chat_entry(args.register_chat)
         _record_model_config(module, recorded)
+        if smoke_lora.lora_rank(rest):
+            smoke_lora.record_initial(module, smoke_preflight.flag_value(rest, "checkpoint_dir"))
 
     wrapper_argv = ["--bagel_root", args.bagel_root] + (
         ["--bagel_train_script", args.bagel_train_script] if args.bagel_train_script else []) + list(rest)
     launch.main(wrapper_argv, before_main=before_main, pixel_loss=not args.stock, dry_run=True)
     if args.load_check and int(os.environ.get("RANK", "0")) == 0:
         _write_load_check(pathlib.Path(args.load_check), recorded, smoke_preflight.flag_value(rest, "checkpoint_dir"))
+        if smoke_lora.lora_rank(rest):
+            smoke_lora.write_check(pathlib.Path(args.load_check).parent / smoke_lora.RESULT,
+                                   lambda: smoke_lora.stock_model(recorded.get("config")),
+                                   smoke_preflight.flag_value(rest, "checkpoint_dir"))
 
 
 def _record_model_config(module, recorded: dict) -> None:

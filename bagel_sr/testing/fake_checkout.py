@@ -33,6 +33,18 @@ class SimpleCustomBatch:
         return dict(self.rest, padded_images=self.padded_images, batch_data_indexes=self.batch_data_indexes)
 
 
+class FSDPCheckpoint:
+    """Like BAGEL's: the loop loads the weights before FSDP wraps the model and saves each checkpoint through it."""
+
+    @staticmethod
+    def try_load_ckpt(resume_from, logger, model, ema_model=None, resume_from_ema=False):
+        return model, ema_model
+
+    @staticmethod
+    def fsdp_save_ckpt(ckpt_dir, train_steps, model, ema_model, optimizer, scheduler, data_status, logger, fsdp_config):
+        return None
+
+
 def script():
     """``(train_module, batch_module)``: fresh fakes of the training script and ``data.dataset_base``."""
     module = types.ModuleType("fake_train")
@@ -41,6 +53,7 @@ def script():
     module.load_ae = lambda path=None: (LinearDecoder(), {"downsample": 8})
     module.Bagel = ContractModel
     module.main = lambda: None
+    module.FSDPCheckpoint = FSDPCheckpoint
     module.torch, module.dist = torch, torch.distributed  # main() reaches CUDA and nccl through these names
     batch_module = types.ModuleType("fake_dataset_base")
     batch_module.SimpleCustomBatch = type("SimpleCustomBatch", (SimpleCustomBatch,), {})  # fresh: patched per test
@@ -63,6 +76,7 @@ def fsdp_module():
     module.torch = torch
     module.FullStateDictConfig = torch.distributed.fsdp.FullStateDictConfig
     module.init_device_mesh = lambda device_type, *a, **k: (device_type, a, k)
+    module.FSDP = torch.distributed.fsdp.FullyShardedDataParallel
     return module
 
 
