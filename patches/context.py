@@ -6,17 +6,15 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 from bagel_sr.config import CONSERVATIVE_DEFAULTS, PixelLossConfig
 
 from .host import DEFAULT_HOST_MODE
+from .undo import NOTHING, Undo, replace_attribute  # noqa: F401 (every patch's undo: bagel_sr.patches.undo)
 
-Undo = Callable[[], None]
-
-
-def noop() -> None:
-    """The undo of a patch that changed nothing."""
+#: The undo of a patch that changed nothing (:data:`bagel_sr.patches.undo.NOTHING`).
+noop = NOTHING
 
 
 @dataclass
@@ -68,18 +66,3 @@ class PatchContext:
         if getattr(self, attr) is None:
             setattr(self, attr, importlib.import_module(name))
         return getattr(self, attr)
-
-
-def replace_attribute(owner: Any, name: str, value: Any) -> Undo:
-    """Set ``owner.name = value``; the undo puts back what was there (or deletes the name if it was absent)."""
-    had = name in vars(owner)
-    old = vars(owner)[name] if had else None
-    setattr(owner, name, value)
-
-    def undo() -> None:
-        if had:
-            setattr(owner, name, old)
-        else:
-            delattr(owner, name)
-
-    return undo

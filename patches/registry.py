@@ -4,20 +4,23 @@ A row names the function that applies the patch (it checks the contract fact it 
 name it replaces, its group (``cpu``, ``training``, ``datasets``, ``dryrun``: the CPU dry run of ``main()`` only, ``inference``: a
 restoring ``InterleaveInferencer``), its stage (``checkout``: needs only the checkout
 on ``sys.path``, applied before the training script is imported; ``script``: needs the imported script), when it
-applies, and how to read the replaced name (how the tests check that ``undo`` restores it).  To add a patch, write
-one function ``patch_x(ctx) -> undo`` and one row.  The start-up banner lists the rows in force;
+applies, and how to read the replaced name (how the tests check that ``undo`` restores it and that a row listed in
+force replaced it).  To add a patch, write one function ``patch_x(ctx) -> Undo`` (built with
+:func:`bagel_sr.patches.undo.replace_attribute`; :data:`~bagel_sr.patches.undo.NOTHING` when there is nothing to
+replace) and one row.  The start-up banner lists the rows in force;
 ``python -c "from bagel_sr.patches import registry; print(registry.describe())"`` prints the table.
 """
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, List, Optional, Tuple
+from typing import Any, Callable, Collection, List, Optional
 
 import torch
 
 from . import cpu, datasets, inference, training
-from .context import PatchContext, RunState, Undo, noop
+from .context import PatchContext, RunState
+from .undo import Undo, UndoLike, as_undo
 
 STAGES = ("checkout", "script")
 GROUPS = ("cpu", "training", "datasets", "dryrun", "inference")
@@ -32,7 +35,7 @@ class Patch:
     group: str
     stage: str
     does: str
-    apply: Callable[[PatchContext], Undo]
+    apply: Callable[[PatchContext], UndoLike]
     read: Callable[[PatchContext], Any]
     when: Callable[[PatchContext], bool] = lambda ctx: True
     condition: str = "always"
@@ -103,41 +106,35 @@ def register(*patches: Patch) -> None:
             PATCHES.append(patch)
 
 
-class Handle:
-    """The patches :func:`apply` put in force, newest last; ``undo()`` (or leaving a ``with`` block) reverts all."""
+class Handle(Undo):
+    """The patches :func:`apply` put in force, newest last; ``undo()`` (or leaving a ``with`` block) reverts all.
+
+    A row whose undo changed nothing (:data:`~bagel_sr.patches.undo.NOTHING`: its target is absent here, or it is
+    already in force and the first caller owns it) is not listed as applied.
+    """
 
     def __init__(self, ctx: PatchContext):
+        super().__init__()
         self.ctx = ctx
-        self._undos: List[Tuple[Patch, Undo]] = []
 
     @property
     def run(self) -> RunState:
         """What the patches learned while ``main()`` ran: parsed settings, TrainingArguments, the VAE."""
         return self.ctx.run
 
-    @property
-    def applied(self) -> List[str]:
-        return [patch.name for patch, _ in self._undos]
+    def add(self, patch: Patch, undo: UndoLike) -> bool:  # type: ignore[override]
+        undo = as_undo(undo)
+        if not undo.changed:
+            return False
+        ctx, name = self.ctx, patch.name
 
-    def add(self, patch: Patch, undo: Undo) -> None:
-        if undo is not noop:  # a patch already in force (first caller owns it) is not ours to undo
-            self._undos.append((patch, undo))
-            self.ctx.run.applied[patch.name] = patch.target
+        def revert() -> None:
+            undo.undo()
+            ctx.run.applied.pop(name, None)
 
-    def undo(self) -> None:
-        while self._undos:
-            patch, undo = self._undos.pop()
-            undo()
-            self.ctx.run.applied.pop(patch.name, None)
-
-    def __enter__(self) -> "Handle":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.undo()
-
-    def __repr__(self) -> str:
-        return f"Handle(applied={self.applied})"
+        self._reverts.append((name, revert))
+        ctx.run.applied[name] = patch.target
+        return True
 
 
 def select(stage: Optional[str] = None, groups: Optional[Collection[str]] = None,
