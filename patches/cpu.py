@@ -11,7 +11,7 @@ What each ``apply``/``install`` function replaces:
 - ``declare_torchvision_ops()``: where a torchvision wheel built for CUDA sits next to a CPU-only torch (its
   compiled operators cannot load, and ``import torchvision`` then fails in the meta registrations of ``nms``), declares
   the two operator schemas it registers against, so its pure-Python transforms (all BAGEL's data code uses) import.
-  No-op when torchvision is absent or its operators load.
+  No-op when torchvision is absent, its operators load, or a ``torchvision`` operator namespace exists already.
 - ``apply_cpu_compat()``: the flash_attn stand-in and the sdpa patch.
 
 ``patch_flash_attn`` and ``patch_sdpa`` are the same two as rows of :mod:`bagel_sr.patches.registry` (they take
@@ -29,9 +29,11 @@ nothing and returns :data:`~bagel_sr.patches.undo.NOTHING` (the first caller own
 """
 from __future__ import annotations
 
+import glob
 import importlib
 import importlib.machinery
 import importlib.util
+import os
 import sys
 from types import ModuleType
 from typing import Callable, Iterable
@@ -219,15 +221,23 @@ _TORCHVISION_SCHEMAS = (
 )
 
 
+def _torchvision_namespace_exists() -> bool:
+    """Whether some library already registered an operator under ``torchvision::`` in this process."""
+    return any(name.startswith("torchvision::") for name in torch._C._dispatch_get_all_op_names())
+
+
 def declare_torchvision_ops() -> Undo:
-    """Declare ``torchvision::nms``/``qnms`` when torchvision's compiled operators cannot load (see module doc)."""
+    """Declare ``torchvision::nms``/``qnms`` when torchvision's compiled operators cannot load (see module doc).
+
+    A ``torchvision`` operator namespace that exists already (torchvision's own, or another library's
+    declaration) is left alone: torch allows one ``DEF`` library per namespace.
+    """
     global _TORCHVISION_LIB
     spec = importlib.util.find_spec("torchvision")
     if _TORCHVISION_LIB is not None or spec is None or not spec.submodule_search_locations:
         return _noop
-    import glob
-    import os
-
+    if _torchvision_namespace_exists():
+        return _noop
     libs = glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "_C*.so"))
     try:
         if libs:
@@ -235,7 +245,12 @@ def declare_torchvision_ops() -> Undo:
             return _noop
     except OSError:
         pass
-    library = torch.library.Library("torchvision", "DEF")
+    try:
+        library = torch.library.Library("torchvision", "DEF")
+    except RuntimeError as err:  # a library that declared the namespace without operators yet
+        if "Only a single TORCH_LIBRARY" in str(err):
+            return _noop
+        raise
     for schema in _TORCHVISION_SCHEMAS:
         library.define(schema)
     _TORCHVISION_LIB = library
