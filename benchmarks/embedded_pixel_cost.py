@@ -22,10 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bagel_sr.embedded import _compat  # noqa: E402,F401
-from bagel_sr.config import PixelLossConfig  # noqa: E402
+from bagel_sr.config import DEMO_DEFAULTS, PixelLossConfig  # noqa: E402
 from bagel_sr.embedded import data  # noqa: E402
-from bagel_sr.embedded.experiment import (EMBEDDED_DEFAULTS, ExperimentArguments, model_config_for,  # noqa: E402
-                                          train_config_for)
+from bagel_sr.embedded.experiment import ExperimentArguments, model_config_for, train_config_for  # noqa: E402
 from bagel_sr.embedded.train import LatentPool, train  # noqa: E402
 from bagel_sr.embedded.vae import load_vae  # noqa: E402
 
@@ -57,7 +56,7 @@ def main() -> None:
     times = {name: [] for name in ARMS}
     for _ in range(args.repeats):
         for name, change in ARMS.items():
-            pixel = PixelLossConfig(**{**EMBEDDED_DEFAULTS, **change})
+            pixel = PixelLossConfig(**{**DEMO_DEFAULTS, **change})
             run = train(dataclasses.replace(model_config), cfg, pixel, vae, seed=0, progress=False,
                         tokenizer=tokenizer, pool=pool)
             times[name].append(1000 * run.seconds / args.steps)

@@ -74,7 +74,7 @@ from typing import Any, Sequence
 import yaml
 from tqdm.auto import tqdm
 
-from bagel_sr.errors import BadInput, MissingInput, cli_main, one_line
+from bagel_sr.errors import ArgumentParser, BadInput, MissingInput, cli_main, one_line
 from bagel_sr.outputs import claim
 
 from .ablate_check import check_eval_block, default_base_command, expand, progress_printer, start_flag_checks
@@ -358,7 +358,7 @@ def build_report(*args: Any, **kwargs: Any) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bagel_sr.eval.ablate", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="python -m bagel_sr.eval.ablate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("action", choices=("plan", "run", "report"))
     p.add_argument("grid", help="grid YAML")

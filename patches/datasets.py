@@ -29,7 +29,7 @@ from bagel_sr.errors import UserError
 from .undo import Undo, replace_item
 
 
-class DatasetRegistrationError(RuntimeError):
+class DatasetRegistrationError(UserError, RuntimeError):
     """The checkout or the built set does not have what registration needs (the message says what)."""
 
 

@@ -1,23 +1,24 @@
 """The wrapper's logic: find the checkout, patch its training script, run its own ``main()``.
 
-Its flags (``--bagel_root``, ``--bagel_train_script``, ``--bagel_sr_datasets``, ``--bagel_sr_host_pixel_loss``) are
-taken out of the command line before the checkout's parser sees the rest; ``bagel_sr.train.main_sr_pixel_loss`` is
-the command that runs it (or the embedded demo without a checkout).
+Its flags (``--bagel_root``, ``--bagel_train_script``, ``--bagel_sr_datasets``, ``--bagel_sr_host_pixel_loss``) and
+the ``--pixel_loss_*`` flags are taken out of the command line and parsed once, before the checkout's parser sees the
+rest; the parsed pixel-loss settings are the defaults of the patched ``TrainingArguments``.
+``bagel_sr.train.main_sr_pixel_loss`` is the command that runs it (or the embedded demo without a checkout).
 """
+import dataclasses
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
-from bagel_sr.config import CONSERVATIVE_DEFAULTS, FLAG_PREFIX, PixelLossConfig, flag_name, pixel_loss_arguments_class
+from bagel_sr import argv as argv_words
+from bagel_sr.config import (CONSERVATIVE_DEFAULTS, FLAG_PREFIX, PixelLossConfig, flag_name, parse_flags,
+                             pixel_loss_arguments_class)
+from bagel_sr.errors import UsageError
 
 from . import checkout, host, registry
-from .checkout import CheckoutError
 from .context import PatchContext
-from .datasets import DatasetRegistrationError
-from .host import HostPixelLossError
-from .training import IncompatibleCheckoutError
 
 WRAPPER_FLAGS = {
     "bagel_root": "Path of the BAGEL checkout (or set BAGEL_ROOT). Without one, the embedded default runs.",
@@ -38,34 +39,40 @@ HOW_TO_POINT = (
 
 @dataclass
 class WrapperArgs:
+    """The wrapper's command line, parsed once (:func:`parse_wrapper_args`): its own flags, the ``--pixel_loss_*``
+    words and the rest, which is the checkout's."""
+
     bagel_root: Optional[str] = None
     bagel_train_script: Optional[str] = None
     bagel_sr_datasets: Optional[str] = None
     bagel_sr_host_pixel_loss: str = host.DEFAULT_HOST_MODE
     help: bool = False
+    pixel_flags: List[str] = field(default_factory=list)
+    rest: List[str] = field(default_factory=list)
 
 
-def split_wrapper_args(argv: Sequence[str]) -> Tuple[WrapperArgs, List[str]]:
-    """Take the wrapper's own flags (``--flag value`` or ``--flag=value``) out of ``argv``; the rest is the script's."""
-    out, rest, i = WrapperArgs(), [], 0
-    argv = list(argv)
-    while i < len(argv):
-        arg = argv[i]
-        name, _, inline = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
-        if name in WRAPPER_FLAGS:
-            if inline:
-                value = inline
-            elif i + 1 < len(argv):
-                value, i = argv[i + 1], i + 1
-            else:
-                raise SystemExit(f"--{name} needs a value: {WRAPPER_FLAGS[name]}")
-            setattr(out, name, value)
-        else:
-            if arg in ("-h", "--help"):
-                out.help = True
-            rest.append(arg)
-        i += 1
-    return out, rest
+def parse_wrapper_args(argv: Sequence[str]) -> WrapperArgs:
+    """Take the wrapper's own flags and the ``--pixel_loss_*`` flags out of ``argv`` (the rest is the checkout's);
+    the host mode is checked here (a :class:`~bagel_sr.errors.UserError` names what is allowed)."""
+    values, pixel_flags, rest = argv_words.split(argv, WRAPPER_FLAGS, prefixes=(FLAG_PREFIX,))
+    wargs = WrapperArgs(**values, help=argv_words.wants_help(rest), pixel_flags=pixel_flags, rest=rest)
+    host.check_mode(wargs.bagel_sr_host_pixel_loss)
+    return wargs
+
+
+def pixel_settings(wargs: WrapperArgs, defaults: Mapping[str, Any] = CONSERVATIVE_DEFAULTS) -> Optional[PixelLossConfig]:
+    """The ``--pixel_loss_*`` flags parsed over ``defaults`` (once, before the checkout's ``main()`` starts process
+    groups or asserts CUDA); None under ``--bagel_sr_host_pixel_loss keep`` (the flags are the host's)."""
+    if wargs.bagel_sr_host_pixel_loss == "keep":
+        return None
+    (parsed,) = parse_flags(pixel_loss_arguments_class(defaults=defaults), wargs.pixel_flags)
+    return PixelLossConfig.from_namespace(parsed)
+
+
+def checkout_argv(wargs: WrapperArgs) -> List[str]:
+    """What the checkout's parser sees: the rest; the ``--pixel_loss_*`` flags too under ``keep`` (the host's own).
+    Otherwise their parsed values are the defaults of the patched ``TrainingArguments``."""
+    return list(wargs.rest) + (list(wargs.pixel_flags) if wargs.bagel_sr_host_pixel_loss == "keep" else [])
 
 
 def wrapper_help() -> str:
@@ -77,20 +84,22 @@ def wrapper_help() -> str:
 
 
 def prepare_checkout(root: str, script: Optional[str] = None, dataset_yamls: Optional[str] = None, *,
-                     pixel_loss: bool = True, dry_run: bool = False, host_mode: str = host.DEFAULT_HOST_MODE
-                     ) -> Tuple[ModuleType, registry.Handle]:
+                     pixel_loss: bool = True, dry_run: bool = False, host_mode: str = host.DEFAULT_HOST_MODE,
+                     settings: Optional[PixelLossConfig] = None) -> Tuple[ModuleType, registry.Handle]:
     """Import the checkout's training script and apply every row of :data:`registry.PATCHES` that holds here.
 
     The ``checkout`` stage (CPU compatibility) goes first, since importing the script imports BAGEL's modelling
     code.  Returns ``(train_module, handle)``; ``handle.undo()`` undoes every patch, ``handle.run`` holds what they
     learn while ``main()`` runs.  ``pixel_loss=False`` leaves the ``training`` rows out (the stock script, for
     comparisons); ``dry_run=True`` adds the ``dryrun`` rows (``main()`` on CPU under gloo, ``bagel_sr.smoke``);
-    ``host_mode``: ``--bagel_sr_host_pixel_loss`` (:mod:`.host`).
+    ``host_mode``: ``--bagel_sr_host_pixel_loss`` (:mod:`.host`); ``settings``: the parsed ``--pixel_loss_*``
+    flags, the defaults of the patched ``TrainingArguments`` (None: the wrapper's defaults).
     """
     root_path = checkout.find_checkout(root)
     checkout.add_to_sys_path(root_path)
+    defaults = dict(CONSERVATIVE_DEFAULTS) if settings is None else dataclasses.asdict(settings)
     ctx = PatchContext(dataset_yamls=[p for p in (dataset_yamls or "").split(",") if p.strip()],
-                       defaults=dict(CONSERVATIVE_DEFAULTS), dry_run=dry_run, host_mode=host.check_mode(host_mode))
+                       defaults=defaults, dry_run=dry_run, host_mode=host.check_mode(host_mode))
     groups = [g for g in registry.GROUPS if pixel_loss or g != "training"]
     handle = registry.apply(ctx, stage="checkout", groups=groups)
     try:
@@ -102,41 +111,6 @@ def prepare_checkout(root: str, script: Optional[str] = None, dataset_yamls: Opt
     return ctx.train_module, handle
 
 
-def pixel_loss_flags(argv: Sequence[str]) -> List[str]:
-    """The ``--pixel_loss_*`` flags of ``argv`` with their values (``--flag value`` or ``--flag=value``)."""
-    out, i = [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith("--" + FLAG_PREFIX):
-            out.append(arg)
-            if "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                out.append(argv[i + 1])
-                i += 1
-        i += 1
-    return out
-
-
-def validate_pixel_loss_flags(argv: Sequence[str]) -> PixelLossConfig:
-    """Parse and check our flags alone, before the checkout's ``main()`` starts process groups or asserts CUDA.
-
-    Raises ``UsageError`` with one line naming the flag and what is allowed.
-    """
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser(pixel_loss_arguments_class())
-    try:
-        (parsed,) = parser.parse_args_into_dataclasses(args=pixel_loss_flags(argv), return_remaining_strings=False)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    except SystemExit:
-        raise UsageError("a --pixel_loss_* flag has a value of the wrong type or no value; see --help") from None
-    return PixelLossConfig.from_namespace(parsed)
-
-
-class UsageError(ValueError):
-    """A flag the user gave is wrong; printed as one line, no traceback."""
-
-
 def print_checkout_help(module) -> None:
     """The patched script's flags (``--pixel_loss_*`` included), without running its ``main()``."""
     parser = module.HfArgumentParser((module.ModelArguments, module.DataArguments, module.TrainingArguments))
@@ -144,42 +118,28 @@ def print_checkout_help(module) -> None:
     parser.print_help()
 
 
-def check_wrapper_flags(wargs: WrapperArgs, rest: Sequence[str]) -> None:
-    """The host mode and the ``--pixel_loss_*`` flags, checked before anything is imported or launched
-    (raises ``SystemExit`` with one line)."""
-    try:
-        host.check_mode(wargs.bagel_sr_host_pixel_loss)
-        if not wargs.help and wargs.bagel_sr_host_pixel_loss != "keep":  # under keep the flags are the host's
-            validate_pixel_loss_flags(rest)
-    except (UsageError, HostPixelLossError) as err:
-        raise SystemExit(f"bagel-sr: {err}") from None
-
-
 def checkout_root(wargs: WrapperArgs) -> Optional[str]:
     """The checkout to run: ``--bagel_root``, else ``BAGEL_ROOT``, else None."""
     return wargs.bagel_root or os.environ.get("BAGEL_ROOT") or None
 
 
-def run(wargs: WrapperArgs, rest: List[str], *, before_main: Optional[Callable[[Any], Any]] = None,
-        pixel_loss: bool = True, dry_run: bool = False):
-    """The wrapper on already split flags: patch the checkout's script and run its ``main()`` with ``rest``.
+def run(wargs: WrapperArgs, *, before_main: Optional[Callable[[Any], Any]] = None, pixel_loss: bool = True,
+        dry_run: bool = False):
+    """The wrapper on its parsed command line: patch the checkout's script and run its ``main()``.
     ``pixel_loss=False`` runs the stock script (data-set registration only); ``dry_run=True`` adds the ``dryrun``
     rows (``bagel_sr.smoke``); ``before_main(train_module)`` runs last before ``main()``."""
     root = checkout_root(wargs)
-    check_wrapper_flags(wargs, rest)
+    settings = None if wargs.help else pixel_settings(wargs)
     if not root:
-        raise SystemExit("bagel-sr: no BAGEL checkout: pass --bagel_root PATH or set BAGEL_ROOT "
+        raise UsageError("no BAGEL checkout: pass --bagel_root PATH or set BAGEL_ROOT "
                          "(python train/main_sr_pixel_loss.py runs the embedded demo without one)")
-    try:
-        module, _handle = prepare_checkout(root, wargs.bagel_train_script, wargs.bagel_sr_datasets,
-                                           pixel_loss=pixel_loss, dry_run=dry_run,
-                                           host_mode=wargs.bagel_sr_host_pixel_loss)
-    except (CheckoutError, IncompatibleCheckoutError, DatasetRegistrationError, HostPixelLossError) as err:
-        raise SystemExit(f"bagel-sr: {err}") from None
+    module, _handle = prepare_checkout(root, wargs.bagel_train_script, wargs.bagel_sr_datasets,
+                                       pixel_loss=pixel_loss, dry_run=dry_run, host_mode=wargs.bagel_sr_host_pixel_loss,
+                                       settings=settings)
     if wargs.help:
         print_checkout_help(module)
         return None
-    sys.argv = [str(module.__file__)] + list(rest)
+    sys.argv = [str(module.__file__)] + checkout_argv(wargs)
     if before_main is not None:
         before_main(module)
     return module.main()
@@ -187,5 +147,4 @@ def run(wargs: WrapperArgs, rest: List[str], *, before_main: Optional[Callable[[
 
 def main(argv: Optional[Sequence[str]] = None, **options: Any):
     """The wrapper on a command line (``sys.argv[1:]`` when None); ``options`` as for :func:`run`."""
-    wargs, rest = split_wrapper_args(sys.argv[1:] if argv is None else argv)
-    return run(wargs, rest, **options)
+    return run(parse_wrapper_args(sys.argv[1:] if argv is None else argv), **options)

@@ -14,6 +14,7 @@ import torch
 
 from bagel_sr import distributed, flow, monitoring, weighting
 from bagel_sr.config import PixelLossConfig, pixel_loss_arguments_class
+from bagel_sr.errors import UserError
 from bagel_sr.extension import with_pixel_loss
 from bagel_sr.names import check_names
 from bagel_sr.patches.datasets import dataset_config_names
@@ -31,7 +32,7 @@ REQUIRED_SCRIPT_NAMES = ("main", "TrainingArguments", "HfArgumentParser", "load_
 REQUIRED_TRAINING_FIELDS = ("mse_weight", "timestep_shift", "visual_gen")
 
 
-class IncompatibleCheckoutError(RuntimeError):
+class IncompatibleCheckoutError(UserError, RuntimeError):
     """A fact of BAGEL_CONTRACT.md the patches need does not hold in this checkout."""
 
 
@@ -229,3 +230,4 @@ def patch_batch(ctx: PatchContext) -> Undo:
         return data
 
     return replace_attribute(batch_cls, "to_dict", to_dict)
+

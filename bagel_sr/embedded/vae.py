@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..decoding import DiffusersVAE
+from ..errors import ArgumentParser, cli_main
 from . import data
 from .autoencoder import LinearPlusResidualAutoencoder, residual_config
 
@@ -283,7 +284,7 @@ def evaluate(directory: Optional[str] = None) -> Dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
-    parser = argparse.ArgumentParser(prog="python -m bagel_sr.embedded.vae", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m bagel_sr.embedded.vae", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train the VAE on the built-in training split and save it")
     t.add_argument("--out", required=True, help="output directory (the shipped one is bagel_sr/embedded/assets)")
@@ -306,4 +307,4 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(cli_main(main))
