@@ -29,6 +29,7 @@ class RunState:
     banner: str = ""
     host: Any = None  # bagel_sr.patches.host.HostPixelLoss: the checkout's own pixel term, if any
     host_mode: str = "none"  # what was decided for it: "none" (no host term), "off" or "keep"
+    start_step: int = 0  # the optimizer step the loop resumed at (its FSDPCheckpoint.try_load_train_state), else 0
 
     @property
     def gradient_accumulation_steps(self) -> int:

@@ -1,6 +1,7 @@
 """A stand-in BAGEL checkout with the contract's names (the real one: tests marked ``bagel``), shared by the tests
 of the patches, the registry and the monitoring: a training script, ``data.dataset_base``,
 ``modeling.bagel.qwen2_navit`` and ``data.dataset_info``, plus BAGEL's loop step re-expressed."""
+import os
 import types
 from dataclasses import dataclass
 
@@ -41,6 +42,7 @@ def script():
     module.load_ae = lambda path=None: (LinearDecoder(), {"downsample": 8})
     module.Bagel = ContractModel
     module.main = lambda: None
+    module.FSDPCheckpoint = type("FSDPCheckpoint", (FSDPCheckpoint,), {})  # fresh: patched per test
     module.torch, module.dist = torch, torch.distributed  # main() reaches CUDA and nccl through these names
     batch_module = types.ModuleType("fake_dataset_base")
     batch_module.SimpleCustomBatch = type("SimpleCustomBatch", (SimpleCustomBatch,), {})  # fresh: patched per test
@@ -131,3 +133,12 @@ def built_set(tmp_path) -> str:
         "splits": {"fractions": {"train": 0.5, "val": 0.25, "test": 0.25}},
     }, progress=False)
     return str(summary.registration_file)
+
+
+class FSDPCheckpoint:
+    """BAGEL's checkpoint helper, as far as the patches use it: resuming from ``.../0000004`` returns step 5."""
+
+    @staticmethod
+    def try_load_train_state(resume_from, optimizer, scheduler, fsdp_config):
+        step = int(os.path.basename(os.path.normpath(resume_from))) + 1 if resume_from else 0
+        return optimizer, scheduler, step, None

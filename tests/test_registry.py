@@ -85,7 +85,7 @@ def test_a_failing_patch_undoes_what_was_applied(monkeypatch):
     ctx = fake_checkout.context()
     ctx.batch_module.SimpleCustomBatch = type("SimpleCustomBatch", (), {})  # patch_batch's fact is missing
     before = _snapshot(ctx, [p for p in registry.PATCHES if p.group == "training" and p.name != "patch_batch"])
-    assert len(before) == 4
+    assert len(before) == 5
     with pytest.raises(training.IncompatibleCheckoutError, match="SimpleCustomBatch.to_dict"):
         registry.apply(ctx, groups=("training",))
     assert _snapshot(ctx, [p for p in registry.PATCHES if p.name in before]) == before
