@@ -14,7 +14,6 @@ The weights ship with the package (``assets/vae.safetensors``, float16 on disk, 
 PSNR is measured on grayscale images in [0, 1] (channel mean of the decoded RGB, clipped), ``data_range = 1``; the
 number that matters is the one on the held-out *high-resolution targets*: no restoration metric can exceed it.
 """
-import argparse
 import json
 import math
 import os
