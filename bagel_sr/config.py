@@ -6,7 +6,9 @@ BAGEL training script's ``TrainingArguments``.
 """
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Sequence
+
+from .errors import UsageError, UserErrorsParser, one_line
 
 FLAG_PREFIX = "pixel_loss_"
 LOSS_TYPES = ("l2", "l1", "charbonnier")
@@ -20,8 +22,18 @@ DEFAULT_TERM_WEIGHTS = {"l2": 1.0, "l1": 1.0, "charbonnier": 1.0, "ssim": 0.1, "
 SCHEDULES = ("hard", "ramp")
 DECODE_DTYPES = ("autocast", "fp32")
 
-#: The conservative defaults the wrapper injects unless the user gave them.
+# -- the table of defaults: where a run's settings differ from the dataclasses' own, in one place ----------------
+#: The wrapper's pixel-loss settings (a real BAGEL) unless the user gives the flag; PixelLossConfig's own
+#: defaults are off (weight 0).
 CONSERVATIVE_DEFAULTS = {"weight": 0.05, "loss_type": "l2", "max_t": 0.3, "paired_only": True}
+#: The embedded demo's overrides of the wrapper's pixel-loss settings: its cost controls (on its tiny model one
+#: decoder pass costs about a training step: one image per micro-batch, a 4x4-latent crop without margin, no
+#: recomputation).
+DEMO_PIXEL_OVERRIDES = {"checkpointing": False, "max_images": 1, "crop": 4, "crop_margin": 0}
+#: The embedded demo's pixel-loss settings: the wrapper's with the demo's overrides.
+DEMO_DEFAULTS = {**CONSERVATIVE_DEFAULTS, **DEMO_PIXEL_OVERRIDES}
+#: The embedded demo's overrides of its training loop's own defaults (``bagel_sr.embedded.train.TrainConfig``).
+DEMO_TRAIN_OVERRIDES = {"steps": 2800, "timestep_shift": 0.4, "t2i_ratio": 0.1, "vae_cond_dropout_prob": 0.0}
 
 
 @dataclass
@@ -190,6 +202,18 @@ def pixel_loss_fields(defaults: Optional[Mapping[str, Any]] = None) -> list:
         default = defaults.get(f.name, f.default)
         out.append((flag_name(f.name), f.type, field(default=default, metadata=f.metadata)))
     return out
+
+
+def parse_flags(classes: Any, words: Sequence[str]) -> tuple:
+    """``words`` parsed into ``classes`` (dataclasses, as ``transformers.HfArgumentParser`` takes them); a wrong,
+    unknown or invalid flag raises :class:`~bagel_sr.errors.UsageError` with one line."""
+    from transformers import HfArgumentParser  # the parser only when flags are parsed (importing it takes seconds)
+
+    parser = type("FlagParser", (UserErrorsParser, HfArgumentParser), {})(classes)
+    try:
+        return tuple(parser.parse_args_into_dataclasses(args=list(words), return_remaining_strings=False))
+    except ValueError as err:
+        raise UsageError(one_line(str(err))) from None
 
 
 def pixel_loss_arguments_class(base: Optional[type] = None, name: str = "PixelLossArguments",

@@ -1,12 +1,14 @@
 """User errors: "you gave us something wrong", shown as one line with exit code 2; tracebacks only for our bugs.
 
-Every command-line tool runs its ``main`` through :func:`cli_main`, which prints a :class:`UserError` as
-``error: <message>`` (one line naming the input and what is expected) and exits with the error's code.
+Every command-line tool (the wrapper included) runs its ``main`` through :func:`cli_main`, which prints a
+:class:`UserError` as ``error: <message>`` (one line naming the input and what is expected) and exits with the
+error's code; their argparse parsers are :class:`ArgumentParser`, whose errors are :class:`UsageError` s.
 """
 from __future__ import annotations
 
+import argparse
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Callable, NoReturn, Optional, Sequence
 
 
 class UserError(Exception):
@@ -23,10 +25,28 @@ class MissingInput(UserError, FileNotFoundError):
     """A file or folder the user named (or that their inputs imply) does not exist."""
 
 
+class UsageError(BadInput):
+    """A command-line flag is wrong, missing or lacks its value."""
+
+
 class RunFailed(UserError):
     """The tool ran but its result must not be trusted as is (e.g. non-finite outputs); exit code 1."""
 
     exit_code = 1
+
+
+class UserErrorsParser:
+    """Mixin for an argparse parser (``argparse.ArgumentParser``, ``transformers.HfArgumentParser``): a parse error
+    raises :class:`UsageError` (one line for :func:`cli_main`) instead of printing the usage and exiting."""
+
+    prog: str
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+class ArgumentParser(UserErrorsParser, argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose parse errors are :class:`UsageError` s."""
 
 
 def one_line(message: str) -> str:

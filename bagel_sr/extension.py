@@ -137,6 +137,12 @@ def with_pixel_loss(base: type) -> type:
             """The pixel weight of this micro-step; call once per armed forward (see :mod:`bagel_sr.weighting`)."""
             return weighting.next_weight(self.pixel_loss_state, flow_loss, gradient_accumulation_steps)
 
+        def resume_pixel_loss_at(self, step: int) -> None:
+            """The optimizer step the loop resumes at (0 for a fresh run): the weight's warm-up goes on from there."""
+            if self.pixel_loss_state is None:
+                raise RuntimeError("bagel-sr: arm the pixel loss (attach_pixel_loss) before resume_pixel_loss_at")
+            self.pixel_loss_state.start_step = int(step)
+
         def forward(self, *args, padded_images: Optional[torch.Tensor] = None, batch_data_indexes=None, **kwargs):
             state = self.__dict__.get(_STATE_ATTR)
             if host_takes_images:

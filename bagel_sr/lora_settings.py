@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Tuple
 
+from .errors import UsageError
+
 FLAG_PREFIX = "bagel_sr_lora_"
 EXTRA_HINT = 'pip install -e ".[lora]"'
 
@@ -32,7 +34,7 @@ TARGET_PRESETS: Dict[str, Tuple[str, ...]] = {
 DEFAULT_TARGETS = "mot"
 
 
-class LoraSettingsError(ValueError):
+class LoraSettingsError(UsageError):
     """A ``--bagel_sr_lora_*`` value is wrong; the message names the flag and what is allowed."""
 
 

@@ -44,7 +44,9 @@ class PixelLossState:
     ``no_image_watch``: warns once if the term admits no image in its first micro-steps.
     ``micro_steps``, ``adaptive_factor``, ``grad_logs``: the pixel-weight controller's state
     (:mod:`bagel_sr.weighting`): micro-steps weighted so far, the latest adaptive factor, the latest
-    gradient-norm logs (repeated until the next measurement).
+    gradient-norm logs (repeated until the next measurement).  ``start_step``: the loop's optimizer step when this
+    process weighted its first micro-step (a resumed run's step, 0 for a fresh one); the controller's clock is
+    ``start_step + micro_steps // gradient_accumulation_steps``, the loop's optimizer step.
     ``key_prefix``: prepended to every key the term adds to the model's outputs, set (for good) when the host's own
     forward returns one of them (a fork with its own ``pixel``): a host key is never overwritten.
     """
@@ -56,6 +58,7 @@ class PixelLossState:
     skipped_nonfinite: int = 0
     current: Optional[CallTensors] = None
     micro_steps: int = 0
+    start_step: int = 0
     adaptive_factor: Any = 1.0
     grad_logs: Dict[str, torch.Tensor] = field(default_factory=dict)
     no_image_watch: Any = None  # bagel_sr.monitoring.NoImageWatch, set at arming

@@ -1,7 +1,8 @@
 """The pixel-weight controller: the one place that decides ``lambda`` of a micro-step, for every loop.
 
-``lambda = --pixel_loss_weight * warmup(step) [* adaptive factor]`` where ``step`` is the optimizer step
-(``micro_step // gradient_accumulation_steps``) and the adaptive factor is
+``lambda = --pixel_loss_weight * warmup(step) [* adaptive factor]`` where ``step`` is the loop's optimizer step
+(:func:`optimizer_step`: the step the loop resumed from, ``state.start_step``, plus this process's
+``micro_step // gradient_accumulation_steps``; a resumed run does not warm up again) and the adaptive factor is
 ``min(||grad L_flow|| / ||grad L_pix||, adaptive_weight_max)`` on ``llm2vae`` (:mod:`bagel_sr.monitoring`),
 measured on every micro-step with ``--pixel_loss_adaptive_weight``, and on the first micro-step of every N-th
 optimizer step for ``--pixel_loss_log_grad_norms_every N`` (the norms are logged).  The BAGEL training patch, the
@@ -37,13 +38,21 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
     return min(1.0, step / warmup_steps)
 
 
-def grad_norms_due(config: PixelLossConfig, micro_step: int, gradient_accumulation_steps: int) -> bool:
-    """Every micro-step with the adaptive weight; else the first micro-step of every N-th optimizer step."""
+def grad_norms_due(config: PixelLossConfig, micro_step: int, gradient_accumulation_steps: int,
+                   start_step: int = 0) -> bool:
+    """Every micro-step with the adaptive weight; else the first micro-step of every N-th optimizer step of the
+    loop (``start_step``: its step at this process's first micro-step)."""
     if config.adaptive_weight:
         return True
     every = config.log_grad_norms_every
     ga = max(1, gradient_accumulation_steps)
-    return every > 0 and micro_step % ga == 0 and (micro_step // ga) % every == 0
+    return every > 0 and micro_step % ga == 0 and (start_step + micro_step // ga) % every == 0
+
+
+def optimizer_step(state: PixelLossState, gradient_accumulation_steps: int = 1) -> int:
+    """The loop's optimizer step of the micro-step about to be weighted: ``state.start_step`` (where the loop
+    resumed) plus the optimizer steps this process has made."""
+    return int(state.start_step) + state.micro_steps // max(1, int(gradient_accumulation_steps))
 
 
 def next_weight(state: PixelLossState, flow_loss: Optional[torch.Tensor],
@@ -56,12 +65,12 @@ def next_weight(state: PixelLossState, flow_loss: Optional[torch.Tensor],
     """
     config = state.config
     ga = max(1, int(gradient_accumulation_steps))
-    micro = state.micro_steps
+    micro, step = state.micro_steps, optimizer_step(state, ga)
     state.micro_steps += 1
-    weight = config.weight * warmup_factor(micro // ga, config.warmup_steps)
+    weight = config.weight * warmup_factor(step, config.warmup_steps)
     call = state.pop_call()
     measurable = call is not None and flow_loss is not None and flow_loss.requires_grad
-    if measurable and grad_norms_due(config, micro, ga):
+    if measurable and grad_norms_due(config, micro, ga, state.start_step):
         return _measure(state, call, flow_loss, weight)
     if config.adaptive_weight:
         weight = weight * state.adaptive_factor

@@ -18,10 +18,9 @@ import statistics
 import torch
 
 from bagel_sr.embedded import _compat  # noqa: F401
-from bagel_sr.config import PixelLossConfig
+from bagel_sr.config import DEMO_DEFAULTS, PixelLossConfig
 from bagel_sr.embedded import data
-from bagel_sr.embedded.experiment_settings import (EMBEDDED_DEFAULTS, ExperimentArguments, model_config_for,
-                                                   train_config_for)
+from bagel_sr.embedded.experiment_settings import ExperimentArguments, model_config_for, train_config_for
 from bagel_sr.embedded.train import LatentPool, train
 from bagel_sr.embedded.vae import load_vae
 
@@ -53,7 +52,7 @@ def main() -> None:
     times = {name: [] for name in ARMS}
     for _ in range(args.repeats):
         for name, change in ARMS.items():
-            pixel = PixelLossConfig(**{**EMBEDDED_DEFAULTS, **change})
+            pixel = PixelLossConfig(**{**DEMO_DEFAULTS, **change})
             run = train(dataclasses.replace(model_config), cfg, pixel, vae, seed=0, progress=False,
                         tokenizer=tokenizer, pool=pool)
             times[name].append(1000 * run.seconds / args.steps)

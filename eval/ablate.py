@@ -70,7 +70,7 @@ from typing import Sequence
 
 from tqdm.auto import tqdm
 
-from bagel_sr.errors import BadInput, MissingInput, cli_main
+from bagel_sr.errors import ArgumentParser, BadInput, MissingInput, cli_main
 from bagel_sr.outputs import claim, shell_mark_finished
 
 from .ablate_check import (check_eval_block, check_flags, expand, progress_printer,  # noqa: F401 (re-exported)
@@ -201,7 +201,7 @@ def execute(runs: Sequence[Run], keep_going: bool = False, dry_run: bool = False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bagel_sr.eval.ablate", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="python -m bagel_sr.eval.ablate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("action", choices=("plan", "run", "report"), help="plan, run or report the grid")
     p.add_argument("grid", help="grid YAML")

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from bagel_sr.errors import BadInput, RunFailed, cli_main
+from bagel_sr.errors import ArgumentParser, BadInput, RunFailed, cli_main
 
 from . import hu
 from . import metrics as M
@@ -275,7 +275,7 @@ def _hu(text: str) -> tuple[float, float]:
     return level, width
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bagel_sr.eval.evaluate", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="python -m bagel_sr.eval.evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--outputs", required=True, help="folder of restored images (run A)")
     p.add_argument("--references", help="folder of ground-truth images, matched by file stem")

@@ -27,7 +27,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 from PIL import Image
 
-from bagel_sr.errors import UserError, cli_main
+from bagel_sr.errors import ArgumentParser, UserError, cli_main
 from bagel_sr.outputs import Ledger, claim, file_fingerprint
 from bagel_sr.patches import registry
 from bagel_sr.patches.context import PatchContext
@@ -247,7 +247,7 @@ def add_common_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bagel_sr.eval.infer", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m bagel_sr.eval.infer", description=__doc__.split("\n\n")[0])
     add_common_flags(p)
     p.add_argument("--bagel_root", default=os.environ.get("BAGEL_ROOT"), help="BAGEL checkout (or BAGEL_ROOT)")
     p.add_argument("--model_path", default=None, help="released model folder (configs, tokenizer, ae.safetensors)")

@@ -14,6 +14,8 @@ import pathlib
 import sys
 from types import ModuleType
 
+from bagel_sr.errors import UserError
+
 ENV_VAR = "BAGEL_ROOT"
 # Files whose presence identifies a BAGEL checkout (relative to its root).
 MARKER_FILES = ("modeling/bagel/bagel.py", "data/dataset_base.py", "modeling/autoencoder.py")
@@ -24,7 +26,7 @@ TRAINING_MODULE_NAME = "bagel_train_main"
 _HOW_TO_POINT = f"pass --bagel_root PATH or set {ENV_VAR}=PATH to the root of a BAGEL checkout"
 
 
-class CheckoutError(ValueError):
+class CheckoutError(UserError, ValueError):
     """The BAGEL checkout is missing, incomplete, or its training script cannot be found or imported."""
 
 

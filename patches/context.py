@@ -6,17 +6,15 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 from bagel_sr.config import CONSERVATIVE_DEFAULTS, PixelLossConfig
 
 from .host import DEFAULT_HOST_MODE
+from .undo import NOTHING, Undo, replace_attribute  # noqa: F401 (every patch's undo: bagel_sr.patches.undo)
 
-Undo = Callable[[], None]
-
-
-def noop() -> None:
-    """The undo of a patch that changed nothing."""
+#: The undo of a patch that changed nothing (:data:`bagel_sr.patches.undo.NOTHING`).
+noop = NOTHING
 
 
 @dataclass
@@ -33,6 +31,7 @@ class RunState:
     host_mode: str = "none"  # what was decided for it: "none" (no host term), "off" or "keep"
     parsed: tuple = ()  # every dataclass the script's parser returned (ModelArguments, DataArguments, ...)
     lora_config: Any = None  # peft's LoraConfig of the adapters injected (--bagel_sr_lora_rank > 0)
+    start_step: int = 0  # the optimizer step the loop resumed at (its FSDPCheckpoint.try_load_train_state), else 0
 
     @property
     def gradient_accumulation_steps(self) -> int:
@@ -75,18 +74,3 @@ class PatchContext:
         if getattr(self, attr) is None:
             setattr(self, attr, importlib.import_module(name))
         return getattr(self, attr)
-
-
-def replace_attribute(owner: Any, name: str, value: Any) -> Undo:
-    """Set ``owner.name = value``; the undo puts back what was there (or deletes the name if it was absent)."""
-    had = name in vars(owner)
-    old = vars(owner)[name] if had else None
-    setattr(owner, name, value)
-
-    def undo() -> None:
-        if had:
-            setattr(owner, name, old)
-        else:
-            delattr(owner, name)
-
-    return undo

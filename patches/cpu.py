@@ -11,7 +11,7 @@ What each ``apply``/``install`` function replaces:
 - ``declare_torchvision_ops()``: where a torchvision wheel built for CUDA sits next to a CPU-only torch (its
   compiled operators cannot load, and ``import torchvision`` then fails in the meta registrations of ``nms``), declares
   the two operator schemas it registers against, so its pure-Python transforms (all BAGEL's data code uses) import.
-  No-op when torchvision is absent or its operators load.
+  No-op when torchvision is absent, its operators load, or a ``torchvision`` operator namespace exists already.
 - ``apply_cpu_compat()``: the flash_attn stand-in and the sdpa patch.
 
 ``patch_flash_attn`` and ``patch_sdpa`` are the same two as rows of :mod:`bagel_sr.patches.registry` (they take
@@ -24,14 +24,16 @@ frequencies (and fp32 noised latents) meet bf16 linear weights ("mat1 and mat2 m
 fp32 model under autocast the MoT attention writes bf16 projections into fp32 buffers ("Index put requires the
 source and destination dtypes match"). No patch of the checkout is needed beyond the two below.
 
-Every function returns an undo callable; calling a patch again while it is active changes nothing and returns a
-no-op undo (the first caller owns the patch).
+Every function returns an :class:`~bagel_sr.patches.undo.Undo`; calling a patch again while it is active changes
+nothing and returns :data:`~bagel_sr.patches.undo.NOTHING` (the first caller owns the patch).
 """
 from __future__ import annotations
 
+import glob
 import importlib
 import importlib.machinery
 import importlib.util
+import os
 import sys
 from types import ModuleType
 from typing import Callable, Iterable
@@ -40,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
-from .context import Undo, noop
+from .undo import NOTHING, Undo, replace_attribute, replace_item
 
 
 FLASH_ATTN_MODULE = "flash_attn"
@@ -49,7 +51,7 @@ _WRAPPED_ATTR = "__bagel_sr_original__"  # set on our sdpa_kernel wrapper: the f
 _STAND_IN_ATTR = "__bagel_sr_stand_in__"  # set on our flash_attn stand-in module
 
 
-_noop = noop  # the undo of a patch already in force
+_noop = NOTHING  # the undo of a patch already in force
 
 
 # ---------------------------------------------------------------------------------------------- flash_attn stand-in
@@ -160,14 +162,7 @@ def install_flash_attn_stand_in() -> Undo:
     """
     if is_stand_in_installed() or importlib.util.find_spec(FLASH_ATTN_MODULE) is not None:
         return _noop
-    stand_in = _make_stand_in()
-    sys.modules[FLASH_ATTN_MODULE] = stand_in
-
-    def undo() -> None:
-        if sys.modules.get(FLASH_ATTN_MODULE) is stand_in:
-            del sys.modules[FLASH_ATTN_MODULE]
-
-    return undo
+    return replace_item(sys.modules, FLASH_ATTN_MODULE, _make_stand_in())
 
 
 # --------------------------------------------------------------------------------------------------- sdpa on CPU
@@ -203,14 +198,7 @@ def allow_cpu_sdpa(module: ModuleType | None = None) -> Undo:
         )
     if hasattr(current, _WRAPPED_ATTR):
         return _noop
-    wrapper = _math_allowing(current)
-    module.sdpa_kernel = wrapper
-
-    def undo() -> None:
-        if getattr(module, "sdpa_kernel", None) is wrapper:
-            module.sdpa_kernel = current
-
-    return undo
+    return replace_attribute(module, "sdpa_kernel", _math_allowing(current))
 
 
 def _import_qwen2_navit() -> ModuleType:
@@ -233,15 +221,23 @@ _TORCHVISION_SCHEMAS = (
 )
 
 
+def _torchvision_namespace_exists() -> bool:
+    """Whether some library already registered an operator under ``torchvision::`` in this process."""
+    return any(name.startswith("torchvision::") for name in torch._C._dispatch_get_all_op_names())
+
+
 def declare_torchvision_ops() -> Undo:
-    """Declare ``torchvision::nms``/``qnms`` when torchvision's compiled operators cannot load (see module doc)."""
+    """Declare ``torchvision::nms``/``qnms`` when torchvision's compiled operators cannot load (see module doc).
+
+    A ``torchvision`` operator namespace that exists already (torchvision's own, or another library's
+    declaration) is left alone: torch allows one ``DEF`` library per namespace.
+    """
     global _TORCHVISION_LIB
     spec = importlib.util.find_spec("torchvision")
     if _TORCHVISION_LIB is not None or spec is None or not spec.submodule_search_locations:
         return _noop
-    import glob
-    import os
-
+    if _torchvision_namespace_exists():
+        return _noop
     libs = glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "_C*.so"))
     try:
         if libs:
@@ -249,7 +245,12 @@ def declare_torchvision_ops() -> Undo:
             return _noop
     except OSError:
         pass
-    library = torch.library.Library("torchvision", "DEF")
+    try:
+        library = torch.library.Library("torchvision", "DEF")
+    except RuntimeError as err:  # a library that declared the namespace without operators yet
+        if "Only a single TORCH_LIBRARY" in str(err):
+            return _noop
+        raise
     for schema in _TORCHVISION_SCHEMAS:
         library.define(schema)
     _TORCHVISION_LIB = library
@@ -260,7 +261,7 @@ def declare_torchvision_ops() -> Undo:
             library._destroy()
             _TORCHVISION_LIB = None
 
-    return undo
+    return Undo(undo, "torchvision")
 
 
 # ----------------------------------------------------------------------------------------------- registry rows
@@ -282,31 +283,8 @@ def patch_sdpa(ctx=None) -> Undo:
 
 # -------------------------------------------------------------------------------------------------------- together
 
-class CpuCompatHandle:
-    """What ``apply_cpu_compat`` changed; call ``undo()`` (or the handle itself) to revert, newest first."""
-
-    def __init__(self) -> None:
-        self.applied: list[str] = []
-        self._undos: list[Undo] = []
-
-    def add(self, name: str, undo: Undo) -> None:
-        if undo is not _noop:
-            self.applied.append(name)
-            self._undos.append(undo)
-
-    def undo(self) -> None:
-        while self._undos:
-            self._undos.pop()()
-        self.applied.clear()
-
-    __call__ = undo
-
-    def __repr__(self) -> str:
-        return f"CpuCompatHandle(applied={self.applied})"
-
-
 def apply_cpu_compat(navit_module: ModuleType | None = None, *, flash_attn: bool = True, sdpa: bool = True
-                     ) -> CpuCompatHandle:
+                     ) -> Undo:
     """Make a BAGEL checkout importable and trainable on a CPU.
 
     flash_attn: install the plain-torch ``flash_attn`` stand-in (when flash-attn is not installed).
@@ -315,7 +293,7 @@ def apply_cpu_compat(navit_module: ModuleType | None = None, *, flash_attn: bool
     Callers still cast the model to bf16 and run its forward under ``torch.autocast("cpu", dtype=torch.bfloat16)``
     (see the module docstring). Idempotent: parts already applied are skipped (absent from ``handle.applied``).
     """
-    handle = CpuCompatHandle()
+    handle = Undo()
     try:
         if flash_attn:
             handle.add("sys.modules['flash_attn'] (stand-in)", install_flash_attn_stand_in())

@@ -16,10 +16,9 @@ import importlib
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import yaml
 
@@ -27,50 +26,20 @@ from bagel_sr import dataset_layout as layout
 from bagel_sr.names import check_names  # noqa: F401 (re-exported: the wrapper's name check)
 from bagel_sr.errors import UserError
 
+from .undo import Undo, replace_item
 
-class DatasetRegistrationError(RuntimeError):
+
+class DatasetRegistrationError(UserError, RuntimeError):
     """The checkout or the built set does not have what registration needs (the message says what)."""
 
 
-@dataclass
-class DatasetRegistration:
-    """Handle returned by :func:`register_built_datasets`; ``undo()`` (or calling it) restores DATASET_INFO."""
+class DatasetRegistration(Undo):
+    """Handle returned by :func:`register_built_datasets`: an :class:`~bagel_sr.patches.undo.Undo` of the entries
+    (and groups) it added to ``DATASET_INFO``; ``names``: the data sets registered."""
 
-    group: dict[str, Any]
-    added: dict[str, dict[str, Any]]
-    previous: dict[str, dict[str, Any] | None] = field(default_factory=dict)
-    undone: bool = False
-    info: dict[str, Any] | None = None  # DATASET_INFO, when the group was created here (undo removes it)
-    text: list[tuple[dict[str, Any], str, Any]] = field(default_factory=list)  # (group, name, previous) of chat sets
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.added)
-
-    def undo(self) -> None:
-        if self.undone:
-            return
-        for name, old in self.previous.items():
-            if old is None:
-                self.group.pop(name, None)
-            else:
-                self.group[name] = old
-        if self.info is not None and not self.group:
-            self.info.pop(layout.BAGEL_GROUP, None)
-        for group, name, old in reversed(self.text):
-            if old is None:
-                group.pop(name, None)
-            else:
-                group[name] = old
-        self.undone = True
-
-    __call__ = undo
-
-    def __enter__(self) -> "DatasetRegistration":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.undo()
+    def __init__(self, names: Iterable[str] = ()):
+        super().__init__()
+        self.names = list(names)
 
 
 def _registration_file(path: str | os.PathLike[str]) -> Path:
@@ -158,14 +127,14 @@ def _register_text_groups(module: ModuleType, paths: list, handle: "DatasetRegis
         if group_name not in (getattr(module, "DATASET_REGISTRY", None) or {}):
             raise DatasetRegistrationError(f"BAGEL checkout mismatch: no DATASET_REGISTRY['{group_name}'] for the "
                                            f"chat set of {p}")
-        group = module.DATASET_INFO.setdefault(group_name, {})
-        handle.text.append((group, name, group.get(name)))
-        group[name] = entry
+        if group_name not in module.DATASET_INFO:
+            handle.add(group_name, replace_item(module.DATASET_INFO, group_name, {}))
+        handle.add(name, replace_item(module.DATASET_INFO[group_name], name, entry))
 
 
-def _check_checkout(module: ModuleType) -> tuple[dict[str, Any], bool]:
-    """``(DATASET_INFO['unified_edit'], created)``: the group, created (empty) when the registry maps the type but
-    ``DATASET_INFO`` holds no group for it (forks keep only their own groups)."""
+def _check_checkout(module: ModuleType) -> dict[str, Any]:
+    """``DATASET_INFO['unified_edit']``, or an empty dict when the registry maps the type but ``DATASET_INFO`` holds
+    no group for it (forks keep only their own groups; the registration adds it)."""
     info = getattr(module, "DATASET_INFO", None)
     registry = getattr(module, "DATASET_REGISTRY", None)
     where = getattr(module, "__file__", module.__name__)
@@ -177,13 +146,12 @@ def _check_checkout(module: ModuleType) -> tuple[dict[str, Any], bool]:
         raise DatasetRegistrationError(f"BAGEL checkout mismatch: {where} has no DATASET_INFO dict to register into")
     group = info.get(layout.BAGEL_GROUP)
     if group is None:
-        info[layout.BAGEL_GROUP] = {}
-        return info[layout.BAGEL_GROUP], True
+        return {}
     if not isinstance(group, dict):
         raise DatasetRegistrationError(
             f"BAGEL checkout mismatch: {where}: DATASET_INFO['{layout.BAGEL_GROUP}'] is a "
             f"{type(group).__name__}, not a dict of data sets")
-    return group, False
+    return group
 
 
 def register_built_datasets(
@@ -202,7 +170,7 @@ def register_built_datasets(
         yaml_paths = [yaml_paths]
     yaml_paths = list(yaml_paths)
     module = dataset_info_module or importlib.import_module("data.dataset_info")
-    group, created = _check_checkout(module)
+    group = _check_checkout(module)
     entries: dict[str, dict[str, Any]] = {}
     for p in yaml_paths:
         for name, entry in load_built_dataset(p).items():
@@ -215,11 +183,12 @@ def register_built_datasets(
             raise DatasetRegistrationError(
                 f"DATASET_INFO['{layout.BAGEL_GROUP}'] already has '{name}' with data_dir {old.get('data_dir')!r}; "
                 f"rename the built set (config key 'name') or pass replace=True")
-    handle = DatasetRegistration(group=group, added=entries, info=module.DATASET_INFO if created else None)
-    for name, entry in entries.items():
-        handle.previous[name] = group.get(name)
-        group[name] = entry
+    handle = DatasetRegistration(entries)
     try:
+        if layout.BAGEL_GROUP not in module.DATASET_INFO:
+            handle.add(layout.BAGEL_GROUP, replace_item(module.DATASET_INFO, layout.BAGEL_GROUP, group))
+        for name, entry in entries.items():
+            handle.add(name, replace_item(group, name, entry))
         _register_text_groups(module, yaml_paths, handle)
     except Exception:
         handle.undo()
@@ -227,11 +196,11 @@ def register_built_datasets(
     return handle
 
 
-def register_datasets(ctx) -> Callable[[], None]:
+def register_datasets(ctx) -> Undo:
     """Registry row: :func:`register_built_datasets` of ``ctx.dataset_yamls`` into ``ctx.dataset_info_module``
-    (``data.dataset_info`` of the checkout when unset); returns the handle's undo."""
+    (``data.dataset_info`` of the checkout when unset); returns its handle."""
     module = ctx.module("dataset_info_module", "data.dataset_info")
-    return register_built_datasets(list(ctx.dataset_yamls), module).undo
+    return register_built_datasets(list(ctx.dataset_yamls), module)
 
 
 # -- names checked against what exists (the check itself: bagel_sr.names.check_names) -------------------------

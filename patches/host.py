@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Tuple
 
 from bagel_sr.config import PixelLossConfig
+from bagel_sr.errors import UserError
 
 HOST_MODES: Dict[str, str] = {
     "off": "bagel-sr's term replaces the checkout's own: the host's pixel/SSIM weights are set to 0 (announced)",
@@ -23,7 +24,7 @@ HOST_MODE_FLAG = "--bagel_sr_host_pixel_loss"
 _OUR_FIELDS = frozenset(PixelLossConfig().to_flags())
 
 
-class HostPixelLossError(RuntimeError):
+class HostPixelLossError(UserError, RuntimeError):
     """The checkout carries its own pixel term and ``--bagel_sr_host_pixel_loss refuse`` was given."""
 
 

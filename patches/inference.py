@@ -25,7 +25,8 @@ from bagel_sr.flow import shift_timesteps
 from bagel_sr.packing import patchify_latent
 from bagel_sr.restoration import check_start_t, start_index, start_latent
 
-from .context import PatchContext, Undo, replace_attribute
+from .context import PatchContext
+from .undo import Undo, combine, replace_attribute
 from .training import require
 
 GENERATE_ARGS = ("packed_init_noises", "num_timesteps", "timestep_shift")
@@ -109,11 +110,5 @@ def patch_start_t(ctx: PatchContext) -> Undo:
         finally:
             undo_flow()
 
-    undo_update = replace_attribute(inferencer, "update_context_image", update_context_image)
-    undo_generate = replace_attribute(model, "generate_image", generate_image)
-
-    def undo() -> None:
-        undo_generate()
-        undo_update()
-
-    return undo
+    return combine(replace_attribute(inferencer, "update_context_image", update_context_image),
+                   replace_attribute(model, "generate_image", generate_image))

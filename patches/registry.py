@@ -4,20 +4,23 @@ A row names the function that applies the patch (it checks the contract fact it 
 name it replaces, its group (``cpu``, ``training``, ``datasets``, ``dryrun``: the CPU dry run of ``main()`` only, ``inference``: a
 restoring ``InterleaveInferencer``, ``lora``: LoRA fine-tuning, :mod:`.lora`), its stage (``checkout``: needs only the checkout
 on ``sys.path``, applied before the training script is imported; ``script``: needs the imported script), when it
-applies, and how to read the replaced name (how the tests check that ``undo`` restores it).  To add a patch, write
-one function ``patch_x(ctx) -> undo`` and one row.  The start-up banner lists the rows in force;
+applies, and how to read the replaced name (how the tests check that ``undo`` restores it and that a row listed in
+force replaced it).  To add a patch, write one function ``patch_x(ctx) -> Undo`` (built with
+:func:`bagel_sr.patches.undo.replace_attribute`; :data:`~bagel_sr.patches.undo.NOTHING` when there is nothing to
+replace) and one row.  The start-up banner lists the rows in force;
 ``python -c "from bagel_sr.patches import registry; print(registry.describe())"`` prints the table.
 """
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, List, Optional, Tuple
+from typing import Any, Callable, Collection, List, Optional
 
 import torch
 
 from . import cpu, datasets, inference, lora, lora_deepspeed, training
-from .context import PatchContext, RunState, Undo, noop
+from .context import PatchContext, RunState
+from .undo import Undo, UndoLike, as_undo
 
 STAGES = ("checkout", "script")
 GROUPS = ("cpu", "training", "datasets", "dryrun", "inference", "lora")
@@ -32,7 +35,7 @@ class Patch:
     group: str
     stage: str
     does: str
-    apply: Callable[[PatchContext], Undo]
+    apply: Callable[[PatchContext], UndoLike]
     read: Callable[[PatchContext], Any]
     when: Callable[[PatchContext], bool] = lambda ctx: True
     condition: str = "always"
@@ -76,6 +79,12 @@ PATCHES: List[Patch] = [
           "also returns pixel_loss_inputs (ground truth past the loop's pop of padded_images)",
           training.patch_batch,
           lambda ctx: vars(ctx.module("batch_module", "data.dataset_base").SimpleCustomBatch).get("to_dict")),
+    Patch("patch_train_state", "<script>.FSDPCheckpoint.try_load_train_state", "training", "script",
+          "also tells the weight controller the optimizer step the loop resumes at (the warm-up goes on from there)",
+          training.patch_train_state, lambda ctx: vars(ctx.train_module.FSDPCheckpoint).get("try_load_train_state"),
+          when=lambda ctx: callable(getattr(getattr(ctx.train_module, "FSDPCheckpoint", None),
+                                            "try_load_train_state", None)),
+          condition="the script resumes through FSDPCheckpoint"),
     Patch("register_datasets", "data.dataset_info.DATASET_INFO['unified_edit']", "datasets", "script",
           "adds the sets of --bagel_sr_datasets",
           datasets.register_datasets,
@@ -114,41 +123,35 @@ def register(*patches: Patch) -> None:
             PATCHES.append(patch)
 
 
-class Handle:
-    """The patches :func:`apply` put in force, newest last; ``undo()`` (or leaving a ``with`` block) reverts all."""
+class Handle(Undo):
+    """The patches :func:`apply` put in force, newest last; ``undo()`` (or leaving a ``with`` block) reverts all.
+
+    A row whose undo changed nothing (:data:`~bagel_sr.patches.undo.NOTHING`: its target is absent here, or it is
+    already in force and the first caller owns it) is not listed as applied.
+    """
 
     def __init__(self, ctx: PatchContext):
+        super().__init__()
         self.ctx = ctx
-        self._undos: List[Tuple[Patch, Undo]] = []
 
     @property
     def run(self) -> RunState:
         """What the patches learned while ``main()`` ran: parsed settings, TrainingArguments, the VAE."""
         return self.ctx.run
 
-    @property
-    def applied(self) -> List[str]:
-        return [patch.name for patch, _ in self._undos]
+    def add(self, patch: Patch, undo: UndoLike) -> bool:  # type: ignore[override]
+        undo = as_undo(undo)
+        if not undo.changed:
+            return False
+        ctx, name = self.ctx, patch.name
 
-    def add(self, patch: Patch, undo: Undo) -> None:
-        if undo is not noop:  # a patch already in force (first caller owns it) is not ours to undo
-            self._undos.append((patch, undo))
-            self.ctx.run.applied[patch.name] = patch.target
+        def revert() -> None:
+            undo.undo()
+            ctx.run.applied.pop(name, None)
 
-    def undo(self) -> None:
-        while self._undos:
-            patch, undo = self._undos.pop()
-            undo()
-            self.ctx.run.applied.pop(patch.name, None)
-
-    def __enter__(self) -> "Handle":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.undo()
-
-    def __repr__(self) -> str:
-        return f"Handle(applied={self.applied})"
+        self._reverts.append((name, revert))
+        ctx.run.applied[name] = patch.target
+        return True
 
 
 def select(stage: Optional[str] = None, groups: Optional[Collection[str]] = None,

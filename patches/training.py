@@ -14,6 +14,7 @@ import torch
 
 from bagel_sr import distributed, flow, monitoring, weighting
 from bagel_sr.config import PixelLossConfig, pixel_loss_arguments_class
+from bagel_sr.errors import UserError
 from bagel_sr.extension import with_pixel_loss
 from bagel_sr.names import check_names
 from bagel_sr.patches.datasets import dataset_config_names
@@ -31,7 +32,7 @@ REQUIRED_SCRIPT_NAMES = ("main", "TrainingArguments", "HfArgumentParser", "load_
 REQUIRED_TRAINING_FIELDS = ("mse_weight", "timestep_shift", "visual_gen")
 
 
-class IncompatibleCheckoutError(RuntimeError):
+class IncompatibleCheckoutError(UserError, RuntimeError):
     """A fact of BAGEL_CONTRACT.md the patches need does not hold in this checkout."""
 
 
@@ -130,6 +131,7 @@ def make_training_model_class(bagel_cls: type, run: RunState) -> type:
             mse_weight = float(run.training_args.mse_weight)
             tokens = fold.global_token_count(len(kwargs["mse_loss_indexes"]), out["mse"].device)
             flow_loss = monitoring.flow_term(out["mse"], tokens, mse_weight) if state.wants_call_tensors else None
+            state.start_step = run.start_step  # the weight's clock is the loop's optimizer step (after a resume too)
             step = weighting.next_weight(state, flow_loss, run.gradient_accumulation_steps)
             pixel = out[state.key("pixel")]
             out["mse"] = fold.fold_into_mse(out["mse"], pixel, step.weight, mse_weight, tokens)
@@ -230,3 +232,18 @@ def patch_batch(ctx: PatchContext) -> Undo:
         return data
 
     return replace_attribute(batch_cls, "to_dict", to_dict)
+
+
+def patch_train_state(ctx: PatchContext) -> Undo:
+    """``FSDPCheckpoint.try_load_train_state`` also tells the weight controller the optimizer step the loop resumes
+    at (the third item it returns), so the warm-up goes on from there instead of starting again."""
+    checkpoint, run = ctx.train_module.FSDPCheckpoint, ctx.run
+    original = checkpoint.try_load_train_state
+
+    def try_load_train_state(*args, **kwargs):
+        result = original(*args, **kwargs)
+        if isinstance(result, tuple) and len(result) == 4 and isinstance(result[2], int):
+            run.start_step = result[2]  # (optimizer, scheduler, train_step, data_status)
+        return result
+
+    return replace_attribute(checkpoint, "try_load_train_state", staticmethod(try_load_train_state))

@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from bagel_sr.testing import fake_checkout
+from bagel_sr.errors import UserError
 from bagel_sr.patches import checkout, launch
 from bagel_sr.train import main_sr_pixel_loss as main_job
 from bagel_sr.testing.bagel_tiny import bagel_root, import_bagel, requires_bagel
@@ -20,7 +21,7 @@ def test_without_a_checkout_the_wrapper_says_how_to_point_at_one(monkeypatch, ca
     assert called["argv"] == ["--seeds", "1"]  # the experiment's parser holds the defaults
     with pytest.raises(checkout.CheckoutError, match="BAGEL_ROOT"):
         launch.prepare_checkout("/nonexistent/bagel")
-    with pytest.raises(SystemExit, match="no BAGEL checkout: pass --bagel_root PATH"):
+    with pytest.raises(UserError, match="no BAGEL checkout: pass --bagel_root PATH"):
         launch.main(["--seeds", "1"])  # the wrapper alone needs a checkout
 
 

@@ -169,3 +169,37 @@ def test_apply_cpu_compat_is_idempotent_and_reversible():
     handle.undo()
     assert module.sdpa_kernel is sdpa_kernel
     assert cpu.is_stand_in_installed() == was_installed
+
+
+# ------------------------------------------------------------------------------------------- torchvision on CPU
+
+TORCHVISION_SCRIPT = """
+import sys
+import torch
+sys.path.insert(0, {folder!r})  # a torchvision whose compiled operators cannot load
+if {other!r} != "none":
+    other = torch.library.Library("torchvision", "DEF")  # another library declared the namespace first
+    if {other!r} == "with_ops":
+        other.define("roi_stub(Tensor x) -> Tensor")
+from bagel_sr.patches import cpu
+undo = cpu.declare_torchvision_ops()
+print(undo.changed, hasattr(torch.ops.torchvision, "nms"))
+undo()
+print(hasattr(torch.ops.torchvision, "nms"))
+"""
+
+
+@pytest.mark.parametrize("other, expected", [("none", "True True\nFalse"), ("with_ops", "False False\nFalse"),
+                                             ("namespace_only", "False False\nFalse")])
+def test_declare_torchvision_ops_declares_once_and_leaves_an_existing_namespace_alone(tmp_path, other, expected):
+    """A fresh process each (operators are process-wide): without a namespace the two schemas are declared and
+    undone; with one declared by another library, nothing is declared and nothing crashes."""
+    import subprocess
+
+    (tmp_path / "torchvision").mkdir()
+    (tmp_path / "torchvision" / "__init__.py").write_text("")
+    (tmp_path / "torchvision" / "_C.so").write_bytes(b"not a shared library")
+    script = TORCHVISION_SCRIPT.format(folder=str(tmp_path), other=other)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == expected

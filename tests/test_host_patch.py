@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from bagel_sr import PixelLossConfig, with_pixel_loss
+from bagel_sr.errors import UserError
 from bagel_sr.patches import checkout, host
 from bagel_sr.patches.registry import apply_pixel_loss_training
 from bagel_sr.state import KEY_PREFIX
@@ -151,9 +152,9 @@ def test_keep_leaves_the_host_term_alone_and_refuse_stops(checkout_shape, capsys
 def test_the_wrapper_refuses_an_unknown_mode_and_a_refused_host_in_one_line(checkout_shape):
     from bagel_sr.patches import launch
 
-    with pytest.raises(SystemExit, match="--bagel_sr_host_pixel_loss 'maybe': allowed: off, keep, refuse"):
+    with pytest.raises(UserError, match="--bagel_sr_host_pixel_loss 'maybe': allowed: off, keep, refuse"):
         launch.main(["--bagel_root", import_bagel().root.as_posix(), "--bagel_sr_host_pixel_loss", "maybe"])
     if checkout_shape == "fork":
         sys.modules.pop(checkout.TRAINING_MODULE_NAME, None)
-        with pytest.raises(SystemExit, match="bagel-sr: this checkout already carries its own pixel loss"):
+        with pytest.raises(UserError, match="this checkout already carries its own pixel loss"):
             launch.main(["--bagel_root", import_bagel().root.as_posix(), "--bagel_sr_host_pixel_loss", "refuse"])

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from bagel_sr.errors import UsageError
 from bagel_sr.lora_settings import TARGET_PRESETS, LoraSettings, LoraSettingsError, settings_from_flags
 from bagel_sr.patches import launch, lora
 
@@ -50,21 +51,19 @@ def test_bad_settings_are_one_line_naming_the_flag(flags, needle):
 
 
 def test_the_wrapper_takes_the_flags_and_stops_before_any_launch(capsys):
-    wargs, rest = launch.split_wrapper_args(["--bagel_sr_lora_rank", "8", "--bagel_sr_lora_targets=gen", "--lr", "1e-4"])
-    assert rest == ["--lr", "1e-4"] and wargs.lora.rank == 8 and wargs.lora.targets == "gen"
-    wargs, rest = launch.split_wrapper_args(["--bagel_sr_lora_alpha", "16"])
-    with pytest.raises(SystemExit) as stop:
-        launch.check_wrapper_flags(wargs, rest)
-    assert str(stop.value).startswith("bagel-sr: --bagel_sr_lora_alpha given but --bagel_sr_lora_rank is 0")
+    wargs = launch.parse_wrapper_args(["--bagel_sr_lora_rank", "8", "--bagel_sr_lora_targets=gen", "--lr", "1e-4"])
+    assert wargs.rest == ["--lr", "1e-4"] and wargs.lora.rank == 8 and wargs.lora.targets == "gen"
+    with pytest.raises(UsageError) as stop:
+        launch.parse_wrapper_args(["--bagel_sr_lora_alpha", "16"])
+    assert str(stop.value).startswith("--bagel_sr_lora_alpha given but --bagel_sr_lora_rank is 0")
 
 
 def test_missing_peft_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft raises ImportError
     with pytest.raises(lora.MissingExtra, match=r'pip install -e "\.\[lora\]"'):
         lora.require_peft()
-    wargs, rest = launch.split_wrapper_args(["--bagel_sr_lora_rank", "8"])
-    with pytest.raises(SystemExit, match=r'bagel-sr: --bagel_sr_lora_rank needs peft.*\.\[lora\]'):
-        launch.check_wrapper_flags(wargs, rest)
+    with pytest.raises(lora.MissingExtra, match=r'--bagel_sr_lora_rank needs peft.*\.\[lora\]'):
+        launch.parse_wrapper_args(["--bagel_sr_lora_rank", "8"])
 
 
 def test_presets_resolve_to_both_experts_or_the_generation_expert():

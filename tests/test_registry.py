@@ -2,6 +2,7 @@
 import dataclasses
 import inspect
 import sys
+import types
 
 import pytest
 
@@ -11,6 +12,7 @@ from bagel_sr.patches import cpu, datasets, inference, lora, lora_deepspeed, reg
 from bagel_sr.smoke import cpu_cuda, cpu_main
 from bagel_sr.smoke import rows as smoke_rows
 from bagel_sr.validation import rows as validation_rows
+from bagel_sr.config import PixelLossConfig
 from bagel_sr.patches.context import PatchContext
 
 
@@ -62,13 +64,37 @@ def test_one_handle_undoes_every_replaced_name_cpu_patches_included(tmp_path, mo
     assert handle.applied == [] and ctx.run.applied == {}
 
 
+def _not_applied(ctx, handle, before):
+    """The rows the handle lists as in force whose replaced name still reads as before (they did not apply)."""
+    rows = {p.name: p for p in registry.PATCHES}
+    return [n for n in handle.applied if rows[n].read(ctx) is before[n] or rows[n].read(ctx) == before[n]]
+
+
+@pytest.mark.parametrize("fsdp", ["names_missing", "absent"])
+def test_a_row_is_listed_in_force_only_when_it_replaced_its_name(monkeypatch, fsdp):
+    """A dry run of a loop without FSDP (a DeepSpeed port): the FSDP rows change nothing and are not listed."""
+    monkeypatch.setattr(registry.torch.cuda, "is_available", lambda: False)
+    empty = types.ModuleType("train.fsdp_utils")  # a checkout's fsdp_utils without the names the dry run maps
+    if fsdp == "absent":
+        monkeypatch.setattr(cpu_main, "fsdp_module", lambda ctx: None)
+    ctx = fake_checkout.context(dry_run=True, fsdp_module=empty)
+    rows = registry.select(stage="script")
+    before = _snapshot(ctx, rows)
+    with registry.apply(ctx, stage="script") as handle:
+        assert _not_applied(ctx, handle, before) == []
+        assert "patch_nccl" in handle.applied and "patch_device_mesh" not in handle.applied
+        assert "patch_state_dict_offload" not in handle.applied and set(ctx.run.applied) == set(handle.applied)
+        assert "patch_state_dict_offload" not in training.banner(PixelLossConfig(), 1.0, ctx.run.applied)
+    assert ctx.run.applied == {} and _snapshot(ctx, rows) == before
+
+
 def test_a_failing_patch_undoes_what_was_applied(monkeypatch):
     monkeypatch.setattr(registry.torch.cuda, "is_available", lambda: False)
     ctx = fake_checkout.context()
     ctx.batch_module.SimpleCustomBatch = type("SimpleCustomBatch", (), {})  # patch_batch's fact is missing
     before = _snapshot(ctx, [p for p in registry.PATCHES if p.group == "training" and p.name != "patch_batch"
                              and p not in validation_rows.VALIDATION_PATCHES])
-    assert len(before) == 4
+    assert len(before) == 5
     with pytest.raises(training.IncompatibleCheckoutError, match="SimpleCustomBatch.to_dict"):
         registry.apply(ctx, groups=("training",))
     assert _snapshot(ctx, [p for p in registry.PATCHES if p.name in before]) == before

@@ -116,13 +116,13 @@ def test_launch_log_parsing_and_checks():
 @pytest.mark.parametrize("flag, value, expected", [
     ("--pixel_loss_type", "bogus", "--pixel_loss_type: got 'bogus'; allowed: one of ('l2', 'l1', 'charbonnier') (or the aliases mse = l2, mae = l1)."),
     ("--pixel_loss_max_t", "1.5", "--pixel_loss_max_t: got 1.5; allowed: a number in (0, 1]."),
-    ("--pixel_loss_max_images", "many", "wrong type"),
+    ("--pixel_loss_max_images", "many", "invalid int value: 'many'"),
 ])
 def test_a_bad_flag_stops_the_wrapper_in_one_line_before_the_checkout_runs(tmp_path, flag, value, expected):
     # the checkout named does not even exist: the flag is refused before anything else happens
     code, out = run_cli("train/main_sr_pixel_loss.py", "--bagel_root", str(tmp_path / "nowhere"), flag, value)
-    assert code != 0
-    assert expected in last_line(out) and last_line(out).startswith("bagel-sr: ")
+    assert code == 2
+    assert expected in last_line(out) and last_line(out).startswith("error: ")
     assert "Traceback" not in out
 
 
@@ -131,8 +131,8 @@ def test_a_bad_flag_stops_the_wrapper_in_one_line_before_the_checkout_runs(tmp_p
 def test_a_missing_dataset_yaml_stops_the_wrapper_in_one_line(tmp_path):
     code, out = run_cli("train/main_sr_pixel_loss.py", "--bagel_root", bagel_root(),
                         "--bagel_sr_datasets", str(tmp_path / "missing.yaml"))
-    assert code != 0 and "Traceback" not in out
-    assert last_line(out).startswith("bagel-sr: no built bagel-sr set at")
+    assert code == 2 and "Traceback" not in out
+    assert last_line(out).startswith("error: no built bagel-sr set at")
 
 
 # ------------------------------------------------------------------------------------- the dry run on BAGEL

@@ -1,9 +1,12 @@
 """The training-script patches on the fake checkout (the real one: test_bagel_*.py)."""
+import dataclasses
+
 import pytest
 import torch
 
 from bagel_sr.testing import fake_checkout
 from bagel_sr import PixelLossConfig, with_pixel_loss
+from bagel_sr.errors import UserError
 from bagel_sr.patches import launch
 from bagel_sr.patches.registry import apply_pixel_loss_training
 from bagel_sr.patches.training import IncompatibleCheckoutError, banner
@@ -83,19 +86,34 @@ def test_bad_values_and_missing_facts_fail_early():
     assert (module.Bagel, module.TrainingArguments) == (bagel, arguments)  # nothing left half-patched
 
 
-def test_wrapper_flags_and_defaults_go_in_through_the_arguments_class():
-    wargs, rest = launch.split_wrapper_args(["--bagel_root=/x", "--lr", "1e-5", "--bagel_train_script", "train/main.py",
-                                             "--pixel_loss_weight", "0.2"])
-    assert (wargs.bagel_root, wargs.bagel_train_script) == ("/x", "train/main.py")
-    assert rest == ["--lr", "1e-5", "--pixel_loss_weight", "0.2"]  # argv is passed on as given
-    with pytest.raises(SystemExit, match="bagel_root"):
-        launch.split_wrapper_args(["--bagel_root"])
+def test_wrapper_flags_are_parsed_once_and_the_settings_go_in_as_the_arguments_class_defaults():
+    wargs = launch.parse_wrapper_args(["--bagel_root=/x", "--lr", "1e-5", "--bagel_train_script", "train/main.py",
+                                       "--pixel_loss_weight", "0.2", "--pixel_loss_type=mse", "--visual_gen", "-h"])
+    assert (wargs.bagel_root, wargs.bagel_train_script, wargs.help) == ("/x", "train/main.py", True)
+    assert wargs.rest == ["--lr", "1e-5", "--visual_gen", "-h"]  # the checkout's words, as given
+    assert wargs.pixel_flags == ["--pixel_loss_weight", "0.2", "--pixel_loss_type=mse"]
+    settings = launch.pixel_settings(wargs)
+    assert (settings.weight, settings.loss_type, settings.max_t) == (0.2, "l2", 0.3)  # the wrapper's defaults below
+    assert launch.checkout_argv(wargs) == wargs.rest  # the checkout's parser never sees them again
+    keep = launch.parse_wrapper_args(["--bagel_sr_host_pixel_loss", "keep", "--pixel_loss_weight", "0.2"])
+    assert launch.pixel_settings(keep) is None and launch.checkout_argv(keep) == ["--pixel_loss_weight", "0.2"]
+    with pytest.raises(UserError, match="bagel_root needs a value"):
+        launch.parse_wrapper_args(["--bagel_root"])
+    with pytest.raises(UserError, match="invalid int value: 'many'"):
+        launch.pixel_settings(launch.parse_wrapper_args(["--pixel_loss_max_images", "many"]))
+    with pytest.raises(UserError, match=r"--pixel_loss_max_t: got 1.5; allowed: a number in \(0, 1\]"):
+        launch.pixel_settings(launch.parse_wrapper_args(["--pixel_loss_max_t", "1.5"]))
+    with pytest.raises(UserError, match="not used by the HfArgumentParser.*pixel_loss_bogus"):
+        launch.pixel_settings(launch.parse_wrapper_args(["--pixel_loss_bogus", "1"]))
     module, batch_module = fake_checkout.script()
     with apply_pixel_loss_training(module, batch_module):
         parser = module.HfArgumentParser(module.TrainingArguments)
         (targs,) = parser.parse_args_into_dataclasses(["--pixel_loss_weight", "0.2"])
         assert (targs.pixel_loss_weight, targs.pixel_loss_max_t, targs.pixel_loss_paired_only) == (0.2, 0.3, True)
         assert "(default: 0.05)" in " ".join(parser.format_help().split())
+    with apply_pixel_loss_training(module, batch_module, defaults=dataclasses.asdict(settings)):  # as the wrapper does
+        (targs,) = module.HfArgumentParser(module.TrainingArguments).parse_args_into_dataclasses([])
+        assert PixelLossConfig.from_namespace(targs) == settings
     with apply_pixel_loss_training(module, batch_module, defaults={}):  # the library's defaults: off
         (targs,) = module.HfArgumentParser(module.TrainingArguments).parse_args_into_dataclasses([])
         assert targs.pixel_loss_weight == 0.0

@@ -35,21 +35,21 @@ def wrapper(*args):
 
 def test_a_set_without_a_val_split_is_refused_in_one_line(sets):
     code, line, out = wrapper("--bagel_sr_val_datasets", str(sets["train_only"]))
-    assert code != 0 and "Traceback" not in out
-    assert line == ("bagel-sr: --bagel_sr_val_datasets {}: the set 'setb' has no val split; rebuild it with "
+    assert code == 2 and "Traceback" not in out
+    assert line == ("error: --bagel_sr_val_datasets {}: the set 'setb' has no val split; rebuild it with "
                     "splits.fractions.val > 0 (python -m bagel_sr.data build)".format(sets["train_only"]))
 
 
 def test_more_val_images_than_the_split_holds_is_refused(sets):
     code, line, out = wrapper("--bagel_sr_val_datasets", str(sets["val"]), "--bagel_sr_val_images", "9")
-    assert code != 0 and "Traceback" not in out
-    assert line == "bagel-sr: --bagel_sr_val_images 9: the val split(s) hold only 8 image(s); ask for at most 8"
+    assert code == 2 and "Traceback" not in out
+    assert line == "error: --bagel_sr_val_images 9: the val split(s) hold only 8 image(s); ask for at most 8"
 
 
 def test_a_val_set_whose_source_files_training_reads_is_refused_naming_the_overlap(sets):
     code, line, out = wrapper("--bagel_sr_val_datasets", str(sets["val"]), "--bagel_sr_datasets", str(sets["train_only"]))
-    assert code != 0 and "Traceback" not in out
-    assert line.startswith("bagel-sr: --bagel_sr_val_datasets: the val split of 'seta' shares 8 source file(s) with "
+    assert code == 2 and "Traceback" not in out
+    assert line.startswith("error: --bagel_sr_val_datasets: the val split of 'seta' shares 8 source file(s) with "
                            "the training set 'setb' (e.g. "), line
     # the same set for training (its train split) and validation (its val split) is the normal case
     val = load_val_set(sets["val"])
@@ -65,17 +65,17 @@ def test_a_val_split_named_in_the_training_config_is_refused(sets, tmp_path):
 
 def test_a_set_built_without_held_out_pngs_is_refused(sets):
     code, line, _ = wrapper("--bagel_sr_val_datasets", str(sets["no_png"]))
-    assert code != 0 and "have no held-out PNGs" in line and line.endswith("rebuild the set with output.heldout_png: true")
+    assert code == 2 and "have no held-out PNGs" in line and line.endswith("rebuild the set with output.heldout_png: true")
 
 
 def test_bad_values_and_validation_without_a_checkout_are_refused_in_one_line(sets):
     code, line, _ = wrapper("--bagel_sr_val_datasets", str(sets["val"]), "--bagel_sr_val_every", "0")
-    assert code != 0 and line == "bagel-sr: --bagel_sr_val_every: got 0; allowed: an integer >= 1."
+    assert code == 2 and line == "error: --bagel_sr_val_every: got 0; allowed: an integer >= 1."
     proc = subprocess.run([sys.executable, "train/main_sr_pixel_loss.py", "--bagel_sr_val_datasets", str(sets["val"])],
                           cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={k: v for k, v in os.environ.items() if k != "BAGEL_ROOT"})
     last = [x for x in (proc.stdout + proc.stderr).splitlines() if x.strip()][-1]
-    assert proc.returncode != 0 and last.startswith("bagel-sr: --bagel_sr_val_datasets validates inside a BAGEL checkout")
+    assert proc.returncode == 2 and last.startswith("error: --bagel_sr_val_datasets validates inside a BAGEL checkout")
 
 
 class _Transform:

@@ -59,7 +59,7 @@ class EmbeddedLoop:
 
 
 class BagelPatchLoop:
-    def __init__(self, config: PixelLossConfig, mse_weight: float, ga: int):
+    def __init__(self, config: PixelLossConfig, mse_weight: float, ga: int, resume_from: str = ""):
         module, self.batch_module = fake_checkout.script()
         flags = sum(([f"--{k}", str(v)] for k, v in config.to_flags().items() if v is not None), [])
         with apply_pixel_loss_training(module, self.batch_module):
@@ -68,6 +68,8 @@ class BagelPatchLoop:
             module.load_ae()
             torch.manual_seed(0)
             self.model = module.Bagel(hidden=16)
+            if resume_from:  # as BAGEL's main(): after the model, before the loop
+                module.FSDPCheckpoint.try_load_train_state(resume_from, None, None, None)
         self.model.pixel_loss_state.vae = VAE
 
     def step(self):
@@ -78,6 +80,24 @@ class BagelPatchLoop:
 
 
 LOOPS = [EmbeddedLoop, BagelPatchLoop]
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_a_resumed_run_goes_on_with_the_warm_up_of_the_uninterrupted_run(adaptive):
+    """The weight's clock is the loop's optimizer step: a run stopped after optimizer step 1 (checkpoint 0000001)
+    and resumed by the patched loop at step 2 gets the weights the uninterrupted run gets from there on."""
+    config = PixelLossConfig(weight=0.4, max_images=0, warmup_steps=5, adaptive_weight=adaptive, log_grad_norms_every=2)
+    ga, mse_weight = 2, 1.0
+    whole = BagelPatchLoop(config, mse_weight, ga)
+    uninterrupted = [whole.step()[0] for _ in range(8)]
+    assert uninterrupted[3] < uninterrupted[4] < uninterrupted[6]  # still warming up at the resume
+    resumed = BagelPatchLoop(config, mse_weight, ga, resume_from="checkpoints/0000001")
+    assert [resumed.step()[0] for _ in range(4)] == pytest.approx(uninterrupted[4:], rel=1e-6)
+    custom = EmbeddedLoop(config, mse_weight, ga)  # a custom loop tells the model itself
+    custom.model.resume_pixel_loss_at(2)
+    assert [custom.step()[0] for _ in range(4)] == pytest.approx(uninterrupted[4:], rel=1e-5)
+    restarted = BagelPatchLoop(config, mse_weight, ga)  # what a resume gave before: the warm-up again from 0
+    assert restarted.step()[0] < uninterrupted[4]
 
 
 @pytest.mark.parametrize("mse_weight", [1.0, 0.5])

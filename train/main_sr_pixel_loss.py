@@ -11,17 +11,16 @@ same ``--pixel_loss_*`` flags. See the README for every flag.
 import sys
 from typing import Any, Optional, Sequence
 
-from bagel_sr.config import CONSERVATIVE_DEFAULTS, PixelLossConfig, flag_name
+import bagel_sr.validation  # noqa: F401 (registers validation's rows for --bagel_sr_val_datasets)
+from bagel_sr.config import CONSERVATIVE_DEFAULTS, DEMO_PIXEL_OVERRIDES, PixelLossConfig, flag_name
 from bagel_sr.embedded import experiment
-from bagel_sr.errors import cli_main
+from bagel_sr.errors import UsageError, cli_main
 from bagel_sr.patches import launch
-import bagel_sr.validation  # noqa: F401,E402 (registers validation's rows for --bagel_sr_val_datasets)
 
 
-def demo_help_preamble(demo_defaults: dict) -> str:
+def demo_help_preamble() -> str:
     """What ``--help`` says without a checkout: the wrapper's flags, then where the demo's defaults differ and why."""
-    stock = PixelLossConfig(**CONSERVATIVE_DEFAULTS)
-    differ = {k: v for k, v in demo_defaults.items() if getattr(stock, k) != v}
+    stock, differ = PixelLossConfig(**CONSERVATIVE_DEFAULTS), DEMO_PIXEL_OVERRIDES
     lines = ["Without a checkout this command runs the embedded demo (a small BAGEL-shaped model on CPU, built-in data);",
              "with --bagel_root PATH (or BAGEL_ROOT) it runs your checkout's training script and --help lists its flags.",
              "", launch.wrapper_help(), ""]
@@ -34,19 +33,19 @@ def demo_help_preamble(demo_defaults: dict) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> Any:
     """The main job: the wrapper on a checkout, or the embedded demo without one."""
-    wargs, rest = launch.split_wrapper_args(sys.argv[1:] if argv is None else argv)
+    wargs = launch.parse_wrapper_args(sys.argv[1:] if argv is None else argv)
     if launch.checkout_root(wargs):
-        return launch.run(wargs, rest)
-    launch.check_wrapper_flags(wargs, rest)
+        return launch.run(wargs)
+    launch.validation_settings(wargs)  # refuses val sets without a checkout, in one line
     if wargs.lora.enabled:
-        raise SystemExit("bagel-sr: --bagel_sr_lora_rank needs a BAGEL checkout (--bagel_root PATH); the embedded "
-                         "demo trains its small model in full")
+        raise UsageError("--bagel_sr_lora_rank needs a BAGEL checkout (--bagel_root PATH); the embedded demo trains "
+                         "its small model in full")
     if wargs.help:
-        print(demo_help_preamble(experiment.EMBEDDED_DEFAULTS) + "\n", flush=True)
+        print(demo_help_preamble() + "\n", flush=True)
     else:
         print("bagel-sr: no BAGEL checkout given; running the embedded default (a small BAGEL-shaped model on CPU).\n"
               + launch.HOW_TO_POINT, flush=True)
-    return experiment.main(rest)
+    return experiment.main(wargs.rest + wargs.pixel_flags)  # the demo parses them, over its own defaults
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from typing import Sequence
 from . import text_group
 from .build import build_dataset
 from .config import load_build_config
-from ..errors import cli_main as _cli_main
+from ..errors import ArgumentParser, cli_main as _cli_main
 from . import template
 from .errors import BuildError, ConfigError
 
@@ -26,7 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bagel_sr.data", description="Build paired restoration datasets in BAGEL's editing format.")
+    parser = ArgumentParser(prog="python -m bagel_sr.data", description="Build paired restoration datasets in BAGEL's editing format.")
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build (or resume) a paired restoration set from a YAML config")
     b.add_argument("config", help="build config YAML (see bagel_sr/data/templates/*.yaml)")

@@ -27,7 +27,7 @@ from ..errors import BadInput, cli_main  # noqa: F401 (BadInput re-exported)
 from ..outputs import Ledger, claim
 from . import data, sampling
 from .experiment_report import format_across_seeds, format_table, save_grid, _across_seeds
-from .experiment_settings import (EMBEDDED_DEFAULTS, ExperimentArguments, arm_configs,  # noqa: F401 (re-exported)
+from .experiment_settings import (ExperimentArguments, arm_configs,  # noqa: F401 (re-exported)
                                   model_config_for, parse, train_config_for)
 from .lesion_bench import lesion_line
 from .modes import Mode, choose_mode, parse_modes, sample_modes  # noqa: F401 (re-exported)

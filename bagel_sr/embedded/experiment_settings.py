@@ -2,12 +2,13 @@
 bench's own), the demo's pixel-loss defaults (the wrapper's conservative defaults with the overrides this bench
 needs), the arms it trains, and the backbone and loop settings that the arguments ask for."""
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence
 
 from . import _compat  # noqa: F401
 
-from ..config import CONSERVATIVE_DEFAULTS, PixelLossConfig, pixel_loss_arguments_class
+from ..config import DEMO_DEFAULTS, DEMO_TRAIN_OVERRIDES, PixelLossConfig, parse_flags, pixel_loss_arguments_class
 from ..errors import BadInput
 from ..names import check_names
 from . import data
@@ -19,16 +20,16 @@ from .train import TrainConfig, validate_train_config
 @dataclass
 class ExperimentArguments(TrainConfig):
     steps: int = field(
-        default=2800,
+        default=DEMO_TRAIN_OVERRIDES["steps"],
         metadata={"help": "Optimizer steps per arm."})
     timestep_shift: float = field(
-        default=0.4,
+        default=DEMO_TRAIN_OVERRIDES["timestep_shift"],
         metadata={"help": "Training timestep shift s: t = s*t/(1+(s-1)*t); below 1 puts more targets at low t."})
     t2i_ratio: float = field(
-        default=0.1,
+        default=DEMO_TRAIN_OVERRIDES["t2i_ratio"],
         metadata={"help": "Share of unpaired text-to-image samples in a batch."})
     vae_cond_dropout_prob: float = field(
-        default=0.0,
+        default=DEMO_TRAIN_OVERRIDES["vae_cond_dropout_prob"],
         metadata={"help": "Probability of dropping the condition image."})
     output_dir: str = field(default="outputs/embedded", metadata={"help": "Where metrics.json, grid.png, checkpoints go."})
     seeds: int = field(default=1, metadata={"help": "Repeat the experiment over this many seeds (seed, seed+1, ...)."})
@@ -65,13 +66,6 @@ class ExperimentArguments(TrainConfig):
         metadata={"help": "Redo a finished run in --output_dir (deletes only the files that run wrote there)."})
 
 
-#: The conservative defaults with the cost controls this bench needs for the pixel arm to train in little more than
-#: the flow arm's time (on this tiny backbone one decoder forward + backward costs about as much as the
-#: model's step): one decoded image per micro-batch, a 4x4-latent (32 px) crop decoded without a margin (a
-#: 1-latent-pixel margin decodes 2.25x the pixels; side by side, benchmarks/embedded_pixel_cost.py: 1.09-1.25x the
-#: flow arm's step without it, 1.23-1.28x with it; val, seed 0, T0=0.3 K=8: 27.21 dB without, 27.19 with), and no
-#: recomputation (the decoder is small enough to keep its activations).
-EMBEDDED_DEFAULTS = dict(CONSERVATIVE_DEFAULTS, checkpointing=False, max_images=1, crop=4, crop_margin=0)
 
 def arm_configs(pixel: PixelLossConfig, term_arms: str) -> Dict[str, PixelLossConfig]:
     """``{arm name: its pixel-loss settings}``: flow only (weight 0), + pixel, then one arm per ``--term_arms`` item.
@@ -98,11 +92,8 @@ def arm_label(arm: str, pixel: PixelLossConfig) -> str:
 
 
 def parse(argv: Optional[Sequence[str]] = None):
-    from transformers import HfArgumentParser
-
-    classes = (ExperimentArguments, pixel_loss_arguments_class(defaults=EMBEDDED_DEFAULTS))
-    parser = HfArgumentParser(classes)
-    args, pixel_args = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
+    classes = (ExperimentArguments, pixel_loss_arguments_class(defaults=DEMO_DEFAULTS))
+    args, pixel_args = parse_flags(classes, sys.argv[1:] if argv is None else argv)
     if args.eval_split not in ("heldout", "val"):
         raise BadInput(f"--eval_split: got {args.eval_split!r}; allowed: 'heldout', 'val'")
     for name, low in (("seeds", 1), ("sample_steps", 1), ("grid_rows", 0), ("lesion_images", 0), ("hidden_size", 1),

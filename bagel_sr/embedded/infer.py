@@ -7,7 +7,7 @@ import argparse
 import sys
 from typing import Optional, Sequence, Tuple
 
-from bagel_sr.errors import cli_main
+from bagel_sr.errors import ArgumentParser, cli_main
 from bagel_sr.eval import infer
 from bagel_sr.eval.fidelity import FidelityArgs
 
@@ -15,7 +15,7 @@ from . import inference
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bagel_sr.embedded.infer", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m bagel_sr.embedded.infer", description=__doc__.split("\n\n")[0])
     infer.add_common_flags(p)
     p.add_argument("--embedded_run", required=True, help="a run folder of the embedded demo (e.g. outputs/embedded/seed0/pixel)")
     return p.parse_args(argv)

@@ -14,7 +14,6 @@ The weights ship with the package (``assets/vae.safetensors``, float16 on disk, 
 PSNR is measured on grayscale images in [0, 1] (channel mean of the decoded RGB, clipped), ``data_range = 1``; the
 number that matters is the one on the held-out *high-resolution targets*: no restoration metric can exceed it.
 """
-import argparse
 import json
 import math
 import os
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..decoding import DiffusersVAE
+from ..errors import ArgumentParser, cli_main
 from . import data
 from .autoencoder import LinearPlusResidualAutoencoder, residual_config
 
@@ -283,7 +283,7 @@ def evaluate(directory: Optional[str] = None) -> Dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
-    parser = argparse.ArgumentParser(prog="python -m bagel_sr.embedded.vae", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m bagel_sr.embedded.vae", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train the VAE on the built-in training split and save it")
     t.add_argument("--out", required=True, help="output directory (the shipped one is bagel_sr/embedded/assets)")
@@ -306,4 +306,4 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(cli_main(main))

@@ -32,7 +32,7 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
-from bagel_sr.errors import BadInput, MissingInput, cli_main
+from bagel_sr.errors import ArgumentParser, BadInput, MissingInput, cli_main
 
 from bagel_sr.patches import launch, registry
 from bagel_sr.smoke import dry_run as smoke
@@ -225,7 +225,7 @@ def run_bench(args: argparse.Namespace, out: pathlib.Path, seconds: float) -> Di
 # ---------------------------------------------------------------------------------------------------- the CLI
 
 def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bagel_sr.gpu_check", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m bagel_sr.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--bagel_root", default=os.environ.get("BAGEL_ROOT"), help="your BAGEL checkout (or BAGEL_ROOT)")
     p.add_argument("--bagel_train_script", default=None, help="training script inside the checkout (autodetected)")
     p.add_argument("--out", default="gpu_check_out", help="folder for the JSON, markdown and logs (default gpu_check_out)")

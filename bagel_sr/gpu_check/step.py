@@ -34,6 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from bagel_sr.errors import ArgumentParser, cli_main
 from bagel_sr.config import CONSERVATIVE_DEFAULTS, PixelLossConfig
 from bagel_sr.extension import with_pixel_loss
 from bagel_sr.patches import cpu, registry
@@ -300,7 +301,7 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
 
 
 def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bagel_sr.gpu_check.step", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m bagel_sr.gpu_check.step", description=__doc__.split("\n\n")[0])
     p.add_argument("--bagel_root", default=os.environ.get("BAGEL_ROOT"), help="your BAGEL checkout (or BAGEL_ROOT)")
     p.add_argument("--device", default="cuda", help="torch device to run on (default cuda; cpu with --widths toy)")
     p.add_argument("--widths", choices=sorted(WIDTHS), default="7b", help="7b: BAGEL-7B-MoT's widths; toy: tiny")
@@ -340,4 +341,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_main(main))

@@ -43,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.overrides import TorchFunctionMode
 
 from bagel_sr.patches.checkout import MARKER_FILES
-from bagel_sr.patches.context import Undo, noop, replace_attribute
+from bagel_sr.patches.undo import NOTHING, Undo, combine, replace_attribute
 
 from .cpu_main import CPU, CPU_CUDA, NameView, cpu_autocast
 
@@ -92,7 +92,7 @@ def patch_cuda_tensors(ctx: Any) -> Undo:
         if mode in torch.overrides._get_current_function_mode_stack():
             mode.__exit__(None, None, None)
 
-    return undo
+    return Undo(undo, "CudaToCpu")
 
 
 def _rebind(original: Callable, change: Callable[[inspect.BoundArguments], None]) -> Callable:
@@ -130,7 +130,7 @@ def patch_parallel_device_ids(ctx: Any) -> Undo:
                                _rebind(DistributedDataParallel.__init__, _drop_ddp_devices)),
              replace_attribute(FullyShardedDataParallel, "__init__",
                                _rebind(FullyShardedDataParallel.__init__, _fsdp_device_on_cpu))]
-    return _all(undos)
+    return combine(*undos)
 
 
 def checkout_root(ctx: Any) -> Optional[pathlib.Path]:
@@ -163,7 +163,7 @@ def patch_checkout_torch(ctx: Any) -> Undo:
     ``cuda`` is the dry run's (queries, ``set_device``) and whose CUDA autocast is CPU autocast."""
     amp = NameView(torch.amp, {"autocast": cpu_autocast})
     view = NameView(torch, {"cuda": CPU_CUDA, "amp": amp, "autocast": cpu_autocast})
-    return _all([replace_attribute(m, "torch", view) for m in checkout_modules(ctx) if vars(m).get("torch") is torch])
+    return combine(*[replace_attribute(m, "torch", view) for m in checkout_modules(ctx) if vars(m).get("torch") is torch])
 
 
 def process_group_names(ctx: Any) -> Dict[str, Any]:
@@ -198,7 +198,7 @@ def patch_process_group_backend(ctx: Any) -> Undo:
     undos = [replace_attribute(dist, "init_process_group", gloo)]
     undos += [replace_attribute(m, "init_process_group", gloo) for m in checkout_modules(ctx)
               if vars(m).get("init_process_group") is original]
-    return _all(undos)
+    return combine(*undos)
 
 
 def deepspeed_names(ctx: Any) -> Dict[str, Any]:
@@ -210,24 +210,13 @@ def patch_deepspeed_init(ctx: Any) -> Undo:
     """``deepspeed.init_distributed(dist_backend="nccl")`` (or none) initialises gloo; only where the checkout
     imported deepspeed (a DeepSpeed script), nothing is imported here."""
     if "deepspeed" not in sys.modules or not hasattr(sys.modules["deepspeed"], "init_distributed"):
-        return noop
+        return NOTHING
     original = sys.modules["deepspeed"].init_distributed
     gloo = _gloo_for_nccl(original, "dist_backend")
     holders: List[ModuleType] = [sys.modules[n] for n in DEEPSPEED_MODULES if n in sys.modules]
     holders += list(checkout_modules(ctx))
-    return _all([replace_attribute(m, "init_distributed", gloo) for m in holders
+    return combine(*[replace_attribute(m, "init_distributed", gloo) for m in holders
                  if vars(m).get("init_distributed") is original])
-
-
-def _all(undos: List[Undo]) -> Undo:
-    if not undos:
-        return noop
-
-    def undo() -> None:
-        for one in reversed(undos):
-            one()
-
-    return undo
 
 
 @contextlib.contextmanager
@@ -237,4 +226,4 @@ def cuda_mapped() -> Iterator[None]:
     try:
         yield
     finally:
-        _all(undos)()
+        combine(*undos)()

@@ -3,7 +3,8 @@
 Upstream ``main()`` (and forks of it) ask CUDA for a few things. Each patch below maps one of them to the CPU by
 replacing one module-level name of the training script or of ``train.fsdp_utils`` with a *view* that differs from
 the real object only in the named attributes. Nothing in torch itself is changed, so the rest of the process
-(DataLoader, transformers, our own code) still sees the real CPU-only torch. Each function returns its undo.
+(DataLoader, transformers, our own code) still sees the real CPU-only torch. Each function returns its
+:class:`~bagel_sr.patches.undo.Undo` (:data:`~bagel_sr.patches.undo.NOTHING` where its target is absent).
 
 =============================  ===============================================================================
 ``patch_cuda_queries``         ``<script>.torch`` and ``<fsdp>.torch`` -> view whose ``cuda`` says available, one device, no-op
@@ -29,12 +30,13 @@ from __future__ import annotations
 import contextlib
 import importlib
 from types import ModuleType
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 import torch.distributed as dist
 
-Undo = Callable[[], None]
+from bagel_sr.patches.undo import NOTHING, Undo, combine, replace_attribute
+
 CPU = torch.device("cpu")
 FSDP_MODULE = "train.fsdp_utils"
 
@@ -66,22 +68,22 @@ class CpuDeviceIndex(int):
         return CPU
 
 
-def _noop(*args: Any, **kwargs: Any) -> None:
+def _ignore(*args: Any, **kwargs: Any) -> None:
     return None
 
 
 CPU_CUDA = NameView(torch.cuda, dict(
     is_available=lambda: True,
     device_count=CpuDeviceIndex,
-    set_device=_noop,
-    synchronize=_noop,
-    empty_cache=_noop,
+    set_device=_ignore,
+    synchronize=_ignore,
+    empty_cache=_ignore,
     current_device=lambda: CPU,
     get_device_name=lambda *a: "cpu (bagel-sr dry run)",
     max_memory_allocated=lambda *a, **k: 0,
     max_memory_reserved=lambda *a, **k: 0,
     memory_allocated=lambda *a, **k: 0,
-    reset_peak_memory_stats=_noop,
+    reset_peak_memory_stats=_ignore,
 ))
 
 
@@ -97,18 +99,6 @@ def gloo_init_process_group(backend: Any = None, *args: Any, **kwargs: Any) -> A
     return dist.init_process_group(backend, *args, **kwargs)
 
 
-def _replace_name(module: ModuleType, name: str, value: Any) -> Undo:
-    """Set ``module.name = value`` (the name must exist); the undo restores the old value if still ours."""
-    old = getattr(module, name)
-    setattr(module, name, value)
-
-    def undo() -> None:
-        if getattr(module, name, None) is value:
-            setattr(module, name, old)
-
-    return undo
-
-
 def _require(module: ModuleType, name: str, why: str) -> None:
     if not hasattr(module, name):
         raise RuntimeError(
@@ -120,7 +110,7 @@ def _require(module: ModuleType, name: str, why: str) -> None:
 
 def _cuda_queries_in(module: ModuleType) -> Undo:
     _require(module, "torch", "the CUDA assertion and device ids")
-    return _replace_name(module, "torch", NameView(module.torch, {"cuda": CPU_CUDA}))
+    return replace_attribute(module, "torch", NameView(module.torch, {"cuda": CPU_CUDA}))
 
 
 def fsdp_module(ctx: Any) -> Optional[ModuleType]:
@@ -140,12 +130,7 @@ def patch_cuda_queries(ctx: Any) -> Undo:
     fsdp = fsdp_module(ctx)
     if fsdp is not None and hasattr(fsdp, "torch"):
         undos.append(_cuda_queries_in(fsdp))
-
-    def undo() -> None:
-        for one in reversed(undos):
-            one()
-
-    return undo
+    return combine(*undos)
 
 
 def patch_cuda_autocast(ctx: Any) -> Undo:
@@ -153,42 +138,38 @@ def patch_cuda_autocast(ctx: Any) -> Undo:
     module = ctx.train_module
     _require(module, "torch", "CUDA autocast")
     amp = NameView(torch.amp, {"autocast": cpu_autocast})
-    return _replace_name(module, "torch", NameView(module.torch, {"amp": amp, "autocast": cpu_autocast}))
+    return replace_attribute(module, "torch", NameView(module.torch, {"amp": amp, "autocast": cpu_autocast}))
 
 
 def patch_nccl(ctx: Any) -> Undo:
     """``<script>.dist.init_process_group("nccl")`` -> gloo."""
     module = ctx.train_module
     _require(module, "dist", "the nccl process group")
-    return _replace_name(module, "dist", NameView(module.dist, {"init_process_group": gloo_init_process_group}))
+    return replace_attribute(module, "dist", NameView(module.dist, {"init_process_group": gloo_init_process_group}))
 
 
 def patch_state_dict_offload(ctx: Any) -> Undo:
     """``<fsdp>.FullStateDictConfig(..., offload_to_cpu=True)`` -> ``offload_to_cpu=False`` (where it is used)."""
     module = fsdp_module(ctx)
     if module is None or not hasattr(module, "FullStateDictConfig"):
-        return _noop_undo
+        return NOTHING
     original = module.FullStateDictConfig
 
     def FullStateDictConfig(*args: Any, **kwargs: Any) -> Any:  # noqa: N802 (the name it replaces)
         kwargs["offload_to_cpu"] = False
         return original(*args, **kwargs)
 
-    return _replace_name(module, "FullStateDictConfig", FullStateDictConfig)
+    return replace_attribute(module, "FullStateDictConfig", FullStateDictConfig)
 
 
 def patch_device_mesh(ctx: Any) -> Undo:
     """``<fsdp>.init_device_mesh("cuda", ...)`` -> the same mesh on ``"cpu"`` (HYBRID_SHARD; where it is used)."""
     module = fsdp_module(ctx)
     if module is None or not hasattr(module, "init_device_mesh"):
-        return _noop_undo
+        return NOTHING
     original = module.init_device_mesh
 
     def init_device_mesh(device_type: str, *args: Any, **kwargs: Any) -> Any:
         return original("cpu" if device_type == "cuda" else device_type, *args, **kwargs)
 
-    return _replace_name(module, "init_device_mesh", init_device_mesh)
-
-
-def _noop_undo() -> None:
-    """The undo of a patch whose target this checkout does not have."""
+    return replace_attribute(module, "init_device_mesh", init_device_mesh)

@@ -9,15 +9,17 @@
 """
 from __future__ import annotations
 
+import importlib
 import json
 import pathlib
 
 import numpy as np
 from PIL import Image
 
-from typing import Callable, Optional
+from typing import Optional
 
 from bagel_sr.data import build_dataset
+from bagel_sr.patches.undo import Undo, replace_item
 
 SHIPPED_PICTURES = ("camera", "moon", "coins", "page")
 TILE = 64
@@ -102,20 +104,12 @@ def write_chat_entry(workdir: pathlib.Path, sources: Optional[pathlib.Path] = No
     return entry_path, chat_group(entry["num_total_samples"])
 
 
-def register_chat_entry(entry_file: str) -> "Callable[[], None]":
+def register_chat_entry(entry_file: str) -> Undo:
     """Dry run only: add the chat set to the checkout's ``DATASET_INFO``; returns the undo."""
-    import importlib
-
     spec = json.loads(pathlib.Path(entry_file).read_text())
     info = importlib.import_module("data.dataset_info").DATASET_INFO
-    group = info.setdefault(spec["group"], {})
-    old = group.get(spec["name"])
-    group[spec["name"]] = spec["entry"]
-
-    def undo() -> None:
-        if old is None:
-            group.pop(spec["name"], None)
-        else:
-            group[spec["name"]] = old
-
+    undo = Undo()
+    if spec["group"] not in info:
+        undo.add(spec["group"], replace_item(info, spec["group"], {}))
+    undo.add(spec["name"], replace_item(info[spec["group"]], spec["name"], spec["entry"]))
     return undo

@@ -40,6 +40,8 @@ import tempfile
 import time
 from typing import List, Optional, Sequence
 
+from bagel_sr.argv import given as flag_given, value as flag_value
+from bagel_sr.errors import ArgumentParser, cli_main
 from bagel_sr.patches import checkout, launch
 
 from . import checkout_flags, launch_errors
@@ -80,7 +82,7 @@ VISUAL_UND_HINT = (
 # --------------------------------------------------------------------------------------------- orchestration
 
 def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, List[str]]:
-    p = argparse.ArgumentParser(prog="python -m bagel_sr.smoke", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="python -m bagel_sr.smoke", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Every other flag (the --pixel_loss_* flags, the checkout's own) is passed on "
                                 "to the checkout's main().")
@@ -103,7 +105,7 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, List[str]]:
     smoke_preflight.add_data_flags(p)
     args, rest = p.parse_known_args(argv)
     rest = smoke_preflight.data_flags_back(args) + rest
-    args.nproc_given = smoke_preflight.flag_value(argv, "nproc") is not None
+    args.nproc_given = flag_value(argv, "nproc") is not None
     if not args.bagel_root:
         p.error("--bagel_root PATH (or BAGEL_ROOT=PATH) is required: the dry run runs your checkout's main()")
     if args.steps < 2 and not args.no_resume:
@@ -117,10 +119,6 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, List[str]]:
     if not args.no_resume and not 1 <= args.save_at < args.steps:
         p.error(f"--save_at {args.save_at}: must lie in [1, --steps) = [1, {args.steps})")
     return args, rest
-
-
-def _flag_given(rest: Sequence[str], name: str) -> bool:
-    return any(a == f"--{name}" or a.startswith(f"--{name}=") for a in rest)
 
 
 def _preflight(args: argparse.Namespace):
@@ -147,7 +145,7 @@ def _prepare_inputs(args: argparse.Namespace, rest: List[str], workdir: pathlib.
         smoke_model.write_tiny_model_folder(model_dir, load_ae)
     flags["model_path"] = str(model_dir)
     extra: List[str] = []
-    if not _flag_given(rest, "dataset_config_file") and not _flag_given(rest, "bagel_sr_datasets"):
+    if not flag_given(rest, "dataset_config_file") and not flag_given(rest, "bagel_sr_datasets"):
         data = workdir / "data"
         files = (data / "built" / "bagel_sr_dataset.yaml", data / "dataset_config.yaml", data / "chat_entry.json")
         if not all(f.is_file() for f in files):
@@ -225,7 +223,7 @@ def run(argv: Sequence[str]) -> int:
             notes.insert(0, check_pixel_term(logs))
         if not args.stock and _flag_given(rest, "bagel_sr_val_datasets"):
             texts = [(workdir / f"launch{i + 1}.log").read_text() for i in range(len(logs))]
-            notes.append(check_validation(logs, texts, pathlib.Path(smoke_preflight.flag_value(flags, "results_dir")), rest))
+            notes.append(check_validation(logs, texts, pathlib.Path(flag_value(flags, "results_dir")), rest))
         result = json.loads(load_check.read_text()) if load_check.is_file() else {"error": "no result written"}
         if result.get("error"):
             raise SmokeFailure(f"loading the checkpoint into stock Bagel: {result['error']}")
@@ -251,15 +249,15 @@ def run(argv: Sequence[str]) -> int:
 
 
 def _pixel_off(flags: Sequence[str]) -> bool:
-    values = [flags[i + 1] for i, a in enumerate(flags[:-1]) if a == "--pixel_loss_weight"]
-    return bool(values) and float(values[-1]) == 0.0
+    weight = flag_value(flags, "pixel_loss_weight")
+    return weight is not None and float(weight) == 0.0
 
 
 # -------------------------------------------------------------------------------------------------- the worker
 
 def worker(argv: Sequence[str]) -> None:
     """One rank of a launch: the wrapper (or the stock script) with the CPU patches of ``main()`` applied."""
-    p = argparse.ArgumentParser(prog=f"{WORKER_MODULE} worker")
+    p = ArgumentParser(prog=f"{WORKER_MODULE} worker")
     p.add_argument("--bagel_root", required=True)
     p.add_argument("--bagel_train_script", default=None)
     p.add_argument("--stock", action="store_true")
@@ -275,17 +273,17 @@ def worker(argv: Sequence[str]) -> None:
             smoke_data.register_chat_entry(args.register_chat)
         _record_model_config(module, recorded)
         if smoke_lora.lora_rank(rest):
-            smoke_lora.record_initial(module, smoke_preflight.flag_value(rest, "checkpoint_dir"))
+            smoke_lora.record_initial(module, flag_value(rest, "checkpoint_dir"))
 
     wrapper_argv = ["--bagel_root", args.bagel_root] + (
         ["--bagel_train_script", args.bagel_train_script] if args.bagel_train_script else []) + list(rest)
     launch.main(wrapper_argv, before_main=before_main, pixel_loss=not args.stock, dry_run=True)
     if args.load_check and int(os.environ.get("RANK", "0")) == 0:
-        _write_load_check(pathlib.Path(args.load_check), recorded, smoke_preflight.flag_value(rest, "checkpoint_dir"))
+        _write_load_check(pathlib.Path(args.load_check), recorded, flag_value(rest, "checkpoint_dir"))
         if smoke_lora.lora_rank(rest):
             smoke_lora.write_check(pathlib.Path(args.load_check).parent / smoke_lora.RESULT,
                                    lambda: smoke_lora.stock_model(recorded.get("config")),
-                                   smoke_preflight.flag_value(rest, "checkpoint_dir"))
+                                   flag_value(rest, "checkpoint_dir"))
 
 
 def _record_model_config(module, recorded: dict) -> None:
@@ -337,10 +335,10 @@ def _write_load_check(out: pathlib.Path, recorded: dict, checkpoint_dir: Optiona
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["worker"]:
+    if argv[:1] == ["worker"]:  # one rank of a launch: an exception reaches the log with its traceback
         worker(argv[1:])
         return 0
-    return run(argv)
+    return cli_main(run, argv)
 
 
 if __name__ == "__main__":

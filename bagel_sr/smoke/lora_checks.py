@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from bagel_sr.patches import lora_files
 
-from .preflight import flag_value
+from bagel_sr.argv import value as flag_value
 
 INITIAL = "lora_initial.safetensors"
 RESULT = "lora_check.json"

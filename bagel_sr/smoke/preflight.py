@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Sequence
 import yaml
 
 from bagel_sr import dataset_layout as layout
+from bagel_sr.argv import value as flag_value
 from bagel_sr.patches.datasets import load_built_dataset, load_text_group
 
 from .data import write_chat_entry
@@ -56,17 +57,6 @@ def data_flags_back(args: argparse.Namespace) -> List[str]:
         if value is not None:
             out += [f"--{name}", value]
     return out
-
-
-def flag_value(argv: Sequence[str], name: str) -> Optional[str]:
-    """Last value of ``--name`` in ``argv`` (``--name V`` or ``--name=V``), as argparse would keep it."""
-    value = None
-    for i, a in enumerate(argv):
-        if a == f"--{name}" and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif a.startswith(f"--{name}="):
-            value = a.split("=", 1)[1]
-    return value
 
 
 def _truthy(value: Optional[str]) -> bool:

@@ -13,7 +13,7 @@ from typing import List, Sequence
 from bagel_sr.validation_config import ValidationConfig, val_flag
 from bagel_sr.validation_math import LOG_KEYS
 
-from .preflight import flag_value
+from bagel_sr.argv import value as flag_value
 from .watch import SmokeStop
 
 VAL_LINE = re.compile(r"bagel-sr validation \(step=(\d+)\)")

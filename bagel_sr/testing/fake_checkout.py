@@ -1,6 +1,7 @@
 """A stand-in BAGEL checkout with the contract's names (the real one: tests marked ``bagel``), shared by the tests
 of the patches, the registry and the monitoring: a training script, ``data.dataset_base``,
 ``modeling.bagel.qwen2_navit`` and ``data.dataset_info``, plus BAGEL's loop step re-expressed."""
+import os
 import types
 from dataclasses import dataclass
 
@@ -34,7 +35,13 @@ class SimpleCustomBatch:
 
 
 class FSDPCheckpoint:
-    """Like BAGEL's: the loop loads the weights before FSDP wraps the model and saves each checkpoint through it."""
+    """Like BAGEL's, as far as the patches use it: the loop loads the weights before FSDP wraps the model, saves each
+    checkpoint through it, and resuming from ``.../0000004`` returns step 5."""
+
+    @staticmethod
+    def try_load_train_state(resume_from, optimizer, scheduler, fsdp_config):
+        step = int(os.path.basename(os.path.normpath(resume_from))) + 1 if resume_from else 0
+        return optimizer, scheduler, step, None
 
     @staticmethod
     def try_load_ckpt(resume_from, logger, model, ema_model=None, resume_from_ema=False):
@@ -53,7 +60,7 @@ def script():
     module.load_ae = lambda path=None: (LinearDecoder(), {"downsample": 8})
     module.Bagel = ContractModel
     module.main = lambda: None
-    module.FSDPCheckpoint = FSDPCheckpoint
+    module.FSDPCheckpoint = type("FSDPCheckpoint", (FSDPCheckpoint,), {})  # fresh: patched per test
     module.torch, module.dist = torch, torch.distributed  # main() reaches CUDA and nccl through these names
     batch_module = types.ModuleType("fake_dataset_base")
     batch_module.SimpleCustomBatch = type("SimpleCustomBatch", (SimpleCustomBatch,), {})  # fresh: patched per test
