@@ -11,10 +11,6 @@ from typing import Any, Dict, Optional, Sequence
 from bagel_sr.config import CONSERVATIVE_DEFAULTS, PixelLossConfig
 
 from .host import DEFAULT_HOST_MODE
-from .undo import NOTHING, Undo, replace_attribute  # noqa: F401 (every patch's undo: bagel_sr.patches.undo)
-
-#: The undo of a patch that changed nothing (:data:`bagel_sr.patches.undo.NOTHING`).
-noop = NOTHING
 
 
 @dataclass

@@ -36,7 +36,8 @@ from bagel_sr.errors import BadInput, UserError
 from bagel_sr.lora_settings import EXTRA_HINT, FLAG_PREFIX, LoraSettings
 
 from . import lora_files
-from .context import PatchContext, Undo, noop, replace_attribute
+from .context import PatchContext
+from .undo import NOTHING, Undo, replace_attribute
 from .training import require
 
 UNIT_MARK = "_bagel_sr_lora_unit"
@@ -208,7 +209,7 @@ def patch_lora_checkpoint(ctx: PatchContext) -> Undo:
         require(uses_deepspeed(ctx),
                 "the training script never calls `FSDPCheckpoint.try_load_ckpt` nor `deepspeed.initialize`, where "
                 f"LoRA joins the loop (--{FLAG_PREFIX}rank)")
-        return noop  # a DeepSpeed port: patch_lora_deepspeed brings LoRA in
+        return NOTHING  # a DeepSpeed port: patch_lora_deepspeed brings LoRA in
     load_sig, save_sig = inspect.signature(base.try_load_ckpt), inspect.signature(base.fsdp_save_ckpt)
 
     class LoraCheckpoint(base):
@@ -264,7 +265,7 @@ def patch_lora_fsdp_units(ctx: PatchContext) -> Undo:
     """``train.fsdp_utils.FSDP`` -> :class:`AdapterUnitsFSDP` of it (the model and the EMA copy alike)."""
     module = fsdp_module(ctx)
     if (module is None or not hasattr(module, "FSDP")) and uses_deepspeed(ctx):
-        return noop  # a DeepSpeed port without BAGEL's FSDP helpers: nothing to wrap
+        return NOTHING  # a DeepSpeed port without BAGEL's FSDP helpers: nothing to wrap
     require(module is not None and hasattr(module, "FSDP"),
             "`train.fsdp_utils` has no module-level `FSDP`, which LoRA wraps to make the adapters their own units")
     return replace_attribute(module, "FSDP", AdapterUnitsFSDP(module.FSDP))

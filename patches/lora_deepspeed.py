@@ -17,7 +17,8 @@ import torch.distributed as dist
 from bagel_sr import distributed
 
 from . import lora, lora_files
-from .context import PatchContext, Undo, replace_attribute
+from .context import PatchContext
+from .undo import Undo, replace_attribute
 from .training import require
 
 

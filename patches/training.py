@@ -22,7 +22,8 @@ from bagel_sr.patches.datasets import dataset_config_names
 from bagel_sr.state import KEY_PREFIX
 
 from . import fold, host
-from .context import PatchContext, RunState, Undo, noop, replace_attribute
+from .context import PatchContext, RunState
+from .undo import NOTHING, Undo, replace_attribute
 
 #: Keyword arguments of ``Bagel.forward`` the pixel loss reads (BAGEL_CONTRACT.md, generation path).
 REQUIRED_FORWARD_ARGS = ("sample_lens", "patchified_vae_latent_shapes", "packed_vae_token_indexes", "packed_timesteps", "mse_loss_indexes")
@@ -158,7 +159,7 @@ def patch_training_arguments(ctx: PatchContext) -> Undo:
     ctx.run.host = host.detect(ctx.train_module)
     ctx.run.host_mode = host.decide(ctx.run.host, ctx.host_mode)
     if ctx.run.host_mode == "keep":
-        return noop
+        return NOTHING
     base = ctx.train_module.TrainingArguments
     args_cls = pixel_loss_arguments_class(base, name=base.__name__, defaults=ctx.defaults)
     return replace_attribute(ctx.train_module, "TrainingArguments", args_cls)

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from bagel_tiny import bagel_root, requires_bagel
+from bagel_sr.testing.bagel_tiny import bagel_root, requires_bagel
 from test_smoke import last_line, run_cli
 
 pytest.importorskip("peft", reason='install the lora extra: pip install -e ".[lora]"')
@@ -28,7 +28,7 @@ def lora_workdir(tmp_path_factory):
 
 @pytest.mark.parametrize("shape", ["upstream", "fork"])
 def test_lora_dry_run_passes_with_its_checks(lora_workdir, tmp_path, shape):
-    from fork_checkout import make_fork
+    from bagel_sr.testing.fork_checkout import make_fork
 
     root = bagel_root() if shape == "upstream" else str(make_fork(bagel_root(), tmp_path / "fork"))
     code, out = run_cli("-m", "bagel_sr.smoke", "--bagel_root", root, "--workdir", str(lora_workdir),
@@ -46,7 +46,7 @@ def test_lora_dry_run_passes_with_its_checks(lora_workdir, tmp_path, shape):
 def test_lora_dry_run_of_a_deepspeed_port(tmp_path):
     """BAGEL's script ported to DeepSpeed (ZeRO-2, no EMA, no resume): LoRA joins at ``deepspeed.initialize``."""
     pytest.importorskip("deepspeed", reason="install the deepspeed extra: pip install -e '.[deepspeed]'")
-    from fork_checkout import DEEPSPEED_SCRIPT, make_deepspeed_fork
+    from bagel_sr.testing.fork_checkout import DEEPSPEED_SCRIPT, make_deepspeed_fork
 
     root = make_deepspeed_fork(bagel_root(), tmp_path / "checkout")
     code, out = run_cli("-m", "bagel_sr.smoke", "--bagel_root", str(root), "--bagel_train_script", DEEPSPEED_SCRIPT,

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from bagel_sr.errors import cli_main
 from bagel_sr.lora.__main__ import main as lora_main
 from bagel_sr.lora_settings import LoraSettings
-from bagel_tiny import build_tiny_autoencoder, build_tiny_bagel, encode_batch, make_packed_batch, requires_bagel, run_forward
+from bagel_sr.testing.bagel_tiny import build_tiny_autoencoder, build_tiny_bagel, encode_batch, make_packed_batch, requires_bagel, run_forward
 
 pytest.importorskip("peft", reason='install the lora extra: pip install -e ".[lora]"')
 

@@ -11,7 +11,7 @@ import pytest
 from bagel_sr.errors import cli_main
 from bagel_sr.lora import plan
 from bagel_sr.lora.__main__ import main as lora_main
-from bagel_tiny import requires_bagel, upstream_root
+from bagel_sr.testing.bagel_tiny import requires_bagel, upstream_root
 
 pytestmark = [pytest.mark.bagel, requires_bagel]
 

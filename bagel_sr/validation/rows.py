@@ -9,7 +9,8 @@ from typing import Any, Callable, Tuple
 
 import torch
 
-from bagel_sr.patches.context import PatchContext, Undo, replace_attribute
+from bagel_sr.patches.context import PatchContext
+from bagel_sr.patches.undo import Undo, replace_attribute
 from bagel_sr.patches.registry import Patch
 from bagel_sr.patches.training import require
 
