@@ -27,11 +27,10 @@ from typing import Dict, List
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
-from bagel_sr.lora_settings import LoraSettings  # noqa: E402
-from bagel_sr.patches.cpu import declare_torchvision_ops  # noqa: E402
+from bagel_sr.lora_settings import LoraSettings
+from bagel_sr.patches.cpu import declare_torchvision_ops
+from bagel_sr.testing import bagel_tiny as bt
 
 declare_torchvision_ops()
 STEPS_PER_SEC = re.compile(r"Train Steps/Sec: ([\d.]+)")
@@ -116,8 +115,6 @@ def one_method(bt, batch, hidden: int, layers: int, rank: int, repeats: int) -> 
 
 
 def part_b(args) -> None:
-    import bagel_tiny as bt
-
     print(f"## (b) one training step in one process (flow loss, AdamW), LoRA r={args.rank} on the default targets\n")
     batch = bt.encode_batch(bt.build_tiny_autoencoder(),
                             bt.make_packed_batch([{"kind": "edit", "cond_hw": (4, 4)}] * 2, seed=1))

@@ -5,6 +5,7 @@ import importlib
 import importlib.machinery
 import importlib.util
 import math
+import os
 import sys
 import types
 from unittest import mock
@@ -174,9 +175,7 @@ def test_apply_cpu_compat_is_idempotent_and_reversible():
 # ------------------------------------------------------------------------------------------- torchvision on CPU
 
 TORCHVISION_SCRIPT = """
-import sys
 import torch
-sys.path.insert(0, {folder!r})  # a torchvision whose compiled operators cannot load
 if {other!r} != "none":
     other = torch.library.Library("torchvision", "DEF")  # another library declared the namespace first
     if {other!r} == "with_ops":
@@ -199,7 +198,8 @@ def test_declare_torchvision_ops_declares_once_and_leaves_an_existing_namespace_
     (tmp_path / "torchvision").mkdir()
     (tmp_path / "torchvision" / "__init__.py").write_text("")
     (tmp_path / "torchvision" / "_C.so").write_bytes(b"not a shared library")
-    script = TORCHVISION_SCRIPT.format(folder=str(tmp_path), other=other)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    script = TORCHVISION_SCRIPT.format(other=other)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]))  # a torchvision whose compiled
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)  # operators cannot load
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == expected

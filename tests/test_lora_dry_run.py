@@ -1,16 +1,22 @@
 """The CPU dry run with LoRA (``python -m bagel_sr.smoke --bagel_root PATH --bagel_sr_lora_rank 8``): the checkout's
 own ``main()``, two launches and a resume, ends ``smoke: OK`` with the LoRA checks in its last line, on upstream and
 on the fork shape (tests/fork_checkout.py) and on the DeepSpeed port."""
+import pathlib
 import re
 
 import pytest
 
 from bagel_sr.testing.bagel_tiny import bagel_root, requires_bagel
-from test_smoke import last_line, run_cli
+from bagel_sr.testing.commands import last_line, run_python
 
 pytest.importorskip("peft", reason='install the lora extra: pip install -e ".[lora]"')
 
 pytestmark = [pytest.mark.bagel, requires_bagel]
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, timeout=600, env=None):
+    return run_python(*args, cwd=REPO, timeout=timeout, env=env)
 
 LORA_NOTES = (
     r"LoRA: resume restored 0000002/adapter",

@@ -21,18 +21,13 @@ from bagel_sr.smoke import model as smoke_model
 from bagel_sr.testing import fake_checkout
 from bagel_sr.smoke.dry_run import LaunchLog, SmokeFailure, check_finite, check_pixel_term, check_resume
 from bagel_sr.testing.bagel_tiny import bagel_root, requires_bagel
+from bagel_sr.testing.commands import last_line, run_python
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args, timeout=600, env=None):
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, **(env or {})))
-    return proc.returncode, proc.stdout + proc.stderr
-
-
-def last_line(text: str) -> str:
-    return [line for line in text.splitlines() if line.strip()][-1]
+    return run_python(*args, cwd=REPO, timeout=timeout, env=env)
 
 
 # ---------------------------------------------------------------------------------------- patches, without BAGEL

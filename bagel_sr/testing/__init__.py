@@ -8,6 +8,7 @@
 - :mod:`.user_pngs`: synthetic CT/MR exports as users bring them;
 - :mod:`.builder_inputs`: tiny image trees, DICOM series, build configs and evaluation folders;
 - :mod:`.ablate_grids`: an ablation grid whose training and inference are stand-in scripts;
+- :mod:`.commands`: run the project's commands as a user does;
 - :mod:`.validation_sets`: a tiny built set with a val split, sized for the dry run's model.
 
 The top layer of the package: nothing in ``bagel_sr`` imports it. It needs ``pytest`` and the ``data`` extra.
