@@ -3,13 +3,9 @@
 The ``bagel`` tests launch ``torchrun`` on the real checkout named by ``BAGEL_ROOT`` (2 ranks, gloo, a few steps).
 """
 import json
-import os
 import pathlib
 import re
 import shutil
-import subprocess
-import sys
-import types
 
 import pytest
 import torch

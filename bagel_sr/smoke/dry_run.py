@@ -221,7 +221,7 @@ def run(argv: Sequence[str]) -> int:
         check_finite(logs)
         if not args.stock and not _pixel_off(flags):
             notes.insert(0, check_pixel_term(logs))
-        if not args.stock and _flag_given(rest, "bagel_sr_val_datasets"):
+        if not args.stock and flag_given(rest, "bagel_sr_val_datasets"):
             texts = [(workdir / f"launch{i + 1}.log").read_text() for i in range(len(logs))]
             notes.append(check_validation(logs, texts, pathlib.Path(flag_value(flags, "results_dir")), rest))
         result = json.loads(load_check.read_text()) if load_check.is_file() else {"error": "no result written"}
