@@ -21,7 +21,7 @@ from bagel_sr.data.errors import BuildError, ConfigError, OutputExistsError
 from bagel_sr.data.writer import BuildState
 from bagel_sr.errors import UserError
 from bagel_sr.patches.datasets import DatasetRegistrationError, register_built_datasets
-from bagel_sr.testing.builder_inputs import cfg_for, make_ct_series, png, tree
+from bagel_sr.testing.builder_inputs import build_interrupted, cfg_for, make_ct_series, png, tree
 
 NIBABEL_DATA = os.path.join(os.path.dirname(nib.__file__), "tests", "data")
 BAGEL_KEYS = {"dataset_names", "image_transform_args", "vit_image_transform_args", "is_mandatory", "num_used_data", "weight"}
@@ -180,18 +180,7 @@ def test_resume_after_interrupt_gives_identical_pairs(tmp_path, monkeypatch):
     reference = build_dataset(images_config(tmp_path, output_dir=str(tmp_path / "ref")), progress=False)
     ref_rows = {r["pair_id"]: r["image_list"] for r in read_rows(tmp_path / "ref")}
 
-    real, calls = build_mod.make_pairs, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 8:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(build_mod, "make_pairs", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        build_dataset(images_config(tmp_path), progress=False)
-    monkeypatch.setattr(build_mod, "make_pairs", real)
+    build_interrupted(monkeypatch, images_config(tmp_path), after_pairs=8)
     out = tmp_path / "out"
     state = BuildState.load(out)
     assert not state.complete and 0 < len(state.done) < 12
@@ -373,21 +362,8 @@ def test_builder_overwrite_keeps_a_users_file(tmp_path):
 
 
 def test_builder_resume_refuses_changed_inputs(tmp_path, monkeypatch):
-    from bagel_sr.data import build as build_mod
-
     tree(tmp_path / "imgs", ["p1/a.png", "p2/a.png", "p3/a.png", "p4/a.png"])
-    real, calls = build_mod.make_pairs, []
-
-    def interrupted(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(build_mod, "make_pairs", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        build_dataset(cfg_for(tmp_path, output={"rows_per_shard": 1}), progress=False)
-    monkeypatch.setattr(build_mod, "make_pairs", real)
+    build_interrupted(monkeypatch, cfg_for(tmp_path, output={"rows_per_shard": 1}), after_pairs=3)
     png(tmp_path / "imgs" / "p4" / "a.png", value=7, size=(48, 48))         # a file changed since
     with pytest.raises(UserError, match="inputs under .* changed since the interrupted build"):
         build_dataset(cfg_for(tmp_path, output={"rows_per_shard": 1}), progress=False)

@@ -17,20 +17,19 @@ from .modes import parse_modes
 from .train import TrainConfig, validate_train_config
 
 
+def _demo_default(name: str, help: str):
+    """A field whose default is the demo's override of its training loop's (``DEMO_TRAIN_OVERRIDES``)."""
+    return field(default=DEMO_TRAIN_OVERRIDES[name], metadata={"help": help})
+
+
 @dataclass
 class ExperimentArguments(TrainConfig):
-    steps: int = field(
-        default=DEMO_TRAIN_OVERRIDES["steps"],
-        metadata={"help": "Optimizer steps per arm."})
-    timestep_shift: float = field(
-        default=DEMO_TRAIN_OVERRIDES["timestep_shift"],
-        metadata={"help": "Training timestep shift s: t = s*t/(1+(s-1)*t); below 1 puts more targets at low t."})
-    t2i_ratio: float = field(
-        default=DEMO_TRAIN_OVERRIDES["t2i_ratio"],
-        metadata={"help": "Share of unpaired text-to-image samples in a batch."})
-    vae_cond_dropout_prob: float = field(
-        default=DEMO_TRAIN_OVERRIDES["vae_cond_dropout_prob"],
-        metadata={"help": "Probability of dropping the condition image."})
+    # the demo's overrides of its loop's defaults (bagel_sr.config.DEMO_TRAIN_OVERRIDES)
+    steps: int = _demo_default("steps", "Optimizer steps per arm.")
+    timestep_shift: float = _demo_default(
+        "timestep_shift", "Training timestep shift s: t = s*t/(1+(s-1)*t); below 1 puts more targets at low t.")
+    t2i_ratio: float = _demo_default("t2i_ratio", "Share of unpaired text-to-image samples in a batch.")
+    vae_cond_dropout_prob: float = _demo_default("vae_cond_dropout_prob", "Probability of dropping the condition image.")
     output_dir: str = field(default="outputs/embedded", metadata={"help": "Where metrics.json, grid.png, checkpoints go."})
     seeds: int = field(default=1, metadata={"help": "Repeat the experiment over this many seeds (seed, seed+1, ...)."})
     seed: int = field(default=0, metadata={"help": "First seed (model init, data order, noise)."})

@@ -95,3 +95,25 @@ def two_runs(tmp, n=4, size=24):
         for d, sigma in (("refs", 0), ("inputs", 30), ("runs/a/outputs", 5), ("runs/b/outputs", 15)):
             img = np.clip(ref + rng.normal(0, sigma, ref.shape), 0, 255).astype(np.uint8)
             Image.fromarray(img).save(tmp / d / f"img{i}.png")
+
+
+def build_interrupted(monkeypatch, config, after_pairs: int) -> None:
+    """Build ``config`` and stop it (``KeyboardInterrupt``, as Ctrl-C) when the builder asks for its
+    ``after_pairs``-th source's pairs; the builder is whole again afterwards."""
+    import pytest
+
+    from bagel_sr.data import build as build_mod
+    from bagel_sr.data import build_dataset
+
+    real, calls = build_mod.make_pairs, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == after_pairs:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(build_mod, "make_pairs", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_dataset(config, progress=False)
+    monkeypatch.setattr(build_mod, "make_pairs", real)
