@@ -49,3 +49,21 @@ def test_every_plugin_module_imports_with_every_extra_blocked():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert int(out.stdout.split()[0]) >= 25
+
+
+def test_the_layer_contract_names_every_module_and_package_of_bagel_sr():
+    """``.importlinter`` (checked by ``lint-imports`` in CI) places every top-level module and subpackage of
+    bagel_sr in a layer, and lists every core module among those that may not import an extra's package."""
+    import configparser
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    config = configparser.ConfigParser()
+    config.read(repo / ".importlinter")
+    layered = set(re.findall(r"bagel_sr\.(\w+)", config["importlinter:contract:layers"]["layers"]))
+    plugin = set(re.findall(r"bagel_sr\.(\w+)", config["importlinter:contract:plugin-needs"]["source_modules"]))
+    core = {p.stem for p in (repo / "bagel_sr").glob("*.py") if p.stem != "__init__"}
+    packages = {p.parent.name for p in (repo / "bagel_sr").glob("*/__init__.py")} | {"patches", "eval", "train"}
+    assert core | packages == layered, (core | packages) ^ layered
+    assert core | {"patches"} == plugin, (core | {"patches"}) ^ plugin
