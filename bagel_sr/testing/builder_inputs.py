@@ -10,9 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
+
+from bagel_sr.data import build as build_mod
+from bagel_sr.data import build_dataset
 
 
 def png(path, value=100, size=(32, 32), dtype=np.uint8, seed=0):
@@ -100,11 +104,6 @@ def two_runs(tmp, n=4, size=24):
 def build_interrupted(monkeypatch, config, after_pairs: int) -> None:
     """Build ``config`` and stop it (``KeyboardInterrupt``, as Ctrl-C) when the builder asks for its
     ``after_pairs``-th source's pairs; the builder is whole again afterwards."""
-    import pytest
-
-    from bagel_sr.data import build as build_mod
-    from bagel_sr.data import build_dataset
-
     real, calls = build_mod.make_pairs, []
 
     def interrupted(*args, **kwargs):
